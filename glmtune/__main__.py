@@ -1,0 +1,3 @@
+from glmtune.cli.main import main
+
+main()

@@ -1,0 +1,53 @@
+"""The `glmtune` command. Thin: parse arguments, call one function per command.
+
+Each command group lives in its own module and registers itself on the app; heavy libraries are
+imported inside the command functions so `glmtune --help` stays fast.
+"""
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from glmtune.errors import GlmtuneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="glmtune: fine-tune GLM-family and Hugging Face chat models, from raw data to a served model.")
+err = Console(stderr=True)
+
+
+def _register_all() -> None:
+    from glmtune.cli import data, demo  # noqa: F401  (each module registers its commands)
+    for name in ("train", "model", "eval", "infer", "serve", "rag"):
+        try:
+            __import__(f"glmtune.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"glmtune.cli.{name}":
+                raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    _register_all()
+    try:
+        app(args=argv, standalone_mode=False)
+    except GlmtuneError as e:
+        err.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors come through here in non-standalone mode
+        import click
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

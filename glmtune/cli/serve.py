@@ -1,0 +1,41 @@
+"""`glmtune serve`: an OpenAI-compatible HTTP server for a model folder and its adapters."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from glmtune.cli.main import app
+
+
+@app.command("serve")
+def serve_cmd(
+    model: Path = typer.Option(..., "--model", "-m", help="Model folder (HF layout + glmtune.json)."),
+    adapter: Optional[List[str]] = typer.Option(
+        None, "--adapter", help="NAME=DIR, repeatable; a request's `model` field picks NAME "
+                                "(the model folder's name means no adapter)."),
+    api_key: Optional[str] = typer.Option(None, envvar="GLMTUNE_API_KEY",
+                                          help="Require `Authorization: Bearer KEY` on /v1 (env GLMTUNE_API_KEY)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; 127.0.0.1 keeps it on this machine."),
+    port: int = typer.Option(8000, help="TCP port."),
+    max_queue: int = typer.Option(64, help="Requests allowed to wait; more get HTTP 429."),
+    timeout: float = typer.Option(120.0, help="Seconds per request, queue wait included (then 504)."),
+    max_tokens: int = typer.Option(2048, help="Most new tokens a request may ask for."),
+    model_name: Optional[str] = typer.Option(None, help="Model id to serve the base model as (default: folder name)."),
+    template: Optional[str] = typer.Option(None, help="Template family; default: from the model folder."),
+    rag: Optional[Path] = typer.Option(None, help="RAG store from `glmtune rag index` to answer from."),
+    rag_threshold: float = typer.Option(0.3, help="Least cosine similarity for a passage to be used."),
+    backend: str = typer.Option("hf", help="hf or vllm."),
+) -> None:
+    """Serve /v1/chat/completions (JSON and streaming), /v1/models and /health."""
+    from glmtune.cli.infer import adapter_option
+    from glmtune.infer.predictor import Predictor
+    from glmtune.serve.app import serve
+
+    predictor = Predictor(model, adapter=adapter_option(adapter), backend=backend, template=template,
+                          rag=rag, rag_threshold=rag_threshold)
+    # Requests name their adapter; with none named the server answers with the base model.
+    predictor.default_adapter = None
+    serve(predictor, host=host, port=port, api_key=api_key, max_queue=max_queue, timeout=timeout,
+          max_tokens=max_tokens, model_name=model_name)

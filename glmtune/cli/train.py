@@ -1,0 +1,89 @@
+"""`glmtune train CONFIG.yaml` and `glmtune export`: thin wrappers over glmtune.train."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from glmtune.cli.main import app
+
+console = Console(stderr=True)
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+ACCELERATE_PRESETS = ("ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp")
+
+
+def accelerate_command(config: Path, sets: list[str], resume: str | None, nproc: int, accel: str | None) -> list[str]:
+    """The `accelerate launch` line for --nproc N: one glmtune process per device (or per CPU slot).
+
+    Without CUDA, accelerate's `--multi_gpu` launcher (torchrun) still starts N processes and they
+    join a gloo process group, which is how multi-process runs are tested on CPU.
+    """
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
+           "--num_machines", "1", "--main_process_port", os.environ.get("GLMTUNE_MASTER_PORT", "29517")]
+    if accel:
+        path = CONFIGS / "accelerate" / f"{accel}.yaml" if accel in ACCELERATE_PRESETS else Path(accel)
+        cmd += ["--config_file", str(path)]
+    else:
+        cmd += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["-m", "glmtune.cli.main", "train", str(config)]
+    for s in sets:
+        cmd += ["--set", s]
+    if resume:
+        cmd += ["--resume", resume]
+    return cmd
+
+
+@app.command("train")
+def train_cmd(
+    config: Optional[Path] = typer.Argument(None, help="Training config YAML (see configs/ for presets)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key: --set train.lr=1e-4 (repeatable)."),
+    resume: Optional[str] = typer.Option(None, help="Continue exactly from `latest` (newest checkpoint in "
+                                                    "output.dir) or a checkpoint-<step> folder."),
+    nproc: int = typer.Option(1, help="Processes/GPUs: N>1 runs the same command under `accelerate launch`."),
+    accelerate_config: Optional[str] = typer.Option(
+        None, "--accelerate-config", help="With --nproc: ddp, deepspeed_zero2, deepspeed_zero3, fsdp "
+                                          "(configs/accelerate/) or a path to an accelerate YAML."),
+    explain: bool = typer.Option(False, help="Print every config key with its default and meaning, then exit."),
+) -> None:
+    """Fine-tune a model (lora, qlora, prefix = P-Tuning v2, full, freeze) as CONFIG says."""
+    from glmtune.errors import ConfigError
+    from glmtune.train.config import explain as explain_cfg
+    from glmtune.train.config import load_config
+
+    if explain:
+        typer.echo(explain_cfg())
+        return
+    if config is None:
+        raise ConfigError("no config file given", fix="glmtune train configs/<preset>.yaml (or --explain)")
+    sets = list(set_ or [])
+    load_config(config, sets)  # fail fast, before starting N processes
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        cmd = accelerate_command(config, sets, resume, nproc, accelerate_config)
+        console.print(f"[cyan]·[/] {' '.join(cmd)}")
+        raise typer.Exit(subprocess.call(cmd))
+    from glmtune.train import run_training
+
+    result = run_training(config, resume=resume, overrides=sets)
+    if result.metrics or os.environ.get("RANK", "0") == "0":
+        console.print(f"[green]done[/]: {result.steps} steps, final loss {result.final_loss:.4f}"
+                      + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+                      + f"\nweights: {result.adapter_path}\nmetrics: {result.output_dir / 'metrics.jsonl'}")
+
+
+@app.command("export")
+def export_cmd(
+    adapter: Path = typer.Option(..., help="Adapter folder (e.g. OUT/final) or a full/freeze checkpoint."),
+    out: Path = typer.Option(..., help="Model folder to write."),
+    base: Optional[Path] = typer.Option(None, help="Base model folder (default: the one recorded in the adapter)."),
+    shard_size: str = typer.Option("2GB", help="Largest safetensors shard, e.g. 2GB or 500MB."),
+) -> None:
+    """Merge a LoRA adapter into its base: sharded safetensors + tokenizer + glmtune.json."""
+    from glmtune.train.export import export_merged
+
+    path = export_merged(base, adapter, out, shard_size=shard_size)
+    console.print(f"[green]exported[/] {path}")

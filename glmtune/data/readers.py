@@ -1,0 +1,196 @@
+"""Read any supported raw file into validated canonical records.
+
+Two layers: a *container* (csv / json / jsonl) yields raw rows with their line numbers, then a
+*record format* from the registry in formats.py converts each row. ``format="auto"`` picks the
+container from the extension and the record format from the first row's keys.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from glmtune.data.formats import CONTAINERS, RecordFormat, RowContext, detect_format, get_format
+from glmtune.data.labels import load_label_map
+from glmtune.data.records import validate_record
+from glmtune.errors import InputError
+from glmtune.io import iter_jsonl, read_text_utf8
+
+EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
+# Columns a table format cannot do without, checked against the CSV header (line 1) up front.
+REQUIRED_COLUMNS = {
+    "cmcc": lambda o: [o.get("text_col") or "sentence_sep", "c_numerical"],
+    "classification": lambda o: [o.get("text_col") or "text",
+                                 *([] if o.get("response_col") else [o.get("label_col") or "label"])],
+}
+Row = tuple[int, dict]
+
+
+def read_records(path: str | Path, format: str = "auto", **options: Any) -> list[dict]:
+    """Read ``path`` into canonical records, each validated and tagged with meta source/line.
+
+    Options: text_col, label_col, response_col (CSV columns); label_map (path or dict raw -> name);
+    system (text) or system_file (path) used when a record has no system prompt; columns (dict
+    canonical key -> key in the file, renamed before conversion); turn_joiner (CMCC turns, default
+    newline); require_assistant (default True).
+    """
+    path = Path(path)
+    _check_exists(path)
+    options = _resolve_options(options)
+    container, fmt = _container_and_format(path, format)
+    rows = list(_read_rows(path, container, options.get("delimiter")))
+    if not rows:
+        raise InputError("no records: the file is empty", file=path, line=1,
+                         fix="check that you passed the right file")
+    rows = [(line, _rename_columns(row, options.get("columns"))) for line, row in rows]
+    if fmt is None:
+        fmt = _detect(rows[0], path, options)
+    if container == "csv":
+        _check_header(path, rows[0][1], fmt, options)
+    return [_convert_row(row, fmt, RowContext(path, line, options)) for line, row in rows]
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise InputError("file not found", file=path, field="path", fix="check the path or the registry entry")
+    if path.is_dir():
+        raise InputError("expected a file, got a folder", file=path, field="path")
+
+
+def _resolve_options(options: dict) -> dict:
+    options = {k: v for k, v in options.items() if v is not None}
+    if isinstance(options.get("label_map"), (str, Path)):
+        options["label_map"] = load_label_map(options["label_map"])
+    if options.get("system_file"):
+        system = read_text_utf8(options.pop("system_file")).strip()
+        options.setdefault("system", system)
+    return options
+
+
+def _container_and_format(path: Path, format: str) -> tuple[str, RecordFormat | None]:
+    if format in CONTAINERS:
+        # "csv" as a format means a CSV table; its record shape is still detected from the header.
+        return format, None
+    fmt = None if format == "auto" else get_format(format, file=path)
+    container = (fmt.container if fmt else None) or EXTENSIONS.get(path.suffix.lower()) or _sniff(path)
+    return container, fmt
+
+
+def _sniff(path: Path) -> str:
+    head = read_text_utf8(path).lstrip()[:1]
+    if head == "[":
+        return "json"
+    if head == "{":
+        return "jsonl"
+    raise InputError(f"cannot tell the format of a '{path.suffix or 'no extension'}' file", file=path, line=1,
+                     field="format", fix="rename it to .csv/.json/.jsonl or pass --format")
+
+
+def _read_rows(path: Path, container: str, delimiter: str | None) -> Iterator[Row]:
+    if container == "csv":
+        yield from _csv_rows(path, delimiter or ("\t" if path.suffix.lower() == ".tsv" else ","))
+    elif container == "jsonl":
+        for line, obj in iter_jsonl(path):
+            yield line, _as_object(obj, path, line)
+    else:
+        yield from _json_rows(path)
+
+
+def _csv_rows(path: Path, delimiter: str) -> Iterator[Row]:
+    text = read_text_utf8(path)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = reader.fieldnames or []
+    try:
+        for row in reader:
+            line = reader.line_num
+            if None in row:
+                raise InputError(f"row has {len(header) + len(row[None])} fields but the header has "
+                                 f"{len(header)}", file=path, line=line, fix="quote cells that contain commas")
+            missing = [k for k, v in row.items() if v is None]
+            if missing:
+                raise InputError(f"row has fewer fields than the header (missing {', '.join(missing)})",
+                                 file=path, line=line, field=missing[0])
+            yield line, row
+    except csv.Error as e:
+        raise InputError(f"malformed CSV ({e})", file=path, line=reader.line_num) from None
+
+
+def _json_rows(path: Path) -> Iterator[Row]:
+    """Rows of a JSON file holding a list of objects (or one object), with each element's line."""
+    text = read_text_utf8(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # a .json file that is really JSONL
+            yield from ((ln, _as_object(o, path, ln)) for ln, o in iter_jsonl(path))
+            return
+        raise InputError(f"invalid JSON ({e.msg} at column {e.colno})", file=path, line=e.lineno) from None
+    if isinstance(data, dict):
+        yield 1, data
+        return
+    if not isinstance(data, list):
+        raise InputError(f"expected a list of records, got {type(data).__name__}", file=path, line=1)
+    for (line, _), obj in zip(_element_lines(text), data):
+        yield line, _as_object(obj, path, line)
+
+
+def _element_lines(text: str) -> Iterator[tuple[int, int]]:
+    """(line, offset) where each top-level list element starts; raw_decode walks the list once."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        _, end = decoder.raw_decode(text, pos)
+        yield text.count("\n", 0, pos) + 1, pos
+        pos = end
+
+
+def _as_object(obj: Any, path: Path, line: int) -> dict:
+    if not isinstance(obj, dict):
+        raise InputError(f"expected a JSON object, got {type(obj).__name__}", file=path, line=line)
+    return obj
+
+
+def _rename_columns(row: dict, columns: dict | None) -> dict:
+    if not columns:
+        return row
+    renamed = dict(row)
+    for canonical, source in columns.items():
+        if source in renamed and canonical != source:
+            renamed[canonical] = renamed.pop(source)
+    return renamed
+
+
+def _detect(first: Row, path: Path, options: dict) -> RecordFormat:
+    line, row = first
+    if options.get("text_col") and options["text_col"] in row:
+        # An explicit text column means a classification table, whatever else the header holds.
+        if "sentence_sep" in row and "c_numerical" in row:
+            return get_format("cmcc")
+        return get_format("classification")
+    return detect_format(row, file=path, line=line)
+
+
+def _check_header(path: Path, first_row: dict, fmt: RecordFormat, options: dict) -> None:
+    required = REQUIRED_COLUMNS.get(fmt.name, lambda o: [])(options)
+    for col in required:
+        if col not in first_row:
+            raise InputError(f"missing column '{col}' (header has: {', '.join(first_row)})", file=path, line=1,
+                             field=col, fix="rename the column or choose another with --text-col/--label-col")
+
+
+def _convert_row(row: dict, fmt: RecordFormat, ctx: RowContext) -> dict:
+    record = fmt.convert(row, ctx)
+    meta = dict(record.get("meta") or {})
+    if "source" in meta and "origin" not in meta:
+        # Re-reading converted data: keep where the row first came from, point errors at this file.
+        meta["origin"] = f"{meta['source']}:{meta.get('line')}"
+    record["meta"] = {**meta, "source": str(ctx.file), "line": ctx.line}
+    validate_record(record, file=ctx.file, line=ctx.line,
+                    require_assistant=ctx.options.get("require_assistant", True))
+    return record

@@ -1,0 +1,116 @@
+"""The canonical record and its validation.
+
+A record is one JSON object per line (docs/ARCHITECTURE.md):
+``{"messages": [{"role", "content", "tool_calls"?, "metadata"?}], "tools"?, "label"?, "meta"?}``.
+Every reader ends in :func:`validate_record`, so later stages (templates, training) can trust the
+shape and never re-check it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from glmtune.errors import InputError
+
+ROLES = ("system", "user", "assistant", "observation", "tool")
+TOOL_RESULT_ROLES = ("observation", "tool")
+
+
+def validate_record(rec: Any, *, file: str | Path | None = None, line: int | None = None,
+                    require_assistant: bool = True) -> dict:
+    """Check ``rec`` against the canonical rules; return it unchanged or raise InputError at file:line.
+
+    Rules: an optional single system message first; then user and assistant alternate, starting with
+    user; observation/tool turns may follow an assistant turn that calls a tool (or another tool
+    result) and must be followed by an assistant turn; no empty content.
+    """
+    where = {"file": file, "line": line}
+    if not isinstance(rec, dict):
+        raise InputError(f"expected a JSON object, got {type(rec).__name__}", **where)
+    messages = rec.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InputError("missing or empty 'messages' list", field="messages", **where,
+                         fix="each record needs at least a user and an assistant turn")
+    for i, msg in enumerate(messages):
+        _check_message_shape(msg, i, where)
+    _check_role_order(messages, where, require_assistant)
+    _check_optional_fields(rec, where)
+    return rec
+
+
+def _check_message_shape(msg: Any, i: int, where: dict) -> None:
+    field = f"messages[{i}]"
+    if not isinstance(msg, dict):
+        raise InputError(f"a message must be an object, got {type(msg).__name__}", field=field, **where)
+    role = msg.get("role")
+    if role not in ROLES:
+        raise InputError(f"unknown role {role!r}", field=f"{field}.role", **where,
+                         fix=f"use one of {', '.join(ROLES)}")
+    content = msg.get("content")
+    if not isinstance(content, str):
+        raise InputError(f"content must be a string, got {type(content).__name__}",
+                         field=f"{field}.content", **where)
+    # An assistant turn that only calls a tool may have no visible text.
+    if not content.strip() and not msg.get("tool_calls"):
+        raise InputError(f"empty {role} turn", field=f"{field}.content", **where,
+                         fix="remove the empty turn or fill in its text")
+    if "tool_calls" in msg and not isinstance(msg["tool_calls"], list):
+        raise InputError("tool_calls must be a list", field=f"{field}.tool_calls", **where)
+
+
+def _calls_tool(msg: dict) -> bool:
+    # GLM-4 marks a function call with `metadata` (the function name); OpenAI style uses tool_calls.
+    return bool(msg.get("tool_calls")) or bool(msg.get("metadata"))
+
+
+def _check_role_order(messages: list[dict], where: dict, require_assistant: bool) -> None:
+    prev: dict | None = None
+    for i, msg in enumerate(messages):
+        role = msg["role"]
+        field = f"messages[{i}].role"
+        prev_role = prev["role"] if prev else None
+        if role == "system":
+            if i != 0:
+                raise InputError("a system message may only come first", field=field, **where)
+        elif role == "user":
+            if prev_role not in (None, "system", "assistant"):
+                raise InputError(f"user turn follows {prev_role!r}; roles out of order", field=field, **where,
+                                 fix="user and assistant turns must alternate")
+        elif role == "assistant":
+            if prev_role not in ("user", *TOOL_RESULT_ROLES):
+                raise InputError(f"assistant turn follows {prev_role or 'nothing'!r}; roles out of order",
+                                 field=field, **where, fix="an assistant turn must answer a user or tool turn")
+        else:  # observation / tool result
+            if not (prev_role == "assistant" and _calls_tool(prev)) and prev_role not in TOOL_RESULT_ROLES:
+                raise InputError(f"{role} turn without a preceding tool call", field=field, **where,
+                                 fix="a tool result must follow an assistant turn with tool_calls/metadata")
+        prev = msg
+    last = messages[-1]["role"]
+    if last in TOOL_RESULT_ROLES:
+        raise InputError(f"conversation ends with a {last} turn", field=f"messages[{len(messages) - 1}].role",
+                         **where, fix="a tool result must be followed by an assistant turn")
+    if require_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise InputError("no assistant turn to train on", field="messages", **where,
+                         fix="add the assistant's answer")
+
+
+def _check_optional_fields(rec: dict, where: dict) -> None:
+    if "tools" in rec and not (isinstance(rec["tools"], list) and all(isinstance(t, dict) for t in rec["tools"])):
+        raise InputError("tools must be a list of objects", field="tools", **where)
+    label = rec.get("label")
+    if "label" in rec and (not isinstance(label, (str, int, float)) or isinstance(label, bool)):
+        raise InputError(f"label must be a string or number, got {type(rec['label']).__name__}",
+                         field="label", **where)
+    if "meta" in rec and not isinstance(rec["meta"], dict):
+        raise InputError("meta must be an object", field="meta", **where)
+
+
+def record_position(rec: dict) -> tuple[str | None, int | None]:
+    """(source file, line) a record came from, from its meta; used to point errors at the raw input."""
+    meta = rec.get("meta") or {}
+    return meta.get("source"), meta.get("line")
+
+
+def record_text(rec: dict, include_system: bool = False) -> str:
+    """The record's visible text, turns joined by newlines (for dedupe and length checks)."""
+    return "\n".join(m["content"] for m in rec["messages"] if include_system or m["role"] != "system")

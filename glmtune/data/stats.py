@@ -1,0 +1,80 @@
+"""Dataset statistics: counts, label distribution, and token lengths under a template + tokenizer."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass
+class LengthStats:
+    p50: int
+    p90: int
+    p99: int
+    max: int
+    mean: float
+
+    @classmethod
+    def of(cls, lengths: list[int]) -> "LengthStats":
+        if not lengths:
+            return cls(0, 0, 0, 0, 0.0)
+        arr = np.asarray(lengths)
+        # "higher" so a reported percentile is a length that really occurs, never interpolated.
+        p = [int(np.percentile(arr, q, method="higher")) for q in PERCENTILES]
+        return cls(*p, int(arr.max()), round(float(arr.mean()), 1))
+
+
+@dataclass
+class DataStats:
+    records: int
+    messages: int
+    roles: dict[str, int]
+    with_system: int
+    with_tools: int
+    turns: LengthStats                     # assistant turns per record
+    chars: LengthStats                     # characters per record (all messages)
+    labels: dict[str, int] = field(default_factory=dict)   # most common first
+    tokens: LengthStats | None = None      # token ids per record under the template
+    trained_tokens: int | None = None      # total trained (label != -100) tokens
+    template: str | None = None
+    cutoff: int | None = None
+    over_cutoff: int | None = None
+
+    def as_dict(self) -> dict:
+        out = {k: (vars(v) if isinstance(v, LengthStats) else v) for k, v in vars(self).items()}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def compute_stats(records: list[dict], *, template=None, tokenizer=None, cutoff: int | None = None,
+                  train_on: str = "all_assistant") -> DataStats:
+    """Counts and distributions; token lengths when a template and tokenizer are given."""
+    roles = Counter(m["role"] for r in records for m in r["messages"])
+    labels = Counter(str(r["label"]) for r in records if "label" in r)
+    stats = DataStats(
+        records=len(records), messages=sum(roles.values()), roles=dict(roles),
+        with_system=sum(bool(r["messages"]) and r["messages"][0]["role"] == "system" for r in records),
+        with_tools=sum(bool(r.get("tools")) for r in records),
+        turns=LengthStats.of([sum(m["role"] == "assistant" for m in r["messages"]) for r in records]),
+        chars=LengthStats.of([sum(len(m["content"]) for m in r["messages"]) for r in records]),
+        labels=dict(labels.most_common()), cutoff=cutoff)
+    if template is not None and tokenizer is not None:
+        lengths, trained = token_lengths(records, template, tokenizer, train_on)
+        stats.template = template.name
+        stats.tokens = LengthStats.of(lengths)
+        stats.trained_tokens = trained
+        if cutoff:
+            stats.over_cutoff = sum(n > cutoff for n in lengths)
+    return stats
+
+
+def token_lengths(records: list[dict], template, tokenizer, train_on: str = "all_assistant") -> tuple[list[int], int]:
+    """(length of each encoded record, total trained tokens)."""
+    lengths, trained = [], 0
+    for rec in records:
+        enc = template.encode(tokenizer, rec["messages"], tools=rec.get("tools"), train_on=train_on)
+        lengths.append(len(enc.input_ids))
+        trained += sum(lab != -100 for lab in enc.labels)
+    return lengths, trained

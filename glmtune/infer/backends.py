@@ -1,0 +1,232 @@
+"""Inference back-ends: token ids in, token ids / text out. The template never lives here.
+
+A back-end receives finished prompt ids (built by the template in :mod:`glmtune.infer.predictor`)
+and the stop ids, so HF and vLLM see exactly the prompt training saw. Back-ends are a plugin
+boundary: ``BACKENDS`` maps a name to a class.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from glmtune.errors import GlmtuneError, InputError
+
+BASE = "base"  # reserved adapter name meaning "the base model, adapters switched off"
+
+
+@dataclass
+class GenConfig:
+    """Decoding settings. ``temperature`` 0 (the default) means greedy, so answers are reproducible."""
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    @classmethod
+    def from_kwargs(cls, **gen) -> "GenConfig":
+        # OpenAI's name `max_tokens` and HF's `max_new_tokens` both work; `do_sample=False` forces greedy.
+        if "max_tokens" in gen:
+            gen.setdefault("max_new_tokens", gen.pop("max_tokens"))
+        if gen.pop("do_sample", None) is False:
+            gen["temperature"] = 0.0
+        unknown = set(gen) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise InputError(f"unknown generation option(s) {sorted(unknown)}", field="gen",
+                             fix=f"use {', '.join(cls.__dataclass_fields__)}")
+        cfg = cls(**{k: v for k, v in gen.items() if v is not None})
+        if cfg.max_new_tokens < 1:
+            raise InputError("max_new_tokens must be at least 1", field="max_new_tokens")
+        return cfg
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+@dataclass
+class Output:
+    """One generated answer: new token ids (stop token cut off), and why generation ended."""
+    token_ids: list[int]
+    finish_reason: str  # "stop" (a stop token) | "length" (max_new_tokens) | "cancelled"
+
+
+OnTokens = Callable[[list[int]], None]  # called with all new ids so far, after each step
+
+
+class HFBackend:
+    """transformers + peft. One lock: peft's active adapter is model state, so calls are serialised."""
+
+    name = "hf"
+
+    def __init__(self, model_dir: str | Path, tokenizer, adapters: dict[str, Path], *,
+                 device: str | None = None, dtype: str = "auto"):
+        import torch
+
+        from glmtune.models.loading import load_model
+
+        self.tokenizer = tokenizer
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(model_dir, dtype=dtype).to(self.device)
+        self.adapters = list(adapters)
+        if adapters:
+            model = _load_adapters(model, adapters)
+        self.model = model.eval()
+        self._lock = threading.Lock()
+
+    def generate(self, prompts: list[list[int]], adapter: str | None, stop_ids: list[int],
+                 gen: GenConfig, on_tokens: OnTokens | None = None,
+                 cancel: threading.Event | None = None) -> list[Output]:
+        """Generate for a left-padded batch; ``on_tokens`` streams (batch of one only)."""
+        import torch
+
+        if on_tokens is not None and len(prompts) != 1:
+            raise GlmtuneError("streaming works on one prompt at a time")
+        input_ids, attention = self._left_pad(prompts)
+        criteria = _stopping_criteria(cancel, on_tokens, input_ids.shape[1])
+        kwargs = dict(max_new_tokens=gen.max_new_tokens, eos_token_id=stop_ids,
+                      pad_token_id=self._pad_id(stop_ids), stopping_criteria=criteria,
+                      repetition_penalty=gen.repetition_penalty)
+        if gen.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
+        with self._lock, torch.inference_mode(), self._adapter_scope(adapter):
+            if gen.seed is not None:
+                torch.manual_seed(gen.seed)
+            out = self.model.generate(input_ids=input_ids.to(self.device),
+                                      attention_mask=attention.to(self.device), **kwargs)
+        new = out[:, input_ids.shape[1]:].tolist()
+        cancelled = cancel is not None and cancel.is_set()
+        return [_cut_at_stop(ids, stop_ids, cancelled) for ids in new]
+
+    def _left_pad(self, prompts: list[list[int]]):
+        """(B, T) ids and mask, padded on the left so every row's next token sits at position T."""
+        import torch
+
+        width = max(len(p) for p in prompts)
+        pad = self._pad_id([])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+        return ids, mask
+
+    def _pad_id(self, stop_ids: list[int]) -> int:
+        # Padding is masked out, so any id works; the tokenizer's pad, else a stop id, else 0.
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = stop_ids[0] if stop_ids else (self.tokenizer.eos_token_id or 0)
+        return pad
+
+    def _adapter_scope(self, adapter: str | None):
+        import contextlib
+
+        if not self.adapters:
+            if adapter not in (None, BASE):
+                raise InputError(f"no adapter named '{adapter}' is loaded (none are)", field="adapter")
+            return contextlib.nullcontext()
+        if adapter in (None, BASE):
+            return self.model.disable_adapter()
+        if adapter not in self.adapters:
+            raise InputError(f"no adapter named '{adapter}' is loaded", field="adapter",
+                             fix=f"use one of {', '.join([BASE] + self.adapters)}")
+        self.model.set_adapter(adapter)
+        return contextlib.nullcontext()
+
+
+def _load_adapters(model, adapters: dict[str, Path]):
+    """Wrap the model in peft with every adapter loaded under its name (chosen per call later)."""
+    from peft import PeftModel
+
+    items = list(adapters.items())
+    for name, path in items:
+        if name == BASE:
+            raise InputError(f"'{BASE}' is reserved for the model without adapters", field="adapter",
+                             fix="give the adapter another name (NAME=DIR)")
+        if not (Path(path) / "adapter_config.json").exists():
+            raise InputError("not a LoRA adapter folder (adapter_config.json is missing)", file=path,
+                             fix="pass the folder that training wrote the adapter to")
+    first_name, first_path = items[0]
+    peft_model = PeftModel.from_pretrained(model, str(first_path), adapter_name=first_name)
+    for name, path in items[1:]:
+        peft_model.load_adapter(str(path), adapter_name=name)
+    return peft_model
+
+
+def _stopping_criteria(cancel, on_tokens, prompt_len: int):
+    """A StoppingCriteria that streams new ids and stops early when the caller cancels."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Hook(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            if on_tokens is not None:
+                on_tokens(input_ids[0, prompt_len:].tolist())
+            stop = cancel is not None and cancel.is_set()
+            return input_ids.new_full((input_ids.shape[0],), stop, dtype=bool)
+
+    return StoppingCriteriaList([_Hook()])
+
+
+def _cut_at_stop(ids: list[int], stop_ids: list[int], cancelled: bool) -> Output:
+    stops = set(stop_ids)
+    for i, tid in enumerate(ids):
+        if tid in stops:
+            return Output(ids[:i], "stop")
+    return Output(ids, "cancelled" if cancelled else "length")
+
+
+class VLLMBackend:
+    """vLLM offline engine. Prompts go in as token ids so our template, not vLLM's, builds them.
+
+    vLLM's offline ``LLM`` returns whole answers, so streaming yields one piece at the end.
+    """
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str | Path, tokenizer, adapters: dict[str, Path], *,
+                 device: str | None = None, dtype: str = "auto", **engine_kwargs):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise GlmtuneError("backend 'vllm' needs vLLM, which is not installed. Fix: "
+                               "`pip install 'glmtune[vllm]'` on a machine with a CUDA GPU, "
+                               "or use backend='hf'.") from None
+        from glmtune.models.loading import check_model_dir
+
+        self.tokenizer = tokenizer
+        self.adapters = list(adapters)
+        self._adapter_paths = {n: str(p) for n, p in adapters.items()}
+        self.llm = LLM(model=str(check_model_dir(model_dir)), dtype=dtype,
+                       enable_lora=bool(adapters), **engine_kwargs)
+        self._lock = threading.Lock()
+
+    def generate(self, prompts, adapter, stop_ids, gen: GenConfig, on_tokens=None, cancel=None):
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                                top_p=gen.top_p, top_k=gen.top_k or -1, seed=gen.seed,
+                                repetition_penalty=gen.repetition_penalty, stop_token_ids=stop_ids,
+                                skip_special_tokens=False)
+        with self._lock:
+            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                     lora_request=self._lora_request(adapter), use_tqdm=False)
+        results = [_cut_at_stop(list(o.outputs[0].token_ids), stop_ids, False) for o in outs]
+        if on_tokens is not None:
+            on_tokens(results[0].token_ids)
+        return results
+
+    def _lora_request(self, adapter: str | None):
+        if adapter in (None, BASE):
+            return None
+        if adapter not in self._adapter_paths:
+            raise InputError(f"no adapter named '{adapter}' is loaded", field="adapter",
+                             fix=f"use one of {', '.join([BASE] + self.adapters)}")
+        from vllm.lora.request import LoRARequest
+
+        # vLLM wants a positive integer id per adapter; its position is stable for this engine.
+        return LoRARequest(adapter, self.adapters.index(adapter) + 1, self._adapter_paths[adapter])
+
+
+BACKENDS = {"hf": HFBackend, "vllm": VLLMBackend}

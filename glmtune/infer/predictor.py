@@ -1,0 +1,260 @@
+"""`Predictor`: chat with a model folder from Python (one answer, a stream, or a batch).
+
+Prompts are built ONLY by the model's template (`tpl.encode_prompt`), the same code that encodes
+training data, so serving cannot drift from training; generation stops on the template's stop ids.
+
+    p = Predictor("out/run1/merged")                       # template from glmtune.json
+    p("你好")                                               # greedy by default
+    p("Hi", history=[("Hello", "Hi!")], system="Be brief", max_new_tokens=64)
+    for piece in p.stream("Tell me a story"): print(piece, end="")
+    p.batch(["q1", "q2"], batch_size=8)
+    p = Predictor(base, adapter={"intent": "out/a", "summary": "out/b"}); p("..", adapter="summary")
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from glmtune.errors import GlmtuneError, InputError
+from glmtune.infer.backends import BACKENDS, GenConfig, Output
+
+# How a retrieved passage enters the prompt: prepended to the user's question in the last user turn
+# (every family has a user role; ChatGLM2 has no system role).
+RAG_PROMPT = "Answer using the reference passages when they help.\n\n{passages}\n\nQuestion: {query}"
+
+
+class Predictor:
+    """Load a model folder (+ optional LoRA adapters) and answer chat messages.
+
+    ``adapter``: one folder (named after the folder), or ``{name: folder}`` for several; the first is
+    the default for calls that name none, ``adapter="base"`` switches adapters off for that call.
+    ``rag``: a store written by ``glmtune rag index``; a passage is added to the prompt only when its
+    cosine similarity to the question is at least ``rag_threshold`` (see :mod:`glmtune.serve.rag`).
+    """
+
+    def __init__(self, model: str | Path, adapter: str | Path | dict | None = None, backend: str = "hf",
+                 template: str | None = None, rag: str | Path | None = None, rag_threshold: float = 0.3,
+                 rag_top_k: int = 2, embedding_model: str | Path | None = None,
+                 device: str | None = None, dtype: str = "auto", max_new_tokens: int = 512,
+                 **backend_kwargs):
+        from glmtune.models.loading import check_model_dir
+        from glmtune.models.tokenizer import load_tokenizer
+        from glmtune.templates import get_template, template_for_model
+
+        self.model_dir = check_model_dir(model)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.template = get_template(template) if template else template_for_model(self.model_dir)
+        self.stop_ids = self.template.stop_token_ids(self.tokenizer)
+        if not self.stop_ids:
+            raise InputError(f"template '{self.template.name}' has no stop token in this tokenizer",
+                             file=self.model_dir, fix="check glmtune.json 'template' or pass template=")
+        adapters = _adapter_map(adapter)
+        self.default_adapter = next(iter(adapters), None)
+        if backend not in BACKENDS:
+            raise InputError(f"unknown backend '{backend}'", field="backend", fix="use hf or vllm")
+        self.backend = BACKENDS[backend](self.model_dir, self.tokenizer, adapters, device=device,
+                                         dtype=dtype, **backend_kwargs)
+        self.default_gen = {"max_new_tokens": max_new_tokens}
+        self.retriever = None
+        if rag is not None:
+            from glmtune.serve.rag import Retriever
+            self.retriever = Retriever(rag, embedding_model=embedding_model)
+        self.rag_threshold, self.rag_top_k = rag_threshold, rag_top_k
+        self.last_sources: list[dict] = []  # passages the last call put into its prompt
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.backend.adapters)
+
+    # -- building prompts --------------------------------------------------------------------------
+    def messages_for(self, query: str, history=None, system: str | None = None) -> list[dict]:
+        """``history``: ``[(user, assistant), ...]`` pairs or a list of message dicts."""
+        msgs = [{"role": "system", "content": system}] if system else []
+        for item in history or []:
+            if isinstance(item, dict):
+                msgs.append(item)
+            else:
+                user, answer = item
+                msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        return msgs + [{"role": "user", "content": query}]
+
+    def prompt_ids(self, messages: Sequence[dict], tools: list | None = None) -> list[int]:
+        """The exact ids generation starts from (RAG passages already in ``messages`` if wanted)."""
+        return self.template.encode_prompt(self.tokenizer, list(messages), tools=tools)
+
+    def prepare(self, messages: Sequence[dict], tools: list | None = None) -> tuple[list[int], list[dict]]:
+        """Prompt ids with retrieved passages added when close enough, and those passages.
+
+        Thread-safe (servers call it per request); the single-user calls also set ``last_sources``.
+        """
+        messages, sources = self._with_rag(list(messages))
+        return self.prompt_ids(messages, tools), sources
+
+    def _prepare(self, messages: Sequence[dict], tools) -> list[int]:
+        ids, self.last_sources = self.prepare(messages, tools)
+        return ids
+
+    def _with_rag(self, messages: list[dict]) -> tuple[list[dict], list[dict]]:
+        if self.retriever is None or not messages or messages[-1].get("role") != "user":
+            return messages, []
+        query = messages[-1]["content"]
+        hits = [h for h in self.retriever.search(query, k=self.rag_top_k)
+                if h["similarity"] >= self.rag_threshold]
+        if not hits:
+            return messages, []
+        passages = "\n\n".join(f"[{i + 1}] {h['text']}" for i, h in enumerate(hits))
+        content = RAG_PROMPT.format(passages=passages, query=query)
+        return messages[:-1] + [{**messages[-1], "content": content}], hits
+
+    # -- answering -----------------------------------------------------------------------------------
+    def __call__(self, query: str, history=None, system: str | None = None, adapter: str | None = None,
+                 **gen) -> str:
+        return self.chat(self.messages_for(query, history, system), adapter=adapter, **gen)
+
+    def chat(self, messages: Sequence[dict], adapter: str | None = None, tools: list | None = None,
+             **gen) -> str:
+        return self.generate(self._prepare(messages, tools), adapter=adapter, **gen)[0]
+
+    def generate(self, prompt_ids: list[int], adapter: str | None = None, **gen) -> tuple[str, Output]:
+        """Answer one prepared prompt: ``(text, Output)`` (ids, finish reason) for servers."""
+        out = self.backend.generate([prompt_ids], self._adapter(adapter), self.stop_ids, self._gen(gen))[0]
+        return self.decode(out.token_ids), out
+
+    def stream(self, query: str, history=None, system: str | None = None, adapter: str | None = None,
+               **gen) -> Iterator[str]:
+        """Yield the answer in pieces; joined they equal ``__call__``'s answer."""
+        return self.stream_chat(self.messages_for(query, history, system), adapter=adapter, **gen)
+
+    def stream_chat(self, messages: Sequence[dict], adapter: str | None = None, tools=None,
+                    **gen) -> Iterator[str]:
+        prompt = self._prepare(messages, tools)
+        pieces: queue.Queue = queue.Queue()
+        cancel = threading.Event()
+
+        def work():
+            try:
+                self.generate_stream(prompt, pieces.put, adapter=adapter, cancel=cancel, **gen)
+                pieces.put(_DONE)
+            except BaseException as e:  # hand the error to the consuming thread
+                pieces.put(e)
+
+        threading.Thread(target=work, daemon=True, name="glmtune-stream").start()
+        try:
+            while (item := pieces.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancel.set()  # the consumer stopped early: stop generating
+
+    def generate_stream(self, prompt_ids: list[int], on_text, adapter: str | None = None,
+                        cancel: threading.Event | None = None, **gen) -> tuple[str, Output]:
+        """Generate on the calling thread, calling ``on_text(piece)`` as text becomes final."""
+        decoder = StreamDecoder(self)
+        on_tokens = lambda ids: _emit(on_text, decoder.update(ids))  # noqa: E731
+        out = self.backend.generate([prompt_ids], self._adapter(adapter), self.stop_ids, self._gen(gen),
+                                    on_tokens=on_tokens, cancel=cancel)[0]
+        text = self.decode(out.token_ids)
+        _emit(on_text, decoder.finish(text))
+        return text, out
+
+    def batch(self, items: Sequence, adapter: str | None = None, batch_size: int = 8,
+              **gen) -> list[str]:
+        """Answer many prompts, ``batch_size`` at a time, left-padded.
+
+        Items: a question string, a message list, or a canonical record ``{"messages", "tools"?}``.
+        """
+        prompts = [self._prepare(*self._as_prompt(it)) for it in items]
+        answers: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            outs = self.backend.generate(prompts[start:start + batch_size], self._adapter(adapter),
+                                         self.stop_ids, self._gen(gen))
+            answers += [self.decode(o.token_ids) for o in outs]
+        return answers
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def decode(self, token_ids: list[int], final: bool = True) -> str:
+        """Answer text of generated ids (stop token already cut), without the GLM metadata line."""
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
+        return strip_metadata(self.template.name, text, final)
+
+    def _as_prompt(self, item) -> tuple[list[dict], list | None]:
+        if isinstance(item, str):
+            return self.messages_for(item), None
+        if isinstance(item, dict) and "messages" in item:
+            return list(item["messages"]), item.get("tools")
+        if isinstance(item, (list, tuple)) and all(isinstance(m, dict) for m in item):
+            return list(item), None
+        raise InputError(f"a batch item must be a string, a message list or a record, "
+                         f"not {type(item).__name__}", field="items")
+
+    def _adapter(self, adapter: str | None) -> str | None:
+        return self.default_adapter if adapter is None else adapter
+
+    def _gen(self, gen: dict) -> GenConfig:
+        return GenConfig.from_kwargs(**{**self.default_gen, **gen})
+
+
+_DONE = object()
+
+
+def strip_metadata(template_name: str, text: str, final: bool = True) -> str:
+    """GLM-4/ChatGLM3 answers start with a metadata line (a tool name, usually empty) and a newline.
+
+    Mid-stream, text before that newline is not yet known to be content, so nothing is shown;
+    at the end (``final``) an answer without the newline is returned whole.
+    """
+    if template_name not in ("glm4", "chatglm3"):
+        return text
+    meta, sep, content = text.partition("\n")
+    if not sep:
+        return text if final else ""
+    if meta.strip():  # a tool call (`name\n{arguments}`): keep it whole for the caller to parse
+        return text
+    return content[1:] if template_name == "chatglm3" and content.startswith(" ") else content
+
+
+class StreamDecoder:
+    """Turn growing token ids into text pieces that never change once emitted.
+
+    Re-decodes all ids each step (cheap for chat-length answers) and holds back a trailing U+FFFD,
+    which is half of a multi-byte character (Chinese) split across byte-level tokens.
+    """
+
+    def __init__(self, predictor: Predictor):
+        self.p, self.emitted = predictor, ""
+
+    def update(self, ids: list[int]) -> str:
+        stops = set(self.p.stop_ids)
+        cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+        text = self.p.decode(ids[:cut], final=False).rstrip("\ufffd")
+        return self._advance(text)
+
+    def finish(self, final_text: str) -> str:
+        return self._advance(final_text)
+
+    def _advance(self, text: str) -> str:
+        if not text.startswith(self.emitted) or len(text) <= len(self.emitted):
+            return ""
+        piece, self.emitted = text[len(self.emitted):], text
+        return piece
+
+
+def _emit(on_text, piece: str) -> None:
+    if piece:
+        on_text(piece)
+
+
+def _adapter_map(adapter) -> dict[str, Path]:
+    if adapter is None:
+        return {}
+    if isinstance(adapter, dict):
+        return {str(k): Path(v) for k, v in adapter.items()}
+    path = Path(adapter)
+    if not path.is_dir():
+        raise GlmtuneError(f"adapter folder not found: {path}. Fix: pass the folder training wrote "
+                           f"(it holds adapter_config.json)")
+    return {path.name or "adapter": path}

@@ -1,0 +1,160 @@
+"""Turn a loaded causal LM into a trainable one for each method: lora, qlora, prefix, full, freeze.
+
+One function per concern: which modules get LoRA (per architecture), which blocks a `freeze` run
+trains, how QLoRA quantises. PEFT does the adapter work; this file only chooses its arguments.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from glmtune.errors import ConfigError, GlmtuneError
+
+# LoRA targets per model_type (config.json). HF-native GLM-4 fuses gate+up into one projection;
+# the remote-code ChatGLM2/3/GLM-4 layout fuses q, k and v into `query_key_value`.
+LORA_TARGETS = {
+    "glm4": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "glm": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "chatglm": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+def lora_targets(model, choice) -> list[str] | str:
+    """`auto` -> the architecture's list (or PEFT's `all-linear` for an unknown one); lists pass through,
+    after checking each name exists in the model so a typo fails here, not as a silent no-op."""
+    if choice == "all-linear":
+        return "all-linear"
+    if choice == "auto":
+        return LORA_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in choice if t not in names]
+    if missing:
+        raise ConfigError(f"no module named {missing} in this model (it has e.g. "
+                          f"{sorted(n for n in names if 'proj' in n or 'dense' in n)[:8]})",
+                          field="method.target_modules", fix="use auto or all-linear")
+    return list(choice)
+
+
+def decoder_layers(model):
+    """The list of transformer blocks for HF-native (`model.layers`) and remote-code ChatGLM
+    (`transformer.encoder.layers`) layouts."""
+    for path in ("model.layers", "transformer.encoder.layers", "transformer.h", "model.decoder.layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return obj
+        except AttributeError:
+            continue
+    raise GlmtuneError(f"cannot find the transformer blocks of {type(model).__name__} for method freeze")
+
+
+def apply_freeze(model, trainable_layers: int) -> None:
+    """Train the last N blocks and the final norm; embeddings, earlier blocks and the LM head stay frozen."""
+    layers = decoder_layers(model)
+    if trainable_layers > len(layers):
+        raise ConfigError(f"the model has only {len(layers)} layers", field="method.trainable_layers")
+    model.requires_grad_(False)
+    for layer in layers[len(layers) - trainable_layers:]:
+        layer.requires_grad_(True)
+    for name in ("model.norm", "transformer.encoder.final_layernorm"):
+        obj = model
+        try:
+            for part in name.split("."):
+                obj = getattr(obj, part)
+            obj.requires_grad_(True)
+        except AttributeError:
+            pass
+
+
+def qlora_quant_config():
+    """nf4 weights with double quantisation (quantised quantisation constants, ~0.4 bit/param saved)
+    and bf16 compute, as in the QLoRA paper (Dettmers et al. 2023, sec. 3)."""
+    import torch
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("qlora needs the bitsandbytes package", field="method.name",
+                          fix="pip install bitsandbytes (CUDA GPU), or use method lora") from None
+    if not torch.cuda.is_available():
+        raise ConfigError("qlora needs a CUDA GPU (bitsandbytes 4-bit kernels)", field="method.name",
+                          fix="run on a GPU machine, or use method lora on CPU")
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def setup_method(model, method, *, gradient_checkpointing: bool = False):
+    """Return the model to train (a PeftModel for lora/qlora/prefix, the model itself for full/freeze).
+
+    `method` is a MethodSection. Gradient checkpointing is switched on here because PEFT's kbit
+    preparation and the input-grad hook must see it before adapters are injected.
+    """
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+
+    gc_kwargs = {"use_reentrant": False}  # non-reentrant: works with frozen inputs and with DDP
+    name = method.name
+    if name == "qlora":
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        if name in ("lora", "prefix", "freeze"):
+            # the embeddings are frozen, so checkpointed blocks would see inputs without grad
+            model.enable_input_require_grads()
+    if name in ("lora", "qlora"):
+        cfg = LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout, bias="none",
+                         target_modules=lora_targets(model, method.target_modules), task_type="CAUSAL_LM")
+        return get_peft_model(model, cfg)
+    if name == "prefix":
+        cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.num_virtual_tokens,
+                                 prefix_projection=method.prefix_projection)
+        return get_peft_model(model, cfg)
+    if name == "full":
+        model.requires_grad_(True)
+        return model
+    if name == "freeze":
+        apply_freeze(model, method.trainable_layers)
+        return model
+    raise ConfigError(f"unknown method {name!r}", field="method.name")
+
+
+def count_params(model) -> tuple[int, int]:
+    """(total, trainable) parameter counts; 4-bit packed weights count as their logical size."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.numel()
+        if getattr(p, "quant_state", None) is not None or p.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored uint8
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return total, trainable
+
+
+def memory_estimate_gib(total: int, trainable: int, *, weight_bytes: float, tokens_per_step: int,
+                        hidden: int, layers: int, vocab: int, checkpointing: bool) -> dict:
+    """Rough peak-memory estimate in GiB (before training, so users can size the batch).
+
+    weights: total x bytes; trainable params carry an fp32 master-free AdamW state of 2 fp32 moments
+    + the grad (in the weight dtype); activations ~ 34 bytes x hidden per token per layer in bf16
+    (Korthikanti et al. 2022, eq. 1 without the attention-score term, which SDPA/flash never store),
+    or one hidden vector per layer with checkpointing; logits: tokens x vocab x 4 bytes (fp32 upcast).
+    """
+    gib = 2 ** 30
+    weights = total * weight_bytes
+    optim = trainable * (8 + weight_bytes)
+    per_tok_layer = (2 * hidden) if checkpointing else 34 * hidden
+    acts = tokens_per_step * layers * per_tok_layer
+    logits = tokens_per_step * vocab * 4 * 2  # logits + their grad
+    return {k: round(v / gib, 2) for k, v in dict(weights=weights, optimizer=optim, activations=acts,
+                                                  logits=logits, total=weights + optim + acts + logits).items()}
+
+
+def read_meta(model_dir: str | Path) -> dict:
+    p = Path(model_dir) / "glmtune.json"
+    return json.loads(p.read_text()) if p.exists() else {}

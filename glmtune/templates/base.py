@@ -1,0 +1,196 @@
+"""What every chat template shares: segments, token ids, loss masks.
+
+A template turns a conversation into a list of :class:`Segment` s: special tokens (looked up by id,
+never parsed out of text) and stretches of text (each encoded by a separate tokenizer call with no
+special tokens added and special-token strings kept as plain text). Rendering joins the segment
+texts; encoding joins the segment ids. Training prompts, evaluation prompts and serving prompts
+all come from these same segments, so they cannot drift apart.
+
+Segment boundaries sit where the model starts and stops generating (after the assistant header,
+before the end-of-turn token), so a generation prompt is always a prefix of the training ids and
+the trained tokens are exactly what the model must produce after that prompt.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from glmtune.errors import InputError
+
+IGNORE_INDEX = -100  # label of a token that is not trained (PyTorch cross_entropy's ignore_index)
+TRAIN_ON = ("all_assistant", "last_assistant", "everything")
+ROLES = ("system", "user", "assistant", "observation", "tool")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One piece of a rendered conversation.
+
+    ``text`` is what it adds to the rendered string. ``special`` segments are one token, looked up
+    by id. ``encode_as`` is the text given to the tokenizer when it differs from ``text`` (ChatGLM3
+    renders `\\n content` but encodes `content` alone: the space is sentencepiece's dummy prefix).
+    ``turn`` is the message index (-1 for prefixes), ``trained`` marks assistant output.
+    """
+    text: str
+    special: bool = False
+    turn: int = -1
+    trained: bool = False
+    encode_as: str | None = None
+
+
+@dataclass
+class Encoded:
+    """Token ids and labels (``IGNORE_INDEX`` where not trained), aligned one to one.
+
+    ``turn_spans`` holds ``(start, end)`` of every assistant turn's output (content and its end
+    token), whether or not ``train_on`` trains it, so later stages can truncate at turn boundaries.
+    """
+    input_ids: list[int]
+    labels: list[int]
+    turn_spans: list[tuple[int, int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def trained_spans(self) -> list[tuple[int, int]]:
+        """Maximal ``(start, end)`` runs of trained positions."""
+        spans, start = [], None
+        for i, lab in enumerate(self.labels + [IGNORE_INDEX]):
+            if lab != IGNORE_INDEX and start is None:
+                start = i
+            elif lab == IGNORE_INDEX and start is not None:
+                spans.append((start, i))
+                start = None
+        return spans
+
+
+class Template:
+    """Base class: subclasses implement :meth:`segments` and set ``name`` and ``stop_tokens``."""
+
+    name: str = ""
+    stop_tokens: tuple[str, ...] = ()
+    supports_tools: bool = False
+
+    def segments(self, messages: list[dict], tools: list | None = None,
+                 add_generation_prompt: bool = False, add_eos: bool = True) -> list[Segment]:
+        raise NotImplementedError
+
+    # -- public API --------------------------------------------------------------------------
+    def render(self, messages: Sequence[dict], tools: list | None = None,
+               add_generation_prompt: bool = False, add_eos: bool = False) -> str:
+        """The exact text the model sees (what the official chat template renders).
+
+        ``add_eos`` defaults to False here because official chat templates do not append the
+        end-of-text token; :meth:`encode` appends it for training.
+        """
+        msgs = self._checked(messages, tools)
+        return "".join(s.text for s in self.segments(msgs, tools, add_generation_prompt, add_eos))
+
+    def encode(self, tokenizer, messages: Sequence[dict], tools: list | None = None,
+               train_on: str = "all_assistant", add_eos: bool = True) -> Encoded:
+        """Token ids and labels for training: assistant outputs and their end tokens are trained."""
+        if train_on not in TRAIN_ON:
+            raise InputError(f"unknown train_on '{train_on}'", field="train_on",
+                             fix=f"use one of {', '.join(TRAIN_ON)}")
+        msgs = self._checked(messages, tools)
+        segs = self.segments(msgs, tools, False, add_eos)
+        last = max((s.turn for s in segs if s.trained), default=None)
+        ids, labels, spans = [], [], {}
+        for seg in segs:
+            seg_ids = _segment_ids(tokenizer, seg)
+            if seg.trained:
+                start, _ = spans.get(seg.turn, (len(ids), 0))
+                spans[seg.turn] = (start, len(ids) + len(seg_ids))
+            train = (train_on == "everything" or
+                     (seg.trained and (train_on == "all_assistant" or seg.turn == last)))
+            ids += seg_ids
+            labels += seg_ids if train else [IGNORE_INDEX] * len(seg_ids)
+        return Encoded(ids, labels, [spans[t] for t in sorted(spans)])
+
+    def encode_prompt(self, tokenizer, messages: Sequence[dict], tools: list | None = None) -> list[int]:
+        """Ids of a generation prompt: the conversation plus the next assistant header."""
+        msgs = self._checked(messages, tools)
+        if msgs[-1]["role"] == "assistant":
+            raise InputError("the conversation ends with an assistant turn", field="messages",
+                             fix="drop the last assistant message to build the prompt for it")
+        ids = []
+        for seg in self.segments(msgs, tools, True, False):
+            ids += _segment_ids(tokenizer, seg)
+        return ids
+
+    def stop_token_ids(self, tokenizer) -> list[int]:
+        """Ids that end generation: the template's end tokens present in this tokenizer."""
+        ids = [_special_id(tokenizer, t, required=False) for t in self.stop_tokens]
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
+    # -- helpers for subclasses ----------------------------------------------------------------
+    def _checked(self, messages: Sequence[dict], tools: list | None) -> list[dict]:
+        """Validate the shape a template relies on; the data stage checks records more fully."""
+        if not messages:
+            raise InputError("a conversation needs at least one message", field="messages")
+        if tools and not self.supports_tools:
+            raise InputError(f"template '{self.name}' does not support tools", field="tools",
+                             fix="use the glm4 or chatglm3 template, or drop the tools")
+        out = []
+        for i, msg in enumerate(messages):
+            role = msg.get("role") if isinstance(msg, dict) else None
+            if role not in ROLES:
+                raise InputError(f"unknown role {role!r}", field=f"messages[{i}].role",
+                                 fix=f"use one of {', '.join(ROLES)}")
+            if role == "system" and i != 0:
+                raise InputError("a system message may only come first", field=f"messages[{i}].role")
+            content = msg.get("content")
+            if content is None:
+                content = ""
+            if not isinstance(content, str):
+                raise InputError("content must be a string", field=f"messages[{i}].content")
+            if msg.get("tool_calls") and not self.supports_tools:
+                raise InputError(f"template '{self.name}' does not support tool calls",
+                                 field=f"messages[{i}].tool_calls")
+            out.append({**msg, "content": content})
+        return out
+
+
+def _segment_ids(tokenizer, seg: Segment) -> list[int]:
+    if seg.special:
+        return [_special_id(tokenizer, seg.text)]
+    text = seg.text if seg.encode_as is None else seg.encode_as
+    if not text:
+        return []
+    # split_special_tokens: a user writing "[gMASK]" or "<|user|>" gets plain text, not a control token.
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def _special_id(tokenizer, token: str, required: bool = True) -> int | None:
+    """Id of a special token; a missing one means the template does not fit the tokenizer."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or (tid == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        if not required:
+            return None
+        raise InputError(f"the tokenizer has no token {token!r}", field="template",
+                         fix="check that the template family matches the model "
+                             "(glmtune.json 'template' or --template)")
+    return tid
+
+
+def content_of(msg: dict) -> str:
+    return msg.get("content") or ""
+
+
+def metadata_of(msg: dict) -> str:
+    """GLM's per-message metadata (a tool name on tool calls); absent or None renders as ''."""
+    meta = msg.get("metadata")
+    return "" if meta is None else str(meta)
+
+
+def tool_call_parts(call: dict) -> tuple[str, str]:
+    """(name, arguments text) of an OpenAI-style tool call; dict arguments become JSON."""
+    import json
+
+    fn = call.get("function", call)
+    args = fn.get("arguments", {})
+    if not isinstance(args, str):
+        args = json.dumps(args, ensure_ascii=False)
+    return str(fn.get("name", "")), args
+
+

@@ -1,0 +1,254 @@
+"""The training config: one typed YAML file drives `glmtune train`.
+
+Every field has a type, a default and a description; the descriptions are the `glmtune train
+--explain` text and the comments of the shipped presets under `configs/`. Unknown keys fail
+(`extra="forbid"`) so a typo such as `train.lr_rate` is an error naming the key, not a silent no-op.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from glmtune.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    path: str = Field(description="Local model folder (config.json + safetensors + tokenizer). Never downloaded.")
+    dtype: Literal["bf16", "fp32", "fp16"] = Field(
+        "bf16", description="Weight/compute dtype. GLM models must use bf16 or fp32: fp16 overflows in "
+                            "their activations and gives NaN losses.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] | None = Field(
+        "sdpa", description="Attention kernel. sdpa works everywhere; flash_attention_2 needs the flash-attn "
+                            "package on a GPU. Packing uses each kernel's variable-length path.")
+    trust_remote_code: bool = Field(
+        False, description="Allow the model folder's own modelling code (needed for remote-code ChatGLM2/3 "
+                           "checkpoints; HF-native GLM-4 folders don't need it).")
+
+
+class DataSection(_Section):
+    datasets: list[str] = Field(description="Training data: names from datasets.yaml or file paths "
+                                            "(JSONL/JSON/CSV in any format `glmtune data` reads).")
+    dev: str | None = Field(None, description="Dev split (registry name or file) for eval loss. "
+                                              "Mutually exclusive with val_size.")
+    val_size: float = Field(0.0, ge=0, description="Hold out this share (<1) or count (>=1) of the training "
+                                                   "records as the dev split (seeded shuffle).")
+    template: str | None = Field(None, description="Chat template (glm4, chatglm3, chatglm2, qwen, llama3). "
+                                                   "Default: the model folder's glmtune.json.")
+    cutoff_len: int = Field(1024, gt=0, description="Longest encoded conversation, in tokens.")
+    on_overflow: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="What to do with a conversation longer than cutoff_len: truncate it (drop the "
+                                "turns that don't fit), drop it, or stop with an error.")
+    train_on: Literal["all_assistant", "last_assistant", "everything"] = Field(
+        "all_assistant", description="Which tokens carry loss (the template's mask).")
+    packing: bool = Field(
+        False, description="Concatenate each micro-batch's conversations into one padding-free row with "
+                           "position ids restarting per conversation; attention never crosses conversations.")
+    max_samples: int | None = Field(None, gt=0, description="Use only the first N training records (debugging).")
+
+
+class MethodSection(_Section):
+    name: Literal["lora", "qlora", "prefix", "full", "freeze"] = Field(
+        "lora", description="lora; qlora (LoRA on 4-bit nf4 weights, CUDA + bitsandbytes); prefix (P-Tuning v2 "
+                            "= PEFT prefix tuning: trained key/value prefixes in every layer); full (all "
+                            "weights); freeze (only the last `trainable_layers` blocks).")
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha/r.")
+    # 0.0 by default: dropout on the LoRA input costs a copy of every adapted activation (memory and a
+    # kernel per layer) and fine-tuning runs of a few epochs rarely overfit enough to need it.
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (0 = off, saves an activation copy per layer).")
+    target_modules: Union[Literal["auto", "all-linear"], list[str]] = Field(
+        "auto", description="Modules that get LoRA: auto (per architecture: GLM-4 q/k/v/o_proj, gate_up_proj, "
+                            "down_proj; remote-code ChatGLM query_key_value, dense, dense_h_to_4h, dense_4h_to_h), "
+                            "all-linear, or a list of module names.")
+    num_virtual_tokens: int = Field(16, gt=0, description="prefix: virtual tokens (P-Tuning v2 pre_seq_len).")
+    prefix_projection: bool = Field(False, description="prefix: reparameterise the prefix through an MLP.")
+    trainable_layers: int = Field(2, gt=0, description="freeze: train the last N transformer blocks "
+                                                        "(plus the final norm); everything else stays frozen.")
+
+
+class TrainSection(_Section):
+    epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(4, gt=0, description="Conversations per micro-batch per process.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step. Effective batch = "
+                                                 "batch_size x grad_accum x processes.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup (transformers.get_scheduler).")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Share of the optimizer steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, "
+                                                            "~30% more compute.")
+    seed: int = Field(42, description="Seed for init, data order and dropout.")
+    log_every: int = Field(1, gt=0, description="Write a metrics line every N optimizer steps.")
+
+
+class EvalSection(_Section):
+    every: int = Field(0, ge=0, description="Eval loss on the dev split every N optimizer steps (0 = only at the end).")
+    batch_size: int | None = Field(None, gt=0, description="Eval micro-batch size (default: train.batch_size).")
+
+
+class OutputSection(_Section):
+    dir: str = Field(description="Output folder: checkpoints, final adapter, metrics.jsonl, loss.png, config.yaml.")
+    save_every: int = Field(0, ge=0, description="Write a checkpoint every N optimizer steps (0 = only at the end).")
+    keep_last: int = Field(3, gt=0, description="Keep only the newest K step checkpoints.")
+    plot: bool = Field(True, description="Refresh loss.png as training runs.")
+    tensorboard: bool = Field(True, description="Write TensorBoard logs under DIR/tensorboard.")
+
+
+class TrainConfig(_Section):
+    model: ModelSection
+    data: DataSection
+    method: MethodSection = Field(default_factory=MethodSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    output: OutputSection
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "TrainConfig":
+        if self.data.dev and self.data.val_size:
+            raise ValueError("data.dev and data.val_size are mutually exclusive")
+        if self.method.name == "prefix" and self.data.packing:
+            raise ValueError("data.packing does not work with method.name=prefix (prefix tuning feeds a KV "
+                             "cache, and packed attention needs an empty one)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: YAML + overrides -> validated TrainConfig, with errors that name the key
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        if not isinstance(d.get(k, {}), dict):
+            raise ConfigError(f"cannot set a sub-key of a non-section value", field=dotted)
+        d = d.setdefault(k, {})
+    d[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=1e-4` -> ("train.lr", 1e-4). The value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not KEY=VALUE", fix="write e.g. --set train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return key.strip(), value
+
+
+def _validation_error(e: ValidationError, source: str | None) -> ConfigError:
+    err = e.errors()[0]
+    key = ".".join(str(x) for x in err["loc"]) or None
+    if err["type"] == "extra_forbidden":
+        return ConfigError("unknown key", file=source, field=key,
+                           fix="check the spelling; `glmtune train --explain` lists every key")
+    if err["type"] == "missing":
+        return ConfigError("required key is missing", file=source, field=key)
+    got = err.get("input")
+    got = "" if isinstance(got, dict) else f" (got {got!r})"
+    return ConfigError(f"{err['msg']}{got}", file=source, field=key)
+
+
+def validate_config(raw: dict, source: str | None = None, *, check_paths: bool = True) -> TrainConfig:
+    try:
+        cfg = TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        raise _validation_error(e, source) from None
+    if check_paths:
+        check_model(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path | dict, overrides: list[str] | None = None, *,
+                check_paths: bool = True) -> TrainConfig:
+    """Read a YAML config (or a dict), apply `KEY=VALUE` overrides, validate, check the model folder."""
+    if isinstance(path, dict):
+        raw, source = json.loads(json.dumps(path)), None
+    else:
+        from glmtune.io import read_text_utf8
+        source = str(path)
+        try:
+            raw = yaml.safe_load(read_text_utf8(path)) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise ConfigError(f"invalid YAML ({getattr(e, 'problem', e)})", file=source,
+                              line=mark.line + 1 if mark else None) from None
+        if not isinstance(raw, dict):
+            raise ConfigError("the config must be a YAML mapping", file=source)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    return validate_config(raw, source, check_paths=check_paths)
+
+
+GLM_MODEL_TYPES = {"glm", "glm4", "chatglm", "glm4_moe"}
+
+
+def model_family(model_dir: str | Path) -> str | None:
+    """model_type from config.json ('glm4', 'chatglm', 'qwen2', ...), or None when unreadable."""
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def check_model(cfg: TrainConfig, source: str | None = None) -> None:
+    """Checks that need the model folder: it exists, and fp16 is not asked of a GLM model."""
+    from glmtune.errors import ModelNotFoundError
+    from glmtune.models.loading import check_model_dir
+
+    try:
+        check_model_dir(cfg.model.path)
+    except ModelNotFoundError as e:
+        raise ConfigError(str(e).rstrip("."), file=source, field="model.path") from None
+    if cfg.model.dtype == "fp16" and model_family(cfg.model.path) in GLM_MODEL_TYPES:
+        raise ConfigError("fp16 is not supported for GLM models: their activations overflow fp16 and the loss "
+                          "becomes NaN", file=source, field="model.dtype",
+                          fix="use dtype: bf16 (Ampere or newer GPUs) or fp32")
+    if cfg.method.name == "qlora" and cfg.model.dtype == "fp32":
+        raise ConfigError("qlora computes in bf16 (nf4 weights, bf16 compute)", file=source,
+                          field="model.dtype", fix="use dtype: bf16")
+
+
+def resolve_template(cfg: TrainConfig) -> str:
+    """data.template, else the model folder's glmtune.json, else the templates package's guess."""
+    if cfg.data.template:
+        return cfg.data.template
+    meta = Path(cfg.model.path) / "glmtune.json"
+    if meta.exists():
+        name = json.loads(meta.read_text()).get("template")
+        if name:
+            return name
+    from glmtune.templates import template_for_model
+    return template_for_model(cfg.model.path).name
+
+
+def save_resolved(cfg: TrainConfig, out_dir: str | Path) -> Path:
+    """Write the fully resolved config (defaults filled in) as DIR/config.yaml, atomically."""
+    from glmtune.io import write_text_atomic
+    path = Path(out_dir) / "config.yaml"
+    write_text_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+    return path
+
+
+def explain(model: type[BaseModel] = TrainConfig, indent: int = 0) -> str:
+    """Commented YAML of every key with its default: the reference for configs (`--explain`)."""
+    lines = []
+    pad = "  " * indent
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.append(f"{pad}{name}:")
+            lines.append(explain(ann, indent + 1))
+            continue
+        default = "REQUIRED" if field.is_required() else json.dumps(field.get_default(call_default_factory=True))
+        lines.append(f"{pad}{name}: {default}  # {field.description or ''}")
+    return "\n".join(lines)

@@ -1,0 +1,242 @@
+"""Training data: records -> template-encoded (input_ids, labels) -> padded or packed batches.
+
+Shapes: an encoded example is two equal-length int lists; a padded batch is (B, T) with
+attention_mask; a packed batch is (1, sum of lengths) with position_ids restarting at 0 for each
+conversation and no attention_mask, which transformers reads as "padding-free packed sequences"
+(sdpa/eager/flex build a block-diagonal causal mask from the position ids; flash_attention_2 runs
+its varlen kernel on the cumulative lengths). The loss is the mean over trained tokens of the whole
+optimizer step, so both layouts give the same loss on the same conversations.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from glmtune.errors import ConfigError, InputError
+
+IGNORE = -100  # label of a token that carries no loss (PyTorch cross_entropy's ignore_index)
+
+
+# --------------------------------------------------------------------------------------------------
+# records
+
+def load_records(spec: str) -> list[dict]:
+    """A data spec is a file path, else a name in the datasets.yaml registry."""
+    from glmtune import data as gdata
+
+    if Path(spec).exists():
+        read = getattr(gdata, "read_records", None)
+        if read is None:  # TEMPORARY until glmtune.data.read_records lands: canonical JSONL only
+            from glmtune.data.records import validate_record
+            from glmtune.io import iter_jsonl
+            return [validate_record(r, file=spec, line=n) for n, r in iter_jsonl(spec)]
+        return list(read(spec))
+    registry = getattr(gdata, "resolve_dataset", None)
+    if registry is None:
+        raise InputError(f"dataset {spec!r} is not a file and no dataset registry is available",
+                         field="data.datasets", fix="give a path to a JSONL/JSON/CSV file")
+    return list(registry(spec))
+
+
+def split_dev(records: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded shuffle, then hold out val_size (share if <1, else count) as the dev split."""
+    if not val_size:
+        return records, []
+    n_dev = int(round(len(records) * val_size)) if val_size < 1 else int(val_size)
+    n_dev = max(1, min(n_dev, len(records) - 1))
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    dev = [records[i] for i in sorted(order[:n_dev])]
+    train = [records[i] for i in sorted(order[n_dev:])]
+    return train, dev
+
+
+# --------------------------------------------------------------------------------------------------
+# encoding
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def system_prompt_tokens(tokenizer, template, messages: list[dict]) -> int:
+    """Tokens taken by the system message: prompt(system + first user) minus prompt(first user)."""
+    if not messages or messages[0]["role"] != "system":
+        return 0
+    user = next(m for m in messages if m["role"] == "user")
+    with_sys = template.encode_prompt(tokenizer, [messages[0], user])
+    without = template.encode_prompt(tokenizer, [user])
+    return len(with_sys) - len(without)
+
+
+def _fit(template, tokenizer, rec: dict, cutoff: int, train_on: str) -> Example | None:
+    """Keep the longest prefix of the conversation that ends with an assistant turn and fits."""
+    msgs = rec["messages"]
+    ends = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    for end in reversed(ends[:-1]):
+        enc = template.encode(tokenizer, msgs[: end + 1], tools=rec.get("tools"), train_on=train_on)
+        if len(enc.input_ids) <= cutoff:
+            return Example(list(enc.input_ids), list(enc.labels))
+    return None
+
+
+def encode_records(records: list[dict], tokenizer, template, *, cutoff_len: int, on_overflow: str = "truncate",
+                   train_on: str = "all_assistant") -> tuple[list[Example], dict]:
+    """Encode each record with the template's loss mask; apply the cutoff policy.
+
+    Returns the examples and counts {"encoded", "truncated", "dropped", "no_loss"}. A record whose
+    system prompt alone reaches cutoff_len is a config error (nothing of it could ever be trained).
+    """
+    examples, stats = [], {"encoded": 0, "truncated": 0, "dropped": 0, "no_loss": 0}
+    seen_systems: set[str] = set()
+    for rec in records:
+        msgs = rec["messages"]
+        if msgs[0]["role"] == "system" and msgs[0]["content"] not in seen_systems:
+            seen_systems.add(msgs[0]["content"])
+            n_sys = system_prompt_tokens(tokenizer, template, msgs)
+            if n_sys >= cutoff_len:
+                raise ConfigError(f"cutoff_len {cutoff_len} is shorter than the system prompt ({n_sys} tokens)",
+                                  field="data.cutoff_len", fix=f"set data.cutoff_len above {n_sys}")
+        enc = template.encode(tokenizer, msgs, tools=rec.get("tools"), train_on=train_on)
+        ex = Example(list(enc.input_ids), list(enc.labels))
+        if len(ex) > cutoff_len:
+            meta = rec.get("meta") or {}
+            if on_overflow == "error":
+                raise InputError(f"conversation has {len(ex)} tokens, more than data.cutoff_len={cutoff_len}",
+                                 file=meta.get("source"), line=meta.get("line"),
+                                 fix="raise data.cutoff_len or set data.on_overflow: truncate")
+            if on_overflow == "drop":
+                stats["dropped"] += 1
+                continue
+            fitted = _fit(template, tokenizer, rec, cutoff_len, train_on)
+            # no whole turn fits: cut the tokens (the answer's tail is lost but its start still trains)
+            ex = fitted or Example(ex.input_ids[:cutoff_len], ex.labels[:cutoff_len])
+            stats["truncated"] += 1
+        if all(lab == IGNORE for lab in ex.labels[1:]):
+            stats["no_loss"] += 1
+            continue
+        examples.append(ex)
+        stats["encoded"] += 1
+    return examples, stats
+
+
+# --------------------------------------------------------------------------------------------------
+# batches (pure functions on lists of examples)
+
+def pad_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example. Shapes: input_ids/attention_mask/labels (B, T)."""
+    T = max(len(e) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e)] = torch.tensor(e.input_ids)
+        labels[i, : len(e)] = torch.tensor(e.labels)
+        mask[i, : len(e)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def packed_position_ids(lengths: list[int]) -> torch.Tensor:
+    """[3, 2] -> [0, 1, 2, 0, 1]: positions restart for each packed conversation."""
+    return torch.cat([torch.arange(n) for n in lengths])
+
+
+def block_causal_mask(lengths: list[int], dtype=torch.float32) -> torch.Tensor:
+    """Additive (1, 1, T, T) mask: token i sees token j iff same conversation and j <= i.
+
+    For kernels that cannot read packing from position ids (e.g. remote-code models): 0 where
+    attention is allowed, dtype-min elsewhere, the form eager and sdpa both accept.
+    """
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    T = int(seq.numel())
+    allowed = (seq[:, None] == seq[None, :]) & torch.ones(T, T, dtype=torch.bool).tril()
+    mask = torch.zeros(T, T, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def pack_batch(examples: list[Example], *, block_mask: bool = False) -> dict[str, torch.Tensor]:
+    """Concatenate the examples into one row (1, sum T_i), padding-free.
+
+    The first label of every conversation is set to IGNORE: after the causal shift it would be
+    predicted from the previous conversation's last token. (Templates never train the first token
+    anyway, so this changes nothing for unpacked data, which keeps packed == unpacked.)
+    """
+    lengths = [len(e) for e in examples]
+    ids = torch.tensor([t for e in examples for t in e.input_ids])[None]
+    labels = torch.tensor([t for e in examples for t in [IGNORE] + e.labels[1:]])[None]
+    batch = {"input_ids": ids, "labels": labels, "position_ids": packed_position_ids(lengths)[None]}
+    if block_mask:
+        batch["attention_mask"] = block_causal_mask(lengths)
+    return batch
+
+
+def collate(examples: list[Example], *, packing: bool, pad_id: int, block_mask: bool = False) -> dict:
+    return pack_batch(examples, block_mask=block_mask) if packing else pad_batch(examples, pad_id)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropy over trained tokens, and their count.
+
+    logits (B, T, V), labels (B, T); position t predicts labels[t + 1]. Upcast to fp32 so bf16 logits
+    do not lose precision in the log-sum-exp. Returning (sum, count) rather than a mean lets the
+    loop divide by the token count of the whole optimizer step across micro-batches and processes.
+    """
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                                             shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return loss, (shift_labels != IGNORE).sum()
+
+
+def trained_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+# --------------------------------------------------------------------------------------------------
+# order: a deterministic stream of micro-batches, so resuming needs only the step number
+
+class BatchStream:
+    """Micro-batches over epochs in a seeded order, sharded over processes.
+
+    Epoch e's order is `randperm(n, seed + e)`. A *global* micro-batch is `batch_size x world` examples;
+    process r takes every world-th of them (r, r + world, ...). One process with batch 2B therefore
+    sees exactly the conversations that two processes with batch B see together. A global batch
+    smaller than the world size (an epoch's tail) is skipped so no process gets an empty batch.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, seed: int, rank: int = 0, world: int = 1,
+                 shuffle: bool = True):
+        if n == 0:
+            raise InputError("no training examples left after encoding", field="data.datasets")
+        self.n, self.bs, self.seed, self.rank, self.world, self.shuffle = n, batch_size, seed, rank, world, shuffle
+        g = batch_size * world
+        self.per_epoch = n // g + (1 if n % g >= world else 0)
+        if self.per_epoch == 0:
+            raise InputError(f"{n} examples are fewer than the {world} processes", field="data.datasets")
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+
+    def indices(self, k: int) -> list[int]:
+        """Indices of this process's k-th micro-batch (k counts from 0 over all epochs)."""
+        epoch, j = divmod(k, self.per_epoch)
+        g = self.bs * self.world
+        gb = self._order(epoch)[j * g:(j + 1) * g]
+        return gb[self.rank::self.world]
+
+    def epoch_of(self, k: int) -> float:
+        return k / self.per_epoch
+
+
+def total_steps(per_epoch: int, grad_accum: int, epochs: float, max_steps: int | None) -> int:
+    return max_steps if max_steps else max(1, math.ceil(per_epoch * epochs / grad_accum))

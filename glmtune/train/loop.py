@@ -1,0 +1,295 @@
+"""The training recipe, top to bottom: config -> data -> model -> optimizer -> loop -> save.
+
+A lean loop on accelerate (not TRL's SFTTrainer) because we need control of three things that a
+Trainer hides: (1) the loss is the mean over the trained tokens of a whole optimizer step across
+micro-batches and processes, so packed, unpacked and multi-process runs agree exactly; (2) the batch
+layout (padding-free packing with position ids, later varlen/flash and fused linear-cross-entropy
+kernels) is ours to change; (3) resume is exact because the data order is a pure function of the
+step number, and accelerate restores optimizer, scheduler and RNG.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from glmtune.train.checkpoint import (list_checkpoints, load_checkpoint, register_state_hooks, resolve_resume,
+                                      save_checkpoint)
+from glmtune.train.config import TrainConfig, load_config, resolve_template, save_resolved
+from glmtune.train.data import (BatchStream, collate, encode_records, load_records, split_dev, token_loss_sum,
+                                total_steps)
+from glmtune.train.monitor import Monitor, progress_bar, read_metrics
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_path: Path          # OUT/final: the adapter (lora/qlora/prefix) or the whole model (full/freeze)
+    steps: int
+    final_loss: float | None
+    eval_loss: float | None
+    metrics: list[dict] = field(default_factory=list)
+    model: object = None        # the trained (unwrapped) model, only with run_training(..., return_model=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# setup
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    # cpu=True without CUDA: under `accelerate launch` the processes then join a gloo group (MULTI_CPU)
+    # instead of each running alone. Autocast in the config's dtype; for lora/prefix the frozen base is already stored in it and the
+    # small trained tensors stay fp32, for full/freeze fp32 master weights are loaded (see build_model).
+    return Accelerator(mixed_precision={"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[cfg.model.dtype],
+                       cpu=not torch.cuda.is_available())
+
+
+def build_datasets(cfg: TrainConfig, tokenizer, template):
+    records = [r for spec in cfg.data.datasets for r in load_records(spec)]
+    if cfg.data.max_samples:
+        records = records[: cfg.data.max_samples]
+    if cfg.data.dev:
+        dev_records = load_records(cfg.data.dev)
+    else:
+        records, dev_records = split_dev(records, cfg.data.val_size, cfg.train.seed)
+    kw = dict(cutoff_len=cfg.data.cutoff_len, on_overflow=cfg.data.on_overflow, train_on=cfg.data.train_on)
+    train, stats = encode_records(records, tokenizer, template, **kw)
+    dev, _ = encode_records(dev_records, tokenizer, template, **kw) if dev_records else ([], {})
+    return train, dev, stats
+
+
+def build_model(cfg: TrainConfig, accelerator):
+    """Load the base in the right dtype, then apply the method (adapters, freezing, checkpointing)."""
+    from glmtune.models.loading import load_model
+    from glmtune.models.peft_setup import qlora_quant_config, setup_method
+
+    method = cfg.method.name
+    quant = qlora_quant_config() if method == "qlora" else None
+    # full/freeze update the base weights: keep fp32 masters (AdamW on bf16 weights loses small updates)
+    dtype = "float32" if method in ("full", "freeze") else DTYPES[cfg.model.dtype]
+    if cfg.model.dtype == "fp16":
+        dtype = "float32"  # fp16 training = fp32 weights + autocast + loss scaling (accelerate's scaler)
+    model = load_model(cfg.model.path, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
+                       device_map={"": accelerator.local_process_index} if quant else None,
+                       quantization_config=quant, trust_remote_code=cfg.model.trust_remote_code)
+    model.config.use_cache = False  # a KV cache would also disable transformers' packed-sequence detection
+    return setup_method(model, cfg.method, gradient_checkpointing=cfg.train.gradient_checkpointing)
+
+
+def reads_packing_from_position_ids(model) -> bool:
+    """transformers-native models build a block-diagonal mask (sdpa/eager/flex) or run varlen flash
+    attention from restarting position ids; remote-code models need an explicit 4D mask."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__module__.startswith("transformers.models.")
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    """AdamW; no weight decay on biases and norm gains (1-D tensors), the usual GPT-2/LLaMA choice."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def print_summary(console, cfg, model, stats, n_dev, steps, world) -> None:
+    from glmtune.models.peft_setup import count_params, memory_estimate_gib
+
+    total, trainable = count_params(model)
+    mc = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    hidden = getattr(mc, "hidden_size", 0)
+    layers = getattr(mc, "num_hidden_layers", getattr(mc, "num_layers", 0))
+    wbytes = 0.5 if cfg.method.name == "qlora" else (2 if cfg.model.dtype != "fp32" and cfg.method.name not in
+                                                     ("full", "freeze") else 4)
+    mem = memory_estimate_gib(total, trainable, weight_bytes=wbytes,
+                              tokens_per_step=cfg.train.batch_size * cfg.data.cutoff_len, hidden=hidden,
+                              layers=layers, vocab=getattr(mc, "vocab_size", getattr(mc, "padded_vocab_size", 0)),
+                              checkpointing=cfg.train.gradient_checkpointing)
+    console.print(f"[bold]{cfg.method.name}[/] on {cfg.model.path}: {total:,} parameters, {trainable:,} trainable "
+                  f"({100 * trainable / max(total, 1):.3f}%)")
+    console.print(f"data: {stats['encoded']} train conversations ({stats['truncated']} truncated, "
+                  f"{stats['dropped']} dropped, {stats['no_loss']} without trained tokens), {n_dev} dev; "
+                  f"{steps} optimizer steps x {cfg.train.batch_size} x {cfg.train.grad_accum} x {world} process(es)")
+    console.print(f"memory estimate per process (GiB, worst case at cutoff_len): {mem}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the step
+
+def _to(batch: dict, device, model_dtype) -> dict:
+    out = {k: v.to(device) for k, v in batch.items()}
+    if "attention_mask" in out and out["attention_mask"].ndim == 4:
+        out["attention_mask"] = out["attention_mask"].to(model_dtype)
+    return out
+
+
+def forward_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch -> (sum of token losses, trained-token count). The single place a fused
+    linear-cross-entropy kernel would replace the logits + cross-entropy pair."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    return token_loss_sum(logits, labels)
+
+
+@torch.no_grad()
+def evaluate(model, accelerator, examples, stream: BatchStream, *, packing, pad_id, block_mask, dtype) -> float:
+    """Mean loss over every trained token of the dev split (all processes together)."""
+    model.eval()
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    for k in range(stream.per_epoch):
+        idx = stream.indices(k)
+        batch = _to(collate([examples[i] for i in idx], packing=packing, pad_id=pad_id, block_mask=block_mask),
+                    accelerator.device, dtype)
+        s, n = forward_loss_sum(model, batch)
+        loss_sum += s.double()
+        count += n.double()
+    model.train()
+    loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")
+    return float(loss_sum / count.clamp(min=1))
+
+
+# --------------------------------------------------------------------------------------------------
+# the recipe
+
+def run_training(config: TrainConfig | str | Path | dict, *, resume: str | None = None,
+                 overrides: list[str] | None = None, console=None, return_model: bool = False) -> TrainResult:
+    """Train as the config says; return where the result is. `resume`: None, 'latest' or a checkpoint dir."""
+    from accelerate.utils import set_seed
+    from rich.console import Console
+    from transformers import get_scheduler
+
+    from glmtune.models.tokenizer import load_tokenizer
+    from glmtune.templates import get_template
+
+    cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
+    console = console or Console(stderr=True, quiet=not main)
+    out = Path(cfg.output.dir)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, out)
+    set_seed(cfg.train.seed)
+
+    # data
+    tokenizer = load_tokenizer(cfg.model.path)
+    template_name = resolve_template(cfg)
+    template = get_template(template_name)
+    train_ex, dev_ex, stats = build_datasets(cfg, tokenizer, template)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    stream = BatchStream(len(train_ex), cfg.train.batch_size, seed=cfg.train.seed, rank=rank, world=world)
+    dev_stream = (BatchStream(len(dev_ex), cfg.eval.batch_size or cfg.train.batch_size, seed=0, rank=rank,
+                              world=world, shuffle=False) if dev_ex else None)
+    ga = cfg.train.grad_accum
+    steps = total_steps(stream.per_epoch, ga, cfg.train.epochs, cfg.train.max_steps)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # model, optimizer, schedule
+    model = build_model(cfg, accelerator)
+    block_mask = cfg.data.packing and not reads_packing_from_position_ids(model)
+    print_summary(console, cfg, model, stats, len(dev_ex), steps, world)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=math.ceil(cfg.train.warmup_ratio * steps),
+                              num_training_steps=steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The scheduler is not prepared: accelerate would step it once per process. It is stepped once
+    # per optimizer step here, and registered so save_state/load_state carry it.
+    accelerator.register_for_checkpointing(scheduler)
+    register_state_hooks(accelerator)
+    model_dtype = next(p.dtype for p in accelerator.unwrap_model(model).parameters() if p.is_floating_point())
+
+    def write_extras(folder: Path) -> None:
+        tokenizer.save_pretrained(folder)
+        meta = {"template": template_name, "method": cfg.method.name, "base_model": str(Path(cfg.model.path).resolve())}
+        (folder / "glmtune.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    step = 0
+    ckpt = resolve_resume(resume, out)
+    if ckpt is not None:
+        step = load_checkpoint(accelerator, model, ckpt)["step"]
+        console.print(f"resumed from {ckpt} at step {step}")
+    monitor = Monitor(out, enabled=main, resume_step=step, tensorboard=cfg.output.tensorboard, plot=cfg.output.plot)
+    ev_kw = dict(packing=cfg.data.packing, pad_id=pad_id, block_mask=block_mask, dtype=model_dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    model.train()
+    progress, task = progress_bar(main, steps, step)
+    last_loss = last_eval = None
+    window_tokens, window_t0 = 0, time.time()
+    with progress:
+        while step < steps:
+            # 1. this step's micro-batches and the global trained-token count (the loss denominator)
+            batches = [collate([train_ex[i] for i in stream.indices(step * ga + j)], packing=cfg.data.packing,
+                               pad_id=pad_id, block_mask=block_mask) for j in range(ga)]
+            n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            n_global = accelerator.reduce(torch.tensor(float(n_local), device=accelerator.device), "sum")
+            # 2. forward/backward; DDP averages gradients over processes, so scale by world size
+            loss_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+            for j, batch in enumerate(batches):
+                batch = _to(batch, accelerator.device, model_dtype)
+                sync = accelerator.no_sync(model) if j < ga - 1 else _nullcontext()
+                with sync:
+                    s, _ = forward_loss_sum(model, batch)
+                    accelerator.backward(s * world / n_global.clamp(min=1))
+                loss_total += s.detach().double()
+                window_tokens += int(batch["input_ids"].numel() if cfg.data.packing
+                                     else batch["attention_mask"].sum())
+            # 3. clip, step, schedule
+            grad_norm = (accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                         if cfg.train.max_grad_norm > 0 else None)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = float(accelerator.reduce(loss_total, "sum") / n_global.double().clamp(min=1))
+
+            # 4. log, eval, checkpoint
+            lr = scheduler.get_last_lr()[0]
+            if step % cfg.train.log_every == 0 or step == steps:
+                dt = max(time.time() - window_t0, 1e-9)
+                tps = window_tokens * world / dt
+                monitor.log({"step": step, "epoch": round(stream.epoch_of(step * ga), 4), "loss": last_loss,
+                             "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                             "trained_tokens": int(n_global), "tokens_per_s": round(tps, 1)})
+                progress.update(task, completed=step, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
+                window_tokens, window_t0 = 0, time.time()
+            if dev_stream and cfg.eval.every and step % cfg.eval.every == 0 and step < steps:
+                last_eval = evaluate(model, accelerator, dev_ex, dev_stream, **ev_kw)
+                monitor.log({"step": step, "eval_loss": last_eval})
+                monitor.refresh_plot()
+            if cfg.output.save_every and step % cfg.output.save_every == 0 and step < steps:
+                save_checkpoint(accelerator, model, out, step, write_extras,
+                                {"step": step, "micro_batches": step * ga}, cfg.output.keep_last)
+
+    if dev_stream:
+        last_eval = evaluate(model, accelerator, dev_ex, dev_stream, **ev_kw)
+        monitor.log({"step": step, "eval_loss": last_eval})
+    final = save_checkpoint(accelerator, model, out, step, write_extras, {"step": step, "micro_batches": step * ga},
+                            keep_last=None, with_state=False, name="final")
+    monitor.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(output_dir=out, adapter_path=final, steps=step, final_loss=last_loss, eval_loss=last_eval,
+                       metrics=read_metrics(out / "metrics.jsonl") if main else [],
+                       model=accelerator.unwrap_model(model).eval() if return_model else None)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+__all__ = ["TrainResult", "run_training", "list_checkpoints"]

@@ -1,0 +1,58 @@
+"""`glmtune chat` driven in a pseudo-terminal: streaming answers equal Predictor's greedy answers."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pexpect
+
+from tiny_trained import QA, SYSTEM_QA
+
+PROMPT = "you> "
+
+
+def spawn(args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "NO_COLOR": "1", "COLUMNS": "200"}
+    return pexpect.spawn(sys.executable, ["-m", "glmtune", *args], env=env, encoding="utf-8",
+                         timeout=90, dimensions=(40, 200), **kw)
+
+
+def ask(child, question: str) -> str:
+    child.sendline(question)
+    child.expect(r"glm> (.*?)\r\n")
+    answer = child.match.group(1)
+    child.expect_exact(PROMPT)
+    return answer
+
+
+def test_chat_session(trained_glm4_dir, trained_predictor):
+    child = spawn(["chat", "--model", str(trained_glm4_dir), "--max-new-tokens", "24"])
+    try:
+        child.expect_exact(PROMPT)
+        assert ask(child, QA[0][0]) == trained_predictor(QA[0][0]) == QA[0][1]
+        # History is kept: the second question is answered in the context of the first.
+        assert ask(child, QA[1][0]) == trained_predictor(QA[1][0], history=[QA[0]])
+        assert ask(child, "你好") == trained_predictor("你好", history=[QA[0], QA[1]])
+        child.sendline("/reset")
+        child.expect_exact("conversation cleared")
+        child.expect_exact(PROMPT)
+        system, q, a = SYSTEM_QA
+        child.sendline(f"/system {system}")
+        child.expect_exact("system prompt set")
+        child.expect_exact(PROMPT)
+        assert ask(child, q) == trained_predictor(q, system=system) == a
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_wrong_model_folder(tmp_path):
+    child = spawn(["chat", "--model", str(tmp_path / "missing")])
+    child.expect(pexpect.EOF)
+    child.close()
+    out = child.before
+    assert child.exitstatus == 2
+    assert "model not found" in out and "Traceback" not in out

@@ -1,0 +1,106 @@
+"""A tiny GLM-4 model trained in a few seconds to answer a handful of questions.
+
+Random weights answer gibberish that rarely hits a stop token; a model that has learned real
+answers and when to stop exercises the whole path (metadata line, stop ids, streaming) the way a
+fine-tuned checkpoint does. Trained with a plain torch loop on the template's own ids and labels.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+QA = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("你好", "你好！我是一个小模型。"),
+    ("Name a primary colour.", "Red is a primary colour."),
+]
+SYSTEM_QA = ("You are a pirate.", "What is the capital of France?", "Arr, it be Paris!")
+
+_BUILT: dict[str, Path] = {}
+
+
+def conversations() -> list[list[dict]]:
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
+    system, q, a = SYSTEM_QA
+    convs.append([{"role": "system", "content": system}, {"role": "user", "content": q},
+                  {"role": "assistant", "content": a}])
+    # A two-turn conversation, so history in the prompt is part of what the model saw.
+    convs.append(convs[0][:2] + [{"role": "user", "content": QA[1][0]},
+                                 {"role": "assistant", "content": QA[1][1]}])
+    return convs
+
+
+def trained_tiny_glm4(root: Path, tokenizer_dir: Path, steps: int = 100) -> Path:
+    """The trained model folder: built once, then reused from an on-disk cache keyed by this file's
+    source and the torch/transformers versions (training takes 15-90 s on 2 busy cores)."""
+    if "glm4" in _BUILT:
+        return _BUILT["glm4"]
+    import hashlib
+    import os
+    import shutil
+
+    import torch
+    import transformers
+
+    import glmtune.templates as templates
+    sources = [Path(__file__)] + sorted(Path(templates.__file__).parent.glob("*.py"))
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + f"{torch.__version__}"
+                         f"{transformers.__version__}{steps}{tokenizer_dir}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("GLMTUNE_CACHE_DIR", Path.home() / ".cache" / "glmtune")) / "test-models"
+    final = cache / f"tiny-glm4-trained-{key}"
+    if not (final / "glmtune.json").exists():
+        built = _train_tiny_glm4(root, tokenizer_dir, steps)
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".{final.name}.{os.getpid()}"
+        shutil.copytree(built, tmp)
+        try:
+            os.replace(tmp, final)  # atomic: concurrent test runs never see half a folder
+        except OSError:  # another run finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    _BUILT["glm4"] = final
+    return final
+
+
+def _train_tiny_glm4(root: Path, tokenizer_dir: Path, steps: int) -> Path:
+    import torch
+
+    from glmtune.models.tiny import build_tiny_glm4
+    from glmtune.models.tokenizer import load_tokenizer
+    from glmtune.templates import get_template
+
+    out = build_tiny_glm4(root / "tiny-glm4-trained", tokenizer_dir, seed=0)
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tok, tpl = load_tokenizer(out), get_template("glm4")
+    encs = [tpl.encode(tok, c) for c in conversations()]
+    width = max(len(e) for e in encs)
+    ids = torch.tensor([e.input_ids + [0] * (width - len(e)) for e in encs])
+    labels = torch.tensor([e.labels + [-100] * (width - len(e)) for e in encs])
+    mask = (torch.arange(width)[None, :] < torch.tensor([len(e) for e in encs])[:, None]).long()
+    loss = _train(model, ids, mask, labels, steps)
+    assert loss < 0.1, f"tiny model did not learn its answers (loss {loss:.3f})"
+    model.eval().save_pretrained(out)
+    return out
+
+
+def _train(model, ids, mask, labels, steps: int) -> float:
+    """Full-batch AdamW; logits only at trained positions (the 151k-wide LM head dominates the cost)."""
+    import torch
+    import torch.nn.functional as F
+
+    model.model.embed_tokens.requires_grad_(False)  # random input embeddings are fine; saves time
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=3e-2, fused=True)  # fused: the 151k x 64 head update is 10x faster
+    targets = labels[:, 1:]
+    pos = targets != -100  # (B, T-1): positions whose next token is trained
+    torch.manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+        logits = model.lm_head(hidden[pos])  # (N, vocab), N = trained tokens only
+        loss = F.cross_entropy(logits, targets[pos])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.model.embed_tokens.requires_grad_(True)
+    return loss.item()

@@ -1,0 +1,145 @@
+"""GLM tokenizers converted without remote code give the reference ids (tiktoken, sentencepiece)."""
+from __future__ import annotations
+
+import base64
+import json
+import random
+
+import pytest
+
+from glmtune.errors import InputError, ModelNotFoundError
+from glmtune.models.tokenizer import GLM4_PATTERN, GLM4_SPECIALS, detect_family, load_tokenizer
+
+TEXTS = ["Hello, world!", "你好，世界。我是一个人工智能助手。", "  leading and  double  spaces ",
+         "line1\nline2\n\n\tTabbed", "数字 12345 and émojis 😀", "don't we'll I'M", ""]
+
+
+@pytest.fixture(scope="module")
+def glm4(glm4_tokenizer_dir):
+    return load_tokenizer(glm4_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def chatglm3(chatglm3_tokenizer_dir):
+    return load_tokenizer(chatglm3_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def chatglm2(chatglm2_tokenizer_dir):
+    return load_tokenizer(chatglm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def tiktoken_ref(glm4_tokenizer_dir):
+    import tiktoken
+
+    ranks = {}
+    for line in (glm4_tokenizer_dir / "tokenizer.model").read_bytes().splitlines():
+        tok, rank = line.split()
+        ranks[base64.b64decode(tok)] = int(rank)
+    specials = {s: len(ranks) + i for i, s in enumerate(GLM4_SPECIALS)}
+    return tiktoken.Encoding("glm4", pat_str=GLM4_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+
+
+@pytest.fixture(scope="module")
+def sp_ref(chatglm3_tokenizer_dir):
+    import sentencepiece
+
+    return sentencepiece.SentencePieceProcessor(model_file=str(chatglm3_tokenizer_dir / "tokenizer.model"))
+
+
+def _plain(tok, text):
+    return tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def _random_texts(n=400, seed=0):
+    alphabet = list("abcXYZ  \n\t0189,.!?'你好世界中国。，！😀é-[]<>|") + ["sop", "[gMASK]", "</s>", "<|user|>",
+                                                                   " the", "'s", "\n\n"]
+    rng = random.Random(seed)
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 25))) for _ in range(n)]
+
+
+def test_glm4_special_ids(glm4):
+    assert glm4.convert_tokens_to_ids(GLM4_SPECIALS) == list(range(151329, 151343))
+    assert glm4.eos_token_id == glm4.pad_token_id == 151329
+    assert len(glm4) == 151343
+
+
+def test_glm4_matches_tiktoken(glm4, tiktoken_ref):
+    for text in TEXTS + _random_texts():
+        assert _plain(glm4, text) == tiktoken_ref.encode_ordinary(text), text
+
+
+def test_glm4_round_trip_and_prefix(glm4):
+    for text in TEXTS:
+        assert glm4.decode(_plain(glm4, text)) == text
+    assert glm4("你好")["input_ids"][:2] == [151331, 151333]  # like ChatGLM4Tokenizer: [gMASK]<sop>
+    assert glm4("[gMASK]<sop><|user|>", add_special_tokens=False)["input_ids"] == [151331, 151333, 151336]
+
+
+@pytest.mark.parametrize("name", ["chatglm3", "chatglm2"])
+def test_chatglm_special_ids(name, request):
+    tok = request.getfixturevalue(name)
+    assert tok.convert_tokens_to_ids(["<unk>", "<s>", "</s>", "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]) \
+        == [0, 1, 2, 64789, 64790, 64791, 64792, 64793]
+    assert tok.eos_token_id == 2
+    if name == "chatglm3":
+        assert tok.convert_tokens_to_ids(["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]) \
+            == [64794, 64795, 64796, 64797]
+        assert len(tok) == 64798
+    else:
+        assert len(tok) == 64794
+
+
+def test_chatglm_matches_sentencepiece(chatglm3, chatglm2, sp_ref):
+    for text in TEXTS + _random_texts():
+        ref = sp_ref.encode(text)
+        assert _plain(chatglm3, text) == ref, text
+        assert _plain(chatglm2, text) == ref, text
+
+
+def test_chatglm_round_trip_chinese(chatglm3):
+    for text in ["你好，世界。", "ChatGLM3 是一个对话模型", "a\nb  c"]:
+        assert chatglm3.decode(_plain(chatglm3, text)) == text
+    assert chatglm3("你好")["input_ids"][:2] == [64790, 64792]
+
+
+def test_special_strings_in_text_stay_text(chatglm3, glm4):
+    assert 64790 not in _plain(chatglm3, "a[gMASK]b sop")
+    assert not set(_plain(glm4, "<|user|>[gMASK]<sop>")) & set(range(151329, 151343))
+
+
+def test_missing_folder_and_files(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="never downloads"):
+        load_tokenizer(tmp_path / "nope")
+    with pytest.raises(ModelNotFoundError, match="tokenizer.json or tokenizer.model"):
+        load_tokenizer(tmp_path)
+
+
+def test_wrong_family_for_sentencepiece(chatglm3_tokenizer_dir):
+    with pytest.raises(InputError, match="sentencepiece"):
+        load_tokenizer(chatglm3_tokenizer_dir, family="glm4")
+
+
+def test_hf_folder_round_trip(glm4, tmp_path):
+    """A converted tokenizer saved as tokenizer.json reloads through transformers unchanged."""
+    glm4.save_pretrained(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again("你好 world <|user|>", add_special_tokens=False)["input_ids"] == \
+        glm4("你好 world <|user|>", add_special_tokens=False)["input_ids"]
+
+
+def test_detect_family(glm4_tokenizer_dir, chatglm3_tokenizer_dir, chatglm2_tokenizer_dir, tmp_path):
+    assert detect_family(glm4_tokenizer_dir) == "glm4"
+    assert detect_family(chatglm3_tokenizer_dir) == "chatglm3"
+    assert detect_family(chatglm2_tokenizer_dir) == "chatglm2"
+    assert detect_family(tmp_path) is None
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "<|im_start|>{{x}}"}))
+    assert detect_family(tmp_path) == "qwen"  # a Llama model speaking ChatML (SmolLM2)
+    (tmp_path / "glmtune.json").write_text(json.dumps({"template": "llama3"}))
+    assert detect_family(tmp_path) == "llama3"
+    (tmp_path / "tokenizer_config.json").write_text("{bad json")
+    (tmp_path / "glmtune.json").unlink()
+    with pytest.raises(InputError, match="tokenizer_config.json"):
+        detect_family(tmp_path)

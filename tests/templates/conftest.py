@@ -1,0 +1,48 @@
+"""Tokenizers for template tests: the real GLM ones from ../shared/data, plus ChatML and Llama-3
+tokenizers built offline from the GLM-4 vocabulary with their control tokens added."""
+from __future__ import annotations
+
+import pytest
+
+from glmtune.models.tokenizer import load_tokenizer
+
+CHATML_SPECIALS = ["<|im_start|>", "<|im_end|>"]
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|eot_id|>"]
+
+
+@pytest.fixture(scope="session")
+def glm4_tok(glm4_tokenizer_dir):
+    return load_tokenizer(glm4_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def chatglm3_tok(chatglm3_tokenizer_dir):
+    return load_tokenizer(chatglm3_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def chatglm2_tok(chatglm2_tokenizer_dir):
+    return load_tokenizer(chatglm2_tokenizer_dir)
+
+
+def _with_specials(tokenizer_dir, specials):
+    tok = load_tokenizer(tokenizer_dir)  # a fresh object: adding tokens must not leak into glm4_tok
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    return tok
+
+
+@pytest.fixture(scope="session")
+def chatml_tok(glm4_tokenizer_dir):
+    return _with_specials(glm4_tokenizer_dir, CHATML_SPECIALS)
+
+
+@pytest.fixture(scope="session")
+def llama3_tok(glm4_tokenizer_dir):
+    return _with_specials(glm4_tokenizer_dir, LLAMA3_SPECIALS)
+
+
+@pytest.fixture(scope="session")
+def tokenizers_by_family(glm4_tok, chatglm3_tok, chatglm2_tok, chatml_tok, llama3_tok):
+    return {"glm4": glm4_tok, "chatglm3": chatglm3_tok, "chatglm2": chatglm2_tok,
+            "qwen": chatml_tok, "llama3": llama3_tok}
