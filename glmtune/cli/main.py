@@ -50,4 +50,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as `python -m glmtune.cli.main` this file is `__main__`; the command modules register on
+    # the importable `glmtune.cli.main.app`, so call that module's main.
+    from glmtune.cli.main import main as _main
+    _main()

@@ -13,7 +13,7 @@ from glmtune.train import run_training
 from glmtune.train.monitor import read_metrics
 
 
-@pytest.mark.slow  # two extra Python processes loading torch + the model: ~40 s on 2 cores
+
 def test_two_process_ddp_matches_single_process(make_cfg, tmp_path):
     over = {"train.max_steps": 3, "train.grad_accum": 2, "train.lr": 1e-2}
     single = run_training(make_cfg("one", **{**over, "train.batch_size": 4}))

@@ -8,13 +8,14 @@ import torch
 from glmtune.train import run_training
 
 
-@pytest.mark.slow  # ~120 full-model steps: about a minute on 2 cores
+
 def test_overfit_then_generate(make_cfg, tiny_model, qa_pairs):
     from glmtune.models.tokenizer import load_tokenizer
     from glmtune.templates import get_template
 
-    cfg = make_cfg("overfit", **{"method.name": "full", "train.batch_size": 20, "train.max_steps": 120,
-                                 "train.lr": 2e-2, "train.scheduler": "constant", "data.packing": True})
+    cfg = make_cfg("overfit", **{"method.name": "full", "train.batch_size": 20, "train.max_steps": 150,
+                                 "train.lr": 5e-3, "train.scheduler": "cosine", "train.warmup_ratio": 0.05,
+                                 "train.max_grad_norm": 0.0, "data.packing": True})
     res = run_training(cfg, return_model=True)
     assert res.final_loss < 0.3, res.final_loss
     tok, tpl = load_tokenizer(tiny_model), get_template("glm4")
