@@ -82,3 +82,25 @@ def judge(data: Path = typer.Option(..., "--data", help='JSONL rows {"prediction
     if "qwk" in m:
         console.print(f"vs reference: MAE={m['mae']:.4f} MSE={m['mse']:.4f} pearson={m['pearson']} QWK={m['qwk']}")
     console.print(f"wrote {out}/metrics.json")
+
+
+@eval_app.command("classify")
+def classify(model: Path = typer.Option(..., "--model", help="Model folder (merged checkpoint or base)."),
+             data: Path = typer.Option(..., "--data", help="Canonical JSONL test file (messages + label)."),
+             out: Path = typer.Option(..., "--out", help="Output folder: metrics.json, report.md, confusion_matrix.png, ..."),
+             adapter: Optional[Path] = typer.Option(None, "--adapter", help="LoRA adapter folder."),
+             labels: Optional[Path] = typer.Option(None, "--labels", help="Label list or id->name mapping (YAML/JSON/txt); default: labels in the data."),
+             quick: Optional[int] = typer.Option(None, "--quick", help="Evaluate only N samples, stratified by label."),
+             batch_size: int = typer.Option(8, "--batch-size", help="Samples per batch (halved on out-of-memory)."),
+             mode: str = typer.Option("constrained", "--mode", help="constrained (score each label, never invalid) | generate (greedy + parse)."),
+             truncate_side: str = typer.Option("left", "--truncate-side", help="left: keep the end of the dialogue; right: keep the start."),
+             max_len: Optional[int] = typer.Option(None, "--max-len", help="Truncate prompts to this many tokens.")):
+    """Classification report: accuracy, F1, per-class table, confusion matrix, failed predictions."""
+    from glmtune.evaluate.classify import classify_report
+    m = classify_report(model, data, out, adapter=adapter, labels=labels, quick=quick, batch_size=batch_size,
+                        mode=mode, truncate_side=truncate_side, max_len=max_len)
+    sps = m.get("samples_per_s")
+    console.print(f"mode={mode} n={m['n_samples']} accuracy={m['accuracy']:.4f} f1_macro={m['f1_macro']:.4f} "
+                  f"invalid={m['invalid_count']} truncated={m['truncated']} "
+                  f"samples/s={sps if sps is None else round(sps, 2)}")
+    console.print(f"wrote {out}/metrics.json")
