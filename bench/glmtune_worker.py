@@ -1,144 +1,151 @@
 """One glmtune training configuration on the GPU (a worker of bench/train_throughput.py).
 
-Same model shape, lengths and optimizer steps as bench/seed_recipe_baseline.py: GLM-4-9B-0414's
-shape with random bf16 weights; each optimizer step sees 4 sequences with lengths ~ U[300, 1100)
-from default_rng(1). glmtune processes them padding-free: `--pack` sequences per packed row, varlen
-FlashAttention, gradients accumulated over the rows, loss = mean over the step's target tokens.
-Prints one JSON line.
+Same model shape and sequence stream as bench/seed_recipe_baseline.py: GLM-4-9B-0414's shape with
+random bf16 weights; lengths ~ U[300, 1100) drawn from default_rng(1) four at a time, exactly the
+seed's batches of 4, in the same order. glmtune processes them padding-free: `--pack` sequences per
+packed row, varlen FlashAttention, gradients accumulated over `--accum` rows, loss = mean over the
+step's target tokens.
+
+Effective batch (sequences per optimizer step) = pack x accum. The default accum keeps it at the
+seed's 4 for pack <= 4 (pack 2 -> 2 rows, pack 1 -> 4 rows); pack 8 / 16 need 8 / 16 sequences per
+step (1 row), i.e. 2x / 4x the seed's batch, so those runs take half / a quarter of the seed's
+optimizer steps over the same sequences. tokens/s counts real tokens, so it compares directly; the
+per-step optimizer cost (LoRA: ~0.1 s of the step) is amortised over more tokens there.
+
+Prints one JSON line (with "error" on failure, e.g. out of memory).
+    python3 bench/glmtune_worker.py --pack 8 --ckpt [--qlora] [--accum N] [--tiny]
 """
-import argparse, contextlib, json, time
+import argparse, math, time
 
 import numpy as np
 import torch
 
+import benchlib as B
+
 p = argparse.ArgumentParser()
-p.add_argument("--layers", type=int, default=40)
-p.add_argument("--steps", type=int, default=8)
-p.add_argument("--pack", type=int, default=4)
+B.add_model_args(p)
+p.add_argument("--steps", type=int, default=8, help="timed work, in seed batches of 4 sequences (8 = 32 sequences)")
+p.add_argument("--pack", type=int, default=4, help="sequences per packed row")
+p.add_argument("--accum", type=int, default=0, help="rows per optimizer step (0: ceil(4 / pack))")
 p.add_argument("--attn", default="varlen", choices=["varlen", "sdpa", "flex_attention"])
 p.add_argument("--liger", default="all", choices=["all", "flce", "none"])
 p.add_argument("--compile", action="store_true")
 p.add_argument("--ckpt", action="store_true")
 p.add_argument("--qlora", action="store_true")
+p.add_argument("--fp32-adapters", action="store_true", help="PEFT's default fp32 LoRA weights (default: bf16)")
 p.add_argument("--check", action="store_true", help="varlen vs SDPA attention check and loss parity vs the seed's loss")
 args = p.parse_args()
 
-from peft import LoraConfig, get_peft_model
-from transformers import Glm4Config, Glm4ForCausalLM
+from glmtune.models import speed  # noqa: E402
 
-from glmtune.models import speed
+accum = args.accum or math.ceil(4 / args.pack)
+seqs_per_step = args.pack * accum
+res = dict(recipe="glmtune", pack=args.pack, accum=accum, seqs_per_step=seqs_per_step, attn=args.attn,
+           liger=args.liger, compile=args.compile, ckpt=args.ckpt, qlora=args.qlora,
+           adapters="fp32" if args.fp32_adapters else "bf16", layers=2 if args.tiny else args.layers)
+notes = {}
+dev = B.device()
+try:
+    cfg = B.glm4_config(args.layers, args.tiny)
+    model, attn, liger = B.glmtune_model(cfg, qlora=args.qlora, cache_dir=args.cache_dir, attn=args.attn,
+                                         liger=args.liger, ckpt=args.ckpt, compile=args.compile,
+                                         bf16_adapters=not args.fp32_adapters, notes=notes)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=2e-4,
+                            fused=torch.cuda.is_available())
+    rng = np.random.default_rng(1)
+    pending: list[int] = []
 
-if args.liger != "none":
-    speed.apply_liger("glm4", fused_linear_cross_entropy=True, rms_norm=args.liger == "all",
-                      swiglu=args.liger == "all")
-attn = speed.register_varlen_attention() if args.attn == "varlen" else args.attn
+    def next_lengths(n):
+        """The next n sequence lengths of the seed's stream (drawn in its batches of 4)."""
+        while len(pending) < n:
+            pending.extend(int(x) for x in rng.integers(300, 1100, size=4))
+        out = pending[:n]
+        del pending[:n]
+        return out
 
-cfg = Glm4Config(hidden_size=4096, intermediate_size=13696, num_hidden_layers=args.layers,
-                 num_attention_heads=32, num_key_value_heads=2, head_dim=128, vocab_size=151552,
-                 max_position_embeddings=32768, rms_norm_eps=1.5625e-07, partial_rotary_factor=0.5,
-                 attention_bias=True, tie_word_embeddings=False, pad_token_id=151329, eos_token_id=151329)
-torch.manual_seed(0)
-torch.set_default_dtype(torch.bfloat16)
-with torch.device("cuda"):
-    model = Glm4ForCausalLM(cfg)
-torch.set_default_dtype(torch.float32)
-if args.qlora:
-    import tempfile
-    from transformers import BitsAndBytesConfig
-    path = tempfile.mkdtemp()
-    model.save_pretrained(path, max_shard_size="5GB"); del model; torch.cuda.empty_cache()
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16)
-    model = Glm4ForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
-                                            device_map={"": 0})
-model.config._attn_implementation = attn
-if args.ckpt:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-lcfg = LoraConfig(r=64, lora_alpha=128, lora_dropout=0.0, task_type="CAUSAL_LM",
-                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"])
-# bf16 adapters: peft's default fp32 adapters cast every LoRA input to fp32 (measured: -23% tokens/s, +12 GiB)
-model = get_peft_model(model, lcfg, autocast_adapter_dtype=False)
-model.train()
-if args.compile:
-    speed.compile_decoder_layers(model)
-opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=2e-4, fused=True)
-rng = np.random.default_rng(1)
+    def micro_batches(lens):
+        for i in range(0, len(lens), args.pack):
+            g = lens[i:i + args.pack]
+            ids = torch.randint(0, cfg.vocab_size, (1, sum(g)), device=dev)
+            pos = torch.cat([torch.arange(n, device=dev) for n in g]).unsqueeze(0)
+            labels = ids.clone()
+            labels[0, torch.as_tensor(np.cumsum([0] + g[:-1]), device=dev)] = -100  # no cross-sequence targets
+            extra = speed.cu_seqlens_kwargs(g, dev) if attn == speed.VARLEN_IMPL else {}
+            yield g, ids, pos, labels, extra
 
+    def step():
+        lens = next_lengths(seqs_per_step)
+        targets = sum(lens) - len(lens)
+        total_loss = 0.0
+        for g, ids, pos, labels, extra in micro_batches(lens):
+            out = model(input_ids=ids, position_ids=pos, labels=labels, **extra)
+            part = out.loss * (sum(g) - len(g)) / targets  # mean over the whole step's targets
+            part.backward()
+            total_loss += part.detach()
+        opt.step(); opt.zero_grad(set_to_none=True)
+        return sum(lens), total_loss
 
-def micro_batches(lens):
-    for i in range(0, len(lens), args.pack):
-        g = lens[i:i + args.pack]
-        ids = torch.randint(0, cfg.vocab_size, (1, sum(g)), device="cuda")
-        pos = torch.cat([torch.arange(n, device="cuda") for n in g]).unsqueeze(0)
-        labels = ids.clone()
-        labels[0, torch.as_tensor(np.cumsum([0] + g[:-1]), device="cuda")] = -100  # no cross-sequence targets
-        extra = speed.cu_seqlens_kwargs(g, "cuda") if attn == speed.VARLEN_IMPL else {}
-        yield g, ids, pos, labels, extra
+    if args.check:
+        # 1) varlen attention vs SDPA per sequence (the reference), bf16, on random q/k/v
+        from torch.nn.functional import scaled_dot_product_attention as sdpa
+        H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        lens = [300, 517, 1099]
+        T = sum(lens)
+        qh = torch.randn(1, H, T, D, device=dev, dtype=torch.bfloat16)
+        kh, vh = (torch.randn(1, KV, T, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        if attn == speed.VARLEN_IMPL:
+            got, _ = speed.varlen_attention_forward(None, qh, kh, vh, None, scaling=D ** -0.5,
+                                                    **speed.cu_seqlens_kwargs(lens, dev))
+            refs, s = [], 0
+            for n in lens:
+                refs.append(sdpa(qh[:, :, s:s + n], kh[:, :, s:s + n].repeat_interleave(H // KV, 1),
+                                 vh[:, :, s:s + n].repeat_interleave(H // KV, 1), is_causal=True).transpose(1, 2))
+                s += n
+            res["varlen_vs_sdpa_maxabs"] = float((got.float() - torch.cat(refs, 1).float()).abs().max())
+        # 2) loss parity: the seed's padded batch loss (HF loss, SDPA) vs glmtune's packed loss, same weights
+        lens = [int(x) for x in np.random.default_rng(7).integers(300, 1100, size=4)]
+        torch.manual_seed(3)
+        seqs = [torch.randint(0, cfg.vocab_size, (n,), device=dev) for n in lens]
+        L = max(lens)
+        ids = torch.full((4, L), 151329, device=dev); mask = torch.zeros(4, L, dtype=torch.long, device=dev)
+        for i, sq in enumerate(seqs):
+            ids[i, :len(sq)] = sq; mask[i, :len(sq)] = 1
+        model.eval()
+        with torch.no_grad():
+            model.config._attn_implementation = "sdpa"
+            hidden = model.base_model.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = model.base_model.model.lm_head(hidden).float()
+            lab = ids.masked_fill(mask == 0, -100)
+            seed_loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                          lab[:, 1:].reshape(-1), ignore_index=-100)
+            model.config._attn_implementation = attn
+            packed = torch.cat(seqs).unsqueeze(0)
+            pos = torch.cat([torch.arange(n, device=dev) for n in lens]).unsqueeze(0)
+            plab = packed.clone(); plab[0, torch.as_tensor(np.cumsum([0] + lens[:-1]), device=dev)] = -100
+            extra = speed.cu_seqlens_kwargs(lens, dev) if attn == speed.VARLEN_IMPL else {}
+            ours = model(input_ids=packed, position_ids=pos, labels=plab, **extra).loss.float()
+        model.train()
+        res["seed_loss"], res["glmtune_loss"] = float(seed_loss), float(ours)
+        res["loss_rel_diff"] = abs(float(ours) / float(seed_loss) - 1)
 
-
-def step(lens=None):
-    lens = lens or [int(x) for x in rng.integers(300, 1100, size=4)]
-    targets = sum(lens) - len(lens)
-    total_loss = 0.0
-    for g, ids, pos, labels, extra in micro_batches(lens):
-        out = model(input_ids=ids, position_ids=pos, labels=labels, **extra)
-        part = out.loss * (sum(g) - len(g)) / targets  # mean over the whole step's targets
-        part.backward()
-        total_loss += part.detach()
-    opt.step(); opt.zero_grad(set_to_none=True)
-    return sum(lens), total_loss
-
-
-res = dict(recipe="glmtune", pack=args.pack, attn=args.attn, liger=args.liger, compile=args.compile,
-           ckpt=args.ckpt, qlora=args.qlora, layers=args.layers)
-if args.check:
-    # 1) varlen attention vs SDPA per sequence (the reference), bf16, on random q/k/v
-    from torch.nn.functional import scaled_dot_product_attention as sdpa
-    lens = [300, 517, 1099]
-    T = sum(lens)
-    qh, kh = torch.randn(1, 32, T, 128, device="cuda", dtype=torch.bfloat16), torch.randn(1, 2, T, 128, device="cuda", dtype=torch.bfloat16)
-    vh = torch.randn(1, 2, T, 128, device="cuda", dtype=torch.bfloat16)
-    got, _ = speed.varlen_attention_forward(None, qh, kh, vh, None, scaling=128 ** -0.5, **speed.cu_seqlens_kwargs(lens, "cuda"))
-    refs, s = [], 0
-    for n in lens:
-        refs.append(sdpa(qh[:, :, s:s + n], kh[:, :, s:s + n].repeat_interleave(16, 1), vh[:, :, s:s + n].repeat_interleave(16, 1), is_causal=True).transpose(1, 2))
-        s += n
-    res["varlen_vs_sdpa_maxabs"] = float((got.float() - torch.cat(refs, 1).float()).abs().max())
-    # 2) loss parity: the seed's padded batch loss (HF loss, SDPA) vs glmtune's packed loss, same weights
-    lens = [int(x) for x in np.random.default_rng(7).integers(300, 1100, size=4)]
-    torch.manual_seed(3)
-    seqs = [torch.randint(0, cfg.vocab_size, (n,), device="cuda") for n in lens]
-    L = max(lens)
-    ids = torch.full((4, L), 151329, device="cuda"); mask = torch.zeros(4, L, dtype=torch.long, device="cuda")
-    for i, sq in enumerate(seqs):
-        ids[i, :len(sq)] = sq; mask[i, :len(sq)] = 1
-    model.eval()
-    with torch.no_grad():
-        model.config._attn_implementation = "sdpa"
-        hidden = model.base_model.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        logits = model.base_model.model.lm_head(hidden).float()
-        lab = ids.masked_fill(mask == 0, -100)
-        seed_loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1), ignore_index=-100)
-        model.config._attn_implementation = attn
-        packed = torch.cat(seqs).unsqueeze(0)
-        pos = torch.cat([torch.arange(n, device="cuda") for n in lens]).unsqueeze(0)
-        plab = packed.clone(); plab[0, torch.as_tensor(np.cumsum([0] + lens[:-1]), device="cuda")] = -100
-        extra = speed.cu_seqlens_kwargs(lens, "cuda") if attn == speed.VARLEN_IMPL else {}
-        ours = model(input_ids=packed, position_ids=pos, labels=plab, **extra).loss.float()
-    model.train()
-    res["seed_loss"], res["glmtune_loss"] = float(seed_loss), float(ours)
-    res["loss_rel_diff"] = abs(float(ours) / float(seed_loss) - 1)
-
-for _ in range(3):
-    step()
-torch.cuda.synchronize()
-torch.cuda.reset_peak_memory_stats()
-for _ in range(2):
-    step()
-times, real = [], 0
-for _ in range(args.steps):
-    torch.cuda.synchronize(); t = time.time(); n, _ = step(); torch.cuda.synchronize()
-    times.append(time.time() - t); real += n
-res.update(tokens_per_s=round(real / sum(times)), peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2))
-print(json.dumps(res), flush=True)
+    # warm-up (compile, allocator, optimizer state): >= 2 steps and >= 12 sequences
+    for _ in range(max(2, math.ceil(12 / seqs_per_step))):
+        step()
+    B.sync()
+    B.reset_peak()
+    n_steps = max(2, math.ceil(args.steps * 4 / seqs_per_step))
+    times, real = [], 0
+    for _ in range(n_steps):
+        B.sync(); t = time.time(); n, _ = step(); B.sync()
+        times.append(time.time() - t); real += n
+    res.update(tokens_per_s=round(real / sum(times)), peak_GiB=B.peak_gib(), timed_steps=n_steps,
+               timed_tokens=real, step_s=round(sum(times) / n_steps, 3))
+except (torch.OutOfMemoryError, RuntimeError) as e:
+    if not B.is_oom(e):
+        raise
+    res.update(error=f"out of memory: {str(e).splitlines()[0][:200]}", peak_GiB=B.peak_gib())
+if notes:
+    res["fallbacks"] = notes
+if dev != "cuda":
+    res["device"] = dev
+B.emit(res)

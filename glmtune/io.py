@@ -12,6 +12,11 @@ from typing import Any, Iterable, Iterator
 from glmtune.errors import InputError
 
 
+def cache_dir(kind: str) -> Path:
+    """``$GLMTUNE_CACHE_DIR/KIND`` (default ``~/.cache/glmtune/KIND``): converted tokenizers, imported models."""
+    return Path(os.environ.get("GLMTUNE_CACHE_DIR", Path.home() / ".cache" / "glmtune")) / kind
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path next to ``path``; rename it over ``path`` only if the block succeeds.

@@ -138,6 +138,7 @@ def render_file(source: str | Path, *, template: str, tokenizer: str | Path, ind
 
 def _template_and_tokenizer(template: str, tokenizer: str | Path):
     from glmtune.models.tokenizer import load_tokenizer
-    from glmtune.templates import get_template
+    from glmtune.templates import resolve_template
 
-    return get_template(template), load_tokenizer(tokenizer)
+    # The tokenizer argument is a model folder: its own details (a default system prompt) are kept.
+    return resolve_template(template, tokenizer), load_tokenizer(tokenizer)

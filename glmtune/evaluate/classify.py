@@ -21,6 +21,8 @@ from glmtune.templates.base import IGNORE_INDEX, _segment_ids
 
 MODES = ("constrained", "generate")
 SIDES = ("left", "right")
+DECISIONS = ("greedy", "likelihood")
+SCORINGS = ("decisive", "full")
 
 
 @dataclass
@@ -106,24 +108,44 @@ def quick_subset(records: list[dict], n: int, seed: int = 0) -> list[dict]:
 # -- prompts ---------------------------------------------------------------------------------------
 def truncate_prompt(tpl, tokenizer, messages: list[dict], ids: list[int], max_len: int | None,
                     side: str = "left") -> tuple[list[int], bool]:
-    """Cut a prompt to ``max_len`` ids, keeping the template's leading prefix ([gMASK]<sop>) and the
-    final generation header; ``left`` drops dialogue from the start (keeps the end), ``right`` the end."""
+    """Cut a prompt to ``max_len`` ids by removing dialogue text only: the template's control tokens,
+    role headers and the system prompt (the intent list) stay. ``left`` drops the oldest dialogue
+    tokens (keeps the end, where the final intent usually is), ``right`` the newest."""
     if not max_len or len(ids) <= max_len:
         return ids, False
-    segs = tpl.segments(tpl._checked(messages, None), None, True, False)
-    head = 0
-    for s in segs:
-        if s.turn != -1 or not s.special:
+    msgs = tpl._checked(messages, None)
+    pieces = [_piece(tokenizer, s, msgs) for s in tpl.segments(msgs, None, True, False)]
+    if [t for seg_ids, _ in pieces for t in seg_ids] != list(ids):
+        raise InputError("the prompt ids do not match the template's segments", field="template")
+    excess = len(ids) - max_len
+    order = range(len(pieces)) if side == "left" else range(len(pieces) - 1, -1, -1)
+    for j in order:
+        seg_ids, keep = pieces[j]
+        cut = min(excess, len(seg_ids) - keep)
+        if cut <= 0:
+            continue
+        pieces[j] = (seg_ids[:keep] + seg_ids[keep + cut:] if side == "left" else seg_ids[:len(seg_ids) - cut],
+                     keep)
+        excess -= cut
+        if excess == 0:
             break
-        head += len(_segment_ids(tokenizer, s))
-    tail = len(_segment_ids(tokenizer, segs[-1])) if segs else 0
-    keep = max_len - head - tail
-    if keep <= 0:
-        raise InputError(f"--max-len {max_len} is shorter than the template's fixed tokens",
-                         field="--max-len")
-    body = ids[head:len(ids) - tail]
-    body = body[-keep:] if side == "left" else body[:keep]
-    return ids[:head] + body + ids[len(ids) - tail:], True
+    if excess > 0:
+        raise InputError(f"--max-len {max_len} is shorter than the prompt's fixed part (template tokens, "
+                         f"role headers, system prompt)", field="--max-len", fix="raise --max-len")
+    return [t for seg_ids, _ in pieces for t in seg_ids], True
+
+
+def _piece(tokenizer, seg, msgs: list[dict]) -> tuple[list[int], int]:
+    """A segment's ids and how many of them may not be cut (all, unless it carries dialogue text;
+    then only its role header, e.g. ``user\\n``)."""
+    seg_ids = _segment_ids(tokenizer, seg)
+    msg = msgs[seg.turn] if 0 <= seg.turn < len(msgs) else None
+    content = (msg or {}).get("content") or ""
+    text = seg.text if seg.encode_as is None else seg.encode_as
+    if seg.special or msg is None or msg.get("role") == "system" or not content or not text.endswith(content):
+        return seg_ids, len(seg_ids)
+    header = _segment_ids(tokenizer, type(seg)(text=text[:len(text) - len(content)]))
+    return seg_ids, len(header) if seg_ids[:len(header)] == header else 0
 
 
 def answer_ids(tpl, tokenizer, prompt_msgs: list[dict], prompt_ids: list[int], answer: str) -> list[int]:
@@ -138,36 +160,7 @@ def answer_ids(tpl, tokenizer, prompt_msgs: list[dict], prompt_ids: list[int], a
     return [t for t in enc.labels[start:end] if t != IGNORE_INDEX]
 
 
-# -- scoring ---------------------------------------------------------------------------------------
-def _label_logprobs(model, device, prompts: list[list[int]], answers: list[list[int]], pad_id: int):
-    """(len(prompts), len(answers)) sum of log p(answer | prompt), one padded forward for all pairs."""
-    import torch
-    rows = [(p, a) for p in prompts for a in answers]
-    width = max(len(p) + len(a) for p, a in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    pos_r, pos_t, targets = [], [], []
-    for r, (p, a) in enumerate(rows):
-        seq = p + a
-        ids[r, :len(seq)] = torch.tensor(seq)
-        mask[r, :len(seq)] = 1
-        for j, tok in enumerate(a):
-            pos_r.append(r)
-            pos_t.append(len(p) + j - 1)  # the position whose logits predict answer token j
-            targets.append(tok)
-    ids, mask = ids.to(device), mask.to(device)
-    pos_r_t, pos_t_t = torch.tensor(pos_r, device=device), torch.tensor(pos_t, device=device)
-    try:  # hidden states, then the LM head only where an answer token is predicted (vocab is 151k)
-        decoder, head = model.get_decoder(), model.get_output_embeddings()
-        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        logits = head(hidden[pos_r_t, pos_t_t]).float()
-    except (AttributeError, NotImplementedError, TypeError):
-        logits = model(input_ids=ids, attention_mask=mask).logits[pos_r_t, pos_t_t].float()
-    lp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets, device=device)[:, None])[:, 0]
-    per_row = torch.zeros(len(rows), device=device).index_add_(0, pos_r_t, lp)
-    return per_row.view(len(prompts), len(answers)).cpu()
-
-
+# -- running ---------------------------------------------------------------------------------------
 def _batched(fn, items: list, batch_size: int, on_progress=None) -> list:
     """Run ``fn`` over ``items`` in batches; on CUDA out-of-memory halve the batch and retry."""
     import torch
@@ -186,6 +179,13 @@ def _batched(fn, items: list, batch_size: int, on_progress=None) -> list:
     return out
 
 
+def _unsort(values: list, order: list[int]) -> list:
+    out = [None] * len(values)
+    for value, i in zip(values, order):
+        out[i] = value
+    return out
+
+
 @dataclass
 class ClassifyResult:
     y_true: list[str]
@@ -198,12 +198,23 @@ class ClassifyResult:
 
 
 def classify(predictor, records: Sequence[dict], label_set: LabelSet, mode: str = "constrained",
-             batch_size: int = 8, max_len: int | None = None, truncate_side: str = "left") -> ClassifyResult:
-    """Predict a label for every record with a loaded :class:`glmtune.infer.Predictor`."""
+             batch_size: int = 8, max_len: int | None = None, truncate_side: str = "left",
+             decision: str = "greedy", scoring: str = "decisive") -> ClassifyResult:
+    """Predict a label for every record with a loaded :class:`glmtune.infer.Predictor`.
+
+    ``decision`` (constrained mode): ``greedy`` follows the most likely token at each branch of the
+    label trie (what greedy generation gives whenever it yields a valid label), ``likelihood`` takes
+    the most likely label. ``scoring``: ``decisive`` scores each answer up to the token that sets it apart
+(``意图：7``), ``full`` the whole answer with its end token; probabilities are the softmax of these
+log-likelihoods. Neither changes the greedy prediction."""
     import numpy as np
     import torch
     if mode not in MODES:
         raise InputError(f"unknown mode '{mode}'", field="--mode", fix="use constrained or generate")
+    if scoring not in SCORINGS:
+        raise InputError(f"unknown scoring '{scoring}'", field="--scoring", fix="use decisive or full")
+    if decision not in DECISIONS:
+        raise InputError(f"unknown decision '{decision}'", field="--decision", fix="use greedy or likelihood")
     if truncate_side not in SIDES:
         raise InputError(f"unknown side '{truncate_side}'", field="--truncate-side", fix="use left or right")
     tok, tpl = predictor.tokenizer, predictor.template
@@ -233,13 +244,26 @@ def classify(predictor, records: Sequence[dict], label_set: LabelSet, mode: str 
     pad = backend._pad_id(predictor.stop_ids)
     t0 = time.perf_counter()
     raw_outputs = None
+    # Batches of similar length waste little on padding; results go back to the input order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    sorted_prompts = [prompts[i] for i in order]
     if mode == "constrained":
-        def run(batch):
-            with torch.inference_mode(), backend._adapter_scope(predictor.default_adapter):
-                return list(_label_logprobs(model, device, batch, ans, pad))
-        scores = torch.stack(_batched(run, prompts, batch_size)).double()
+        from glmtune.evaluate.label_scoring import LabelScorer, common_prefix_len
+        with torch.inference_mode(), backend._adapter_scope(predictor.default_adapter):
+            # The shared prefix (template prefix + system prompt) is computed once for all samples.
+            scorer = LabelScorer(model, device, ans, pad, prompts[0][:common_prefix_len(prompts)],
+                                 decisive=scoring == "decisive")
+
+            def run(batch):
+                node_lp, label_lp = scorer.score(batch)
+                return list(zip(node_lp, label_lp))
+            rows = _unsort(_batched(run, sorted_prompts, batch_size), order)
+        scores = torch.stack([lab for _, lab in rows]).double()
         probs = torch.softmax(scores, dim=-1).numpy()
-        y_pred = [names[i] for i in probs.argmax(axis=1)]
+        if decision == "greedy":
+            y_pred = [names[scorer.trie.greedy_label(node)] for node, _ in rows]
+        else:
+            y_pred = [names[i] for i in probs.argmax(axis=1)]
     else:
         from glmtune.infer.backends import GenConfig
         gen = GenConfig.from_kwargs(max_new_tokens=room + 8)
@@ -248,7 +272,7 @@ def classify(predictor, records: Sequence[dict], label_set: LabelSet, mode: str 
         def run(batch):
             outs = backend.generate(batch, predictor.default_adapter, predictor.stop_ids, gen)
             return [predictor.decode(o.token_ids).strip() for o in outs]
-        raw_outputs = _batched(run, prompts, batch_size)
+        raw_outputs = _unsort(_batched(run, sorted_prompts, batch_size), order)
         y_pred = [parse_label(text, by_answer, names) for text in raw_outputs]
         probs = None
     seconds = time.perf_counter() - t0
@@ -276,7 +300,8 @@ def parse_label(text: str, by_answer: dict[str, str], names: Sequence[str]) -> s
 def classify_report(model: str | Path, data: str | Path, out: str | Path, *, adapter: str | Path | None = None,
                     labels: str | Path | None = None, quick: int | None = None, batch_size: int = 8,
                     mode: str = "constrained", truncate_side: str = "left", max_len: int | None = None,
-                    predictor=None, seed: int = 0) -> dict:
+                    predictor=None, seed: int = 0, decision: str = "greedy",
+                    scoring: str = "decisive", kernels: str = "none") -> dict:
     """Load, classify, write the report folder; return metrics (what `glmtune eval classify` runs)."""
     from glmtune.evaluate.classification import classification_report_files
     records = load_records(data)
@@ -285,9 +310,10 @@ def classify_report(model: str | Path, data: str | Path, out: str | Path, *, ada
         records = quick_subset(records, quick, seed)
     if predictor is None:
         from glmtune.infer.predictor import Predictor
-        predictor = Predictor(model, adapter=adapter)
-    res = classify(predictor, records, label_set, mode, batch_size, max_len, truncate_side)
-    extra = {"mode": mode, "samples_per_s": len(records) / res.seconds if res.seconds > 0 else None,
+        predictor = Predictor(model, adapter=adapter, kernels=kernels)
+    res = classify(predictor, records, label_set, mode, batch_size, max_len, truncate_side, decision, scoring)
+    extra = {"mode": mode, "decision": decision if mode == "constrained" else None,
+             "scoring": scoring if mode == "constrained" else None, "samples_per_s": len(records) / res.seconds if res.seconds > 0 else None,
              "truncated": res.truncated, "truncate_side": truncate_side, "max_len": max_len,
              "model": str(model), "adapter": str(adapter) if adapter else None, "data": str(data)}
     samples = [{"id": r.get("id", i)} for i, r in enumerate(records)]

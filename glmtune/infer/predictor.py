@@ -41,11 +41,11 @@ class Predictor:
                  **backend_kwargs):
         from glmtune.models.loading import check_model_dir
         from glmtune.models.tokenizer import load_tokenizer
-        from glmtune.templates import get_template, template_for_model
+        from glmtune.templates import resolve_template
 
         self.model_dir = check_model_dir(model)
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.template = get_template(template) if template else template_for_model(self.model_dir)
+        self.template = resolve_template(template, self.model_dir)
         self.stop_ids = self.template.stop_token_ids(self.tokenizer)
         if not self.stop_ids:
             raise InputError(f"template '{self.template.name}' has no stop token in this tokenizer",
@@ -63,6 +63,20 @@ class Predictor:
             self.retriever = Retriever(rag, embedding_model=embedding_model)
         self.rag_threshold, self.rag_top_k = rag_threshold, rag_top_k
         self.last_sources: list[dict] = []  # passages the last call put into its prompt
+
+    @classmethod
+    def from_model(cls, model, tokenizer, template: str, max_new_tokens: int = 512) -> "Predictor":
+        """A Predictor over a model and tokenizer already in memory (HF backend, no RAG)."""
+        from glmtune.infer.backends import HFBackend
+        from glmtune.templates import get_template
+        self = cls.__new__(cls)
+        self.model_dir, self.tokenizer, self.template = None, tokenizer, get_template(template)
+        self.stop_ids = self.template.stop_token_ids(tokenizer)
+        self.backend = HFBackend.from_model(model, tokenizer)
+        self.default_adapter = self.backend.adapters[0] if self.backend.adapters else None
+        self.default_gen = {"max_new_tokens": max_new_tokens}
+        self.retriever, self.rag_threshold, self.rag_top_k, self.last_sources = None, 0.0, 0, []
+        return self
 
     @property
     def adapters(self) -> list[str]:

@@ -90,6 +90,37 @@ def find_packaged_gguf(name: str) -> list[Path]:
     return paths
 
 
+def packaged_model_dir(name: str, *, dtype: str = "fp32", on_step: Callable[[str], None] | None = None) -> Path:
+    """The imported folder of a packaged GGUF model, imported once into the cache and reused after.
+
+    The folder is ``$GLMTUNE_CACHE_DIR/models/NAME-DTYPE-FINGERPRINT`` (default cache
+    ``~/.cache/glmtune``); the fingerprint changes when the installed GGUF file(s) change, so an
+    upgraded package is imported again. ``import_gguf`` renames a finished folder into place, so an
+    interrupted import leaves nothing that looks cached.
+    """
+    from glmtune.io import cache_dir
+
+    sources = find_packaged_gguf(name)
+    out = cache_dir("models") / f"{name}-{dtype}-{_fingerprint(sources)}"
+    if (out / "glmtune.json").is_file() and (out / "config.json").is_file():
+        if on_step:
+            on_step(f"using the imported {name} in {out}")
+        return out
+    import_gguf(sources, out, dtype=dtype, overwrite=True, on_step=on_step)
+    return out
+
+
+def _fingerprint(paths: list[Path]) -> str:
+    """Short hash of each file's path, size and modification time (cheap: no 100 MB read)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:12]
+
+
 # ---------------------------------------------------------------- file checks and joining
 
 

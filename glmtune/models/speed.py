@@ -51,9 +51,18 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
 
     if query.shape[0] != 1:
         raise ValueError("glmtune_varlen attention expects one packed row (batch size 1)")
+    if "cu_seq_lens_q" not in kwargs:
+        raise ValueError("glmtune_varlen attention needs the packed row's cu_seq_lens_q/max_length_q kwargs "
+                         "(glmtune.train.data.pack_batch(..., varlen=True) adds them)")
     cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
     opts = dict(_varlen_call_options())
     has_gqa = opts.pop("_gqa")
+    out_dtype = query.dtype
+    if query.dtype not in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(query.device.type):
+        # FlashAttention runs in half precision only: fp32 q/k/v (fp32 master weights under autocast)
+        # are cast to the autocast dtype, as autocast does for SDPA.
+        half = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(half), key.to(half), value.to(half)
     q = query[0].transpose(0, 1)  # (T, Hq, D)
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
@@ -64,7 +73,18 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **opts)
-    return out.unsqueeze(0), None
+    return out.unsqueeze(0).to(out_dtype), None
+
+
+def varlen_available() -> bool:
+    """True when this torch has torch.nn.attention.varlen and a CUDA device to run it on."""
+    import torch
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def register_varlen_attention() -> str:
@@ -77,21 +97,67 @@ def register_varlen_attention() -> str:
     return VARLEN_IMPL
 
 
+def liger_support(model_type: str) -> str | None:
+    """None when liger-kernel can patch this model type here; else why not (one short phrase)."""
+    try:
+        import liger_kernel.transformers as lk
+    except ImportError as e:
+        return f"liger-kernel is not installed ({e.name or e})"
+    except Exception as e:  # e.g. triton missing or broken on this machine
+        return f"liger-kernel failed to import ({type(e).__name__}: {e})"
+    if getattr(lk, f"apply_liger_kernel_to_{model_type}", None) is None:
+        return f"liger-kernel has no kernels for model type {model_type!r}"
+    return None
+
+
 def apply_liger(model_type: str, *, fused_linear_cross_entropy: bool = True, rms_norm: bool = True,
                 swiglu: bool = True) -> bool:
     """Patch transformers' classes with liger-kernel before the model is built. False if unavailable."""
-    try:
-        import liger_kernel.transformers as lk
-    except ImportError:
+    if liger_support(model_type) is not None:
         return False
-    fn = getattr(lk, f"apply_liger_kernel_to_{model_type}", None)
-    if fn is None:
-        return False
+    import liger_kernel.transformers as lk
+
+    fn = getattr(lk, f"apply_liger_kernel_to_{model_type}")
     kwargs = dict(fused_linear_cross_entropy=fused_linear_cross_entropy, rms_norm=rms_norm, swiglu=swiglu)
     if "rope" in inspect.signature(fn).parameters:
         kwargs["rope"] = False  # liger has no GLM-4 partial RoPE; keep transformers' for all families
     fn(cross_entropy=False, **kwargs)
     return True
+
+
+def liger_patch(model_type: str, **kwargs):
+    """`apply_liger` that can be undone: returns a function restoring the patched transformers module
+    (its module-level classes and its classes' forwards), or None when liger was not applied.
+
+    liger patches classes process-wide; run_training undoes it when it ends, so a later model built
+    in the same process (tests, a notebook) gets transformers' own modules again. Models built while
+    the patch was on keep their liger modules.
+    """
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        mod = None
+    saved_globals = dict(vars(mod)) if mod else {}
+    saved_methods = {}
+    for obj in saved_globals.values():
+        if isinstance(obj, type) and obj.__module__ == getattr(mod, "__name__", None):
+            saved_methods[obj] = {k: v for k, v in vars(obj).items() if k in ("forward", "__init__")}
+    if not apply_liger(model_type, **kwargs):
+        return None
+
+    def undo() -> None:
+        if mod is None:
+            return
+        for k, v in saved_globals.items():
+            if vars(mod).get(k) is not v:
+                setattr(mod, k, v)
+        for cls, methods in saved_methods.items():
+            for k, v in methods.items():
+                if vars(cls).get(k) is not v:
+                    setattr(cls, k, v)
+    return undo
 
 
 def decoder_layers(model):
@@ -112,3 +178,9 @@ def compile_decoder_layers(model, *, dynamic: bool = True) -> int:
     for layer in layers:
         layer.compile(dynamic=dynamic)
     return len(layers)
+
+
+def uncompile_decoder_layers(model) -> None:
+    """Undo compile_decoder_layers (the eager modules were never replaced, so this is exact)."""
+    for layer in decoder_layers(model):
+        layer._compiled_call_impl = None

@@ -18,12 +18,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
 from glmtune.errors import InputError, ModelNotFoundError
-from glmtune.io import write_text_atomic
+from glmtune.io import cache_dir, write_text_atomic
 
 FAMILIES = ("glm4", "chatglm3", "chatglm2", "qwen", "llama3")
 
@@ -155,7 +154,7 @@ def _is_tiktoken_file(path: Path) -> bool:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("GLMTUNE_CACHE_DIR", Path.home() / ".cache" / "glmtune")) / "tokenizers"
+    return cache_dir("tokenizers")
 
 
 def _sha256(path: Path) -> str:

@@ -8,7 +8,8 @@ Usage::
 """
 from glmtune.templates.base import IGNORE_INDEX, TRAIN_ON, Encoded, Segment, Template
 from glmtune.templates.registry import (get_template, list_templates, register_template,
-                                        render_jinja, template_for_model)
+                                        render_jinja, resolve_template, template_for_model)
 
 __all__ = ["IGNORE_INDEX", "TRAIN_ON", "Encoded", "Segment", "Template", "get_template",
-           "list_templates", "register_template", "render_jinja", "template_for_model"]
+           "list_templates", "register_template", "render_jinja", "resolve_template",
+           "template_for_model"]

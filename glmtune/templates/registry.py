@@ -48,6 +48,25 @@ def template_for_model(path: str | Path) -> Template:
     return get_template(family)
 
 
+def resolve_template(name: str | None, model_path: str | Path | None) -> Template:
+    """The template for a model folder, ``name`` overriding the guess. When ``name`` is the
+    folder's own family, the folder's details (e.g. Qwen2.5's default system prompt) are kept, so
+    training, data stats and serving build the same prompts as the model's own chat template."""
+    if model_path is None:
+        if name is None:
+            raise InputError("no template and no model folder to read one from", field="template",
+                             fix="pass a template name (glm4, chatglm3, chatglm2, qwen, llama3)")
+        return get_template(name)
+    if name is None:
+        return template_for_model(model_path)
+    from glmtune.models.tokenizer import detect_family
+    try:
+        own = detect_family(model_path)
+    except Exception:  # noqa: BLE001 - an unreadable folder: the explicit name decides
+        own = None
+    return template_for_model(model_path) if own == name else get_template(name)
+
+
 def chatml_default_system(path: str | Path) -> str | None:
     """Render the folder's chat template for one user message and read off an injected system."""
     from glmtune.models.tokenizer import read_chat_template

@@ -48,9 +48,11 @@ class DataSection(_Section):
                                 "turns that don't fit), drop it, or stop with an error.")
     train_on: Literal["all_assistant", "last_assistant", "everything"] = Field(
         "all_assistant", description="Which tokens carry loss (the template's mask).")
-    packing: bool = Field(
-        False, description="Concatenate each micro-batch's conversations into one padding-free row with "
-                           "position ids restarting per conversation; attention never crosses conversations.")
+    packing: Union[bool, Literal["auto"]] = Field(
+        "auto", description="Concatenate each micro-batch's conversations into one padding-free row with "
+                            "position ids restarting per conversation; attention never crosses conversations "
+                            "and the loss is the same as unpacked. auto: on, except for method prefix and "
+                            "remote-code models (which would need an explicit T x T mask).")
     max_samples: int | None = Field(None, gt=0, description="Use only the first N training records (debugging).")
 
 
@@ -92,6 +94,33 @@ class TrainSection(_Section):
     log_every: int = Field(1, gt=0, description="Write a metrics line every N optimizer steps.")
 
 
+class SpeedSection(_Section):
+    """Speed levers (issue 6, bench/RESULTS.md). `auto` turns a lever on where it is measured to help and
+    is available (a CUDA GPU, liger-kernel installed, a transformers-native model) and logs why not
+    otherwise; naming a lever explicitly makes a missing requirement an error instead."""
+    attention: Literal["auto", "varlen", "model"] = Field(
+        "auto", description="Attention for packed rows. varlen: FlashAttention's variable-length kernel "
+                            "(torch.nn.attention.varlen; CUDA, bf16/fp16, data.packing) with no mask tensor; "
+                            "model: model.attn_implementation's own packed path (SDPA with a block-diagonal "
+                            "mask from the position ids); auto: varlen where it can run and "
+                            "model.attn_implementation is sdpa, else model.")
+    liger: Literal["auto", "none", "flce", "all"] = Field(
+        "auto", description="liger-kernel fused kernels (CUDA; pip install -e \".[gpu]\"). flce: fused "
+                            "linear + cross-entropy (the 151k-vocabulary logits are never materialised); all: "
+                            "flce + RMSNorm + SwiGLU; auto: flce when compile is on (compile fuses the "
+                            "elementwise ops itself), all otherwise; none without CUDA or liger-kernel, "
+                            "and for method prefix.")
+    compile: Union[bool, Literal["auto"]] = Field(
+        "auto", description="Regional torch.compile of the decoder blocks (one compile serves every block; "
+                            "seconds, not minutes). auto: on with CUDA for transformers-native models "
+                            "(not method prefix); true also compiles on CPU (inductor, needs a C++ compiler).")
+    adapter_dtype: Literal["fp32", "model"] = Field(
+        "fp32", description="lora/qlora adapter weights: fp32 (PEFT's default: exact small updates) or model "
+                            "(the model's dtype, e.g. bf16: on GLM-4-9B -23% step time and -12 GiB, "
+                            "bench/RESULTS.md call 1, but AdamW then updates bf16 weights; for qlora the "
+                            "embeddings, norms and LM head also stay bf16 instead of PEFT's fp32 upcast).")
+
+
 class EvalSection(_Section):
     every: int = Field(0, ge=0, description="Eval loss on the dev split every N optimizer steps (0 = only at the end).")
     batch_size: int | None = Field(None, gt=0, description="Eval micro-batch size (default: train.batch_size).")
@@ -110,6 +139,7 @@ class TrainConfig(_Section):
     data: DataSection
     method: MethodSection = Field(default_factory=MethodSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    speed: SpeedSection = Field(default_factory=SpeedSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputSection
 
@@ -117,9 +147,18 @@ class TrainConfig(_Section):
     def _cross_checks(self) -> "TrainConfig":
         if self.data.dev and self.data.val_size:
             raise ValueError("data.dev and data.val_size are mutually exclusive")
-        if self.method.name == "prefix" and self.data.packing:
+        if self.method.name == "prefix" and self.data.packing is True:
             raise ValueError("data.packing does not work with method.name=prefix (prefix tuning feeds a KV "
                              "cache, and packed attention needs an empty one)")
+        if self.speed.attention == "varlen":
+            if self.data.packing is False or self.method.name == "prefix":
+                raise ValueError("speed.attention=varlen runs on packed rows: set data.packing: true (or auto), "
+                                 "not with method prefix; or set speed.attention: auto")
+            if self.model.dtype == "fp32":
+                raise ValueError("speed.attention=varlen (FlashAttention) computes in bf16/fp16, not "
+                                 "model.dtype fp32: set model.dtype: bf16 or speed.attention: auto")
+        if self.speed.adapter_dtype == "model" and self.method.name not in ("lora", "qlora"):
+            raise ValueError("speed.adapter_dtype=model applies to method lora/qlora only")
         return self
 
 
@@ -218,17 +257,11 @@ def check_model(cfg: TrainConfig, source: str | None = None) -> None:
                           field="model.dtype", fix="use dtype: bf16")
 
 
-def resolve_template(cfg: TrainConfig) -> str:
-    """data.template, else the model folder's glmtune.json, else the templates package's guess."""
-    if cfg.data.template:
-        return cfg.data.template
-    meta = Path(cfg.model.path) / "glmtune.json"
-    if meta.exists():
-        name = json.loads(meta.read_text()).get("template")
-        if name:
-            return name
-    from glmtune.templates import template_for_model
-    return template_for_model(cfg.model.path).name
+def resolve_template(cfg: TrainConfig):
+    """The Template to train with: data.template, else the model folder's (glmtune.json, its chat
+    template); the folder's own details (a default system prompt) are kept either way."""
+    from glmtune.templates import resolve_template as for_model
+    return for_model(cfg.data.template, cfg.model.path)
 
 
 def save_resolved(cfg: TrainConfig, out_dir: str | Path) -> Path:

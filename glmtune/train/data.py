@@ -162,12 +162,14 @@ def block_causal_mask(lengths: list[int], dtype=torch.float32) -> torch.Tensor:
     return mask[None, None]
 
 
-def pack_batch(examples: list[Example], *, block_mask: bool = False) -> dict[str, torch.Tensor]:
+def pack_batch(examples: list[Example], *, block_mask: bool = False, varlen: bool = False) -> dict:
     """Concatenate the examples into one row (1, sum T_i), padding-free.
 
     The first label of every conversation is set to IGNORE: after the causal shift it would be
     predicted from the previous conversation's last token. (Templates never train the first token
     anyway, so this changes nothing for unpacked data, which keeps packed == unpacked.)
+    `varlen=True` adds the FlashAttention-style kwargs of glmtune.models.speed's varlen attention:
+    cu_seq_lens_q/k (N+1,) int32 cumulative offsets and max_length_q/k (python ints).
     """
     lengths = [len(e) for e in examples]
     ids = torch.tensor([t for e in examples for t in e.input_ids])[None]
@@ -175,11 +177,16 @@ def pack_batch(examples: list[Example], *, block_mask: bool = False) -> dict[str
     batch = {"input_ids": ids, "labels": labels, "position_ids": packed_position_ids(lengths)[None]}
     if block_mask:
         batch["attention_mask"] = block_causal_mask(lengths)
+    if varlen:
+        from glmtune.models.speed import cu_seqlens_kwargs
+        batch.update(cu_seqlens_kwargs(lengths, "cpu"))
     return batch
 
 
-def collate(examples: list[Example], *, packing: bool, pad_id: int, block_mask: bool = False) -> dict:
-    return pack_batch(examples, block_mask=block_mask) if packing else pad_batch(examples, pad_id)
+def collate(examples: list[Example], *, packing: bool, pad_id: int, block_mask: bool = False,
+            varlen: bool = False) -> dict:
+    return (pack_batch(examples, block_mask=block_mask, varlen=varlen) if packing
+            else pad_batch(examples, pad_id))
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

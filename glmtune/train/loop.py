@@ -23,6 +23,7 @@ from glmtune.train.config import TrainConfig, load_config, resolve_template, sav
 from glmtune.train.data import (BatchStream, collate, encode_records, load_records, split_dev, token_loss_sum,
                                 total_steps)
 from glmtune.train.monitor import Monitor, progress_bar, read_metrics
+from glmtune.train.speed import SpeedPlan, apply_liger, resolve_speed, set_attention
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -64,8 +65,9 @@ def build_datasets(cfg: TrainConfig, tokenizer, template):
     return train, dev, stats
 
 
-def build_model(cfg: TrainConfig, accelerator):
-    """Load the base in the right dtype, then apply the method (adapters, freezing, checkpointing)."""
+def build_model(cfg: TrainConfig, accelerator, plan: SpeedPlan | None = None):
+    """Load the base in the right dtype, then apply the method (adapters, freezing, checkpointing).
+    liger-kernel, when the plan uses it, must already be applied (it patches the classes built here)."""
     from glmtune.models.loading import load_model
     from glmtune.models.peft_setup import qlora_quant_config, setup_method
 
@@ -79,7 +81,8 @@ def build_model(cfg: TrainConfig, accelerator):
                        device_map={"": accelerator.local_process_index} if quant else None,
                        quantization_config=quant, trust_remote_code=cfg.model.trust_remote_code)
     model.config.use_cache = False  # a KV cache would also disable transformers' packed-sequence detection
-    return setup_method(model, cfg.method, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    return setup_method(model, cfg.method, gradient_checkpointing=cfg.train.gradient_checkpointing,
+                        adapter_fp32=plan.adapter_fp32 if plan else True)
 
 
 def reads_packing_from_position_ids(model) -> bool:
@@ -89,15 +92,17 @@ def reads_packing_from_position_ids(model) -> bool:
     return type(base).__module__.startswith("transformers.models.")
 
 
-def make_optimizer(model, cfg: TrainConfig):
-    """AdamW; no weight decay on biases and norm gains (1-D tensors), the usual GPT-2/LLaMA choice."""
+def make_optimizer(model, cfg: TrainConfig, *, fused: bool = False):
+    """AdamW; no weight decay on biases and norm gains (1-D tensors), the usual GPT-2/LLaMA choice.
+    `fused`: one CUDA kernel for all parameters (same update, far fewer launches)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr, betas=(0.9, 0.999), eps=1e-8,
+                             **({"fused": True} if fused else {}))
 
 
 def print_summary(console, cfg, model, stats, n_dev, steps, world) -> None:
@@ -125,32 +130,41 @@ def print_summary(console, cfg, model, stats, n_dev, steps, world) -> None:
 # the step
 
 def _to(batch: dict, device, model_dtype) -> dict:
-    out = {k: v.to(device) for k, v in batch.items()}
+    out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if "attention_mask" in out and out["attention_mask"].ndim == 4:
         out["attention_mask"] = out["attention_mask"].to(model_dtype)
     return out
 
 
-def forward_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """One micro-batch -> (sum of token losses, trained-token count). The single place a fused
-    linear-cross-entropy kernel would replace the logits + cross-entropy pair."""
+def forward_loss_sum(model, batch: dict, *, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch -> (sum of token losses, trained-token count).
+
+    fused=False: logits, then token_loss_sum. fused=True: the model computes the loss itself from the
+    labels (with liger-kernel patched in: fused linear + cross-entropy, the logits never exist);
+    `num_items_in_batch=1` makes transformers' and liger's loss a sum (they divide the summed loss by
+    it), which the loop divides by the whole optimizer step's trained-token count like the other path.
+    """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if fused:
+        out = model(**inputs, labels=labels, num_items_in_batch=1, use_cache=False)
+        return out.loss.float(), (labels[:, 1:] != -100).sum()
     logits = model(**inputs, use_cache=False).logits
     return token_loss_sum(logits, labels)
 
 
 @torch.no_grad()
-def evaluate(model, accelerator, examples, stream: BatchStream, *, packing, pad_id, block_mask, dtype) -> float:
+def evaluate(model, accelerator, examples, stream: BatchStream, *, packing, pad_id, block_mask, dtype,
+             varlen: bool = False, fused: bool = False) -> float:
     """Mean loss over every trained token of the dev split (all processes together)."""
     model.eval()
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     for k in range(stream.per_epoch):
         idx = stream.indices(k)
-        batch = _to(collate([examples[i] for i in idx], packing=packing, pad_id=pad_id, block_mask=block_mask),
-                    accelerator.device, dtype)
-        s, n = forward_loss_sum(model, batch)
+        batch = _to(collate([examples[i] for i in idx], packing=packing, pad_id=pad_id, block_mask=block_mask,
+                            varlen=varlen), accelerator.device, dtype)
+        s, n = forward_loss_sum(model, batch, fused=fused)
         loss_sum += s.double()
         count += n.double()
     model.train()
@@ -164,17 +178,31 @@ def evaluate(model, accelerator, examples, stream: BatchStream, *, packing, pad_
 def run_training(config: TrainConfig | str | Path | dict, *, resume: str | None = None,
                  overrides: list[str] | None = None, console=None, return_model: bool = False) -> TrainResult:
     """Train as the config says; return where the result is. `resume`: None, 'latest' or a checkpoint dir."""
-    from accelerate.utils import set_seed
     from rich.console import Console
-    from transformers import get_scheduler
-
-    from glmtune.models.tokenizer import load_tokenizer
-    from glmtune.templates import get_template
 
     cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
+    plan = resolve_speed(cfg)  # before anything heavy: a lever named but unavailable fails here
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     console = console or Console(stderr=True, quiet=not main)
+    for note in plan.notes:
+        console.print(f"[yellow]·[/] {note}")
+    undo_liger = apply_liger(plan, cfg)  # patches transformers' classes: before the model is built
+    try:
+        return _train(cfg, plan, accelerator, console, resume=resume, return_model=return_model)
+    finally:
+        if undo_liger is not None:
+            undo_liger()
+
+
+def _train(cfg: TrainConfig, plan: SpeedPlan, accelerator, console, *, resume, return_model) -> TrainResult:
+    from accelerate.utils import DistributedType, set_seed
+    from transformers import get_scheduler
+
+    from glmtune.models import speed as kernels
+    from glmtune.models.tokenizer import load_tokenizer
+
+    main = accelerator.is_main_process
     out = Path(cfg.output.dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -183,8 +211,8 @@ def run_training(config: TrainConfig | str | Path | dict, *, resume: str | None 
 
     # data
     tokenizer = load_tokenizer(cfg.model.path)
-    template_name = resolve_template(cfg)
-    template = get_template(template_name)
+    template = resolve_template(cfg)
+    template_name = template.name
     train_ex, dev_ex, stats = build_datasets(cfg, tokenizer, template)
     world, rank = accelerator.num_processes, accelerator.process_index
     stream = BatchStream(len(train_ex), cfg.train.batch_size, seed=cfg.train.seed, rank=rank, world=world)
@@ -195,10 +223,24 @@ def run_training(config: TrainConfig | str | Path | dict, *, resume: str | None 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # model, optimizer, schedule
-    model = build_model(cfg, accelerator)
-    block_mask = cfg.data.packing and not reads_packing_from_position_ids(model)
+    model = build_model(cfg, accelerator, plan)
+    native = reads_packing_from_position_ids(model)
+    if native != plan.native:  # config.json's auto_map guessed wrong: decide again for what was loaded
+        plan = resolve_speed(cfg, native=native)
+    packing = plan.packing
+    block_mask = packing and not native
+    base_attn = set_attention(model, kernels.register_varlen_attention()) if plan.varlen else None
+    if plan.compile:
+        try:
+            kernels.compile_decoder_layers(model)
+        except ValueError as e:
+            from glmtune.errors import ConfigError
+            raise ConfigError(f"speed.compile: {e}", field="speed.compile", fix="set speed.compile: false") from None
+    console.print(plan.summary())
     print_summary(console, cfg, model, stats, len(dev_ex), steps, world)
-    optimizer = make_optimizer(model, cfg)
+    fused_adam = (accelerator.device.type == "cuda"
+                  and accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU))
+    optimizer = make_optimizer(model, cfg, fused=fused_adam)
     scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=math.ceil(cfg.train.warmup_ratio * steps),
                               num_training_steps=steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -219,7 +261,8 @@ def run_training(config: TrainConfig | str | Path | dict, *, resume: str | None 
         step = load_checkpoint(accelerator, model, ckpt)["step"]
         console.print(f"resumed from {ckpt} at step {step}")
     monitor = Monitor(out, enabled=main, resume_step=step, tensorboard=cfg.output.tensorboard, plot=cfg.output.plot)
-    ev_kw = dict(packing=cfg.data.packing, pad_id=pad_id, block_mask=block_mask, dtype=model_dtype)
+    ev_kw = dict(packing=packing, pad_id=pad_id, block_mask=block_mask, dtype=model_dtype, varlen=plan.varlen,
+                 fused=plan.fused_loss)
     params = [p for p in model.parameters() if p.requires_grad]
 
     model.train()
@@ -229,8 +272,8 @@ def run_training(config: TrainConfig | str | Path | dict, *, resume: str | None 
     with progress:
         while step < steps:
             # 1. this step's micro-batches and the global trained-token count (the loss denominator)
-            batches = [collate([train_ex[i] for i in stream.indices(step * ga + j)], packing=cfg.data.packing,
-                               pad_id=pad_id, block_mask=block_mask) for j in range(ga)]
+            batches = [collate([train_ex[i] for i in stream.indices(step * ga + j)], packing=packing,
+                               pad_id=pad_id, block_mask=block_mask, varlen=plan.varlen) for j in range(ga)]
             n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
             n_global = accelerator.reduce(torch.tensor(float(n_local), device=accelerator.device), "sum")
             # 2. forward/backward; DDP averages gradients over processes, so scale by world size
@@ -239,10 +282,10 @@ def run_training(config: TrainConfig | str | Path | dict, *, resume: str | None 
                 batch = _to(batch, accelerator.device, model_dtype)
                 sync = accelerator.no_sync(model) if j < ga - 1 else _nullcontext()
                 with sync:
-                    s, _ = forward_loss_sum(model, batch)
+                    s, _ = forward_loss_sum(model, batch, fused=plan.fused_loss)
                     accelerator.backward(s * world / n_global.clamp(min=1))
                 loss_total += s.detach().double()
-                window_tokens += int(batch["input_ids"].numel() if cfg.data.packing
+                window_tokens += int(batch["input_ids"].numel() if packing
                                      else batch["attention_mask"].sum())
             # 3. clip, step, schedule
             grad_norm = (accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
@@ -279,9 +322,15 @@ def run_training(config: TrainConfig | str | Path | dict, *, resume: str | None 
     monitor.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    trained = accelerator.unwrap_model(model)
+    # the returned model generates like any other: eager blocks, the model's own attention
+    if plan.compile:
+        kernels.uncompile_decoder_layers(trained)
+    if base_attn is not None:
+        set_attention(trained, base_attn)
     return TrainResult(output_dir=out, adapter_path=final, steps=step, final_loss=last_loss, eval_loss=last_eval,
                        metrics=read_metrics(out / "metrics.jsonl") if main else [],
-                       model=accelerator.unwrap_model(model).eval() if return_model else None)
+                       model=trained.eval() if return_model else None)
 
 
 class _nullcontext:

@@ -1,6 +1,6 @@
-"""`glmtune eval classify`: constrained scoring never returns an invalid label; metrics equal
-sklearn's; --quick/--max-len; the CLI writes metrics.json. (Agreement with generate mode is not yet
-tested: the tiny model below does not learn the intents well enough for greedy = best label.)"""
+"""`glmtune eval classify`: constrained scoring never returns an invalid label and agrees with greedy
+generation wherever that yields a valid label; label scores equal a plain forward per label; metrics
+equal sklearn's; --quick / --max-len; the CLI writes metrics.json."""
 from __future__ import annotations
 
 import json
@@ -46,16 +46,30 @@ def trained_cls_dir(tmp_path_factory, glm4_tokenizer_dir):
     ids = torch.tensor([e.input_ids + [0] * (width - len(e)) for e in encs])
     labels = torch.tensor([e.labels + [-100] * (width - len(e)) for e in encs])
     mask = (torch.arange(width)[None, :] < torch.tensor([len(e) for e in encs])[:, None]).long()
-    loss = _train(model, ids, mask, labels, 200)
-    assert loss < 1.0, f"tiny classifier did not learn its answer format (loss {loss:.3f})"
+    loss = _train(model, ids, mask, labels, 800)
+    assert loss < 0.1, f"tiny classifier did not learn its answer format (loss {loss:.3f})"
     model.eval().save_pretrained(out)
+    return out
+
+
+WRAPPERS = [("", ""), ("您好，", ""), ("", "，谢谢"), ("喂，", "。"), ("请问", "？")]
+
+
+def _test_records():
+    """100 distinct dialogues: each training dialogue in five wrappings (the model sees only the bare ones)."""
+    out = []
+    for pre, suf in WRAPPERS:
+        for rec in _records():
+            msgs = [dict(m) for m in rec["messages"]]
+            msgs[1]["content"] = pre + msgs[1]["content"] + suf
+            out.append({"messages": msgs, "label": rec["label"]})
     return out
 
 
 @pytest.fixture(scope="module")
 def test_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("cls-data") / "test.jsonl"
-    recs = _records() * 5  # 100 samples
+    recs = _test_records()
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
     return path
 
@@ -80,12 +94,98 @@ def test_constrained_never_invalid_and_metrics_match_sklearn(trained_cls_dir, te
     assert m["f1_macro"] == pytest.approx(f1_score(con.y_true, con.y_pred, labels=ls.names, average="macro"))
 
 
-def test_truncation_and_quick(trained_cls_dir, test_file, tmp_path):
-    from glmtune.evaluate.classify import classify_report
+def test_constrained_agrees_with_generate_where_valid(trained_cls_dir, test_file):
+    from glmtune.evaluate.classify import build_label_set, classify, load_records
+    from glmtune.infer.predictor import Predictor
+    recs = load_records(test_file)
+    ls = build_label_set(recs)
+    p = Predictor(trained_cls_dir)
+    con = classify(p, recs, ls, "constrained", batch_size=16)
+    gen = classify(p, recs, ls, "generate", batch_size=16)
+    exact = {ls.answers[n]: n for n in ls.names}
+    valid = [i for i, text in enumerate(gen.raw_outputs) if text in exact]  # greedy wrote a label's answer
+    assert len(recs) >= 100 and len(valid) >= 40, f"only {len(valid)} valid greedy answers"
+    assert [con.y_pred[i] for i in valid] == [exact[gen.raw_outputs[i]] for i in valid]
+    assert all(y in ls.names for y in con.y_pred)
+
+
+def test_label_scores_equal_a_plain_forward_per_label(trained_cls_dir):
+    """The shared-prefix cache + label-trie forward gives the same log-likelihoods as scoring each
+    (prompt, answer) pair with its own full forward."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from glmtune.evaluate.label_scoring import LabelScorer, common_prefix_len
+    model = AutoModelForCausalLM.from_pretrained(trained_cls_dir, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(10, 1000, (30,), generator=g).tolist()
+    prompts = [prefix + torch.randint(10, 1000, (n,), generator=g).tolist() for n in (5, 9, 1)]
+    answers = [[5, 6, 7, 99], [5, 6, 8, 99], [5, 9, 99], [11, 99]]
+    with torch.inference_mode():
+        shared = LabelScorer(model, "cpu", answers, 0, prompts[0][:common_prefix_len(prompts)])
+        assert len(shared.prefix) == 30
+        _, got = shared.score(prompts)
+        _, got_no_prefix = LabelScorer(model, "cpu", answers, 0).score(prompts)
+        want = torch.zeros(len(prompts), len(answers))
+        for i, p in enumerate(prompts):
+            for k, a in enumerate(answers):
+                lp = torch.log_softmax(model(torch.tensor([p + a])).logits[0].float(), -1)
+                want[i, k] = sum(lp[len(p) + j - 1, t] for j, t in enumerate(a))
+    assert torch.allclose(got, want, atol=1e-4) and torch.allclose(got_no_prefix, want, atol=1e-4)
+    with torch.inference_mode():  # decisive: each answer up to the token no other answer shares
+        _, got_decisive = LabelScorer(model, "cpu", answers, 0, prompts[0][:30], decisive=True).score(prompts)
+        cut = [[5, 6, 7], [5, 6, 8], [5, 9], [11]]
+        for i, p in enumerate(prompts):
+            for k, a in enumerate(cut):
+                lp = torch.log_softmax(model(torch.tensor([p + a])).logits[0].float(), -1)
+                want[i, k] = sum(lp[len(p) + j - 1, t] for j, t in enumerate(a))
+    assert torch.allclose(got_decisive, want, atol=1e-4)
+
+
+def test_label_trie_greedy_follows_best_branch():
+    from glmtune.evaluate.label_scoring import LabelTrie
+    trie = LabelTrie.build([[1, 2, 9], [1, 3, 9], [4, 9]])
+    assert len(trie) == 7  # 1, 2, 9, 3, 9, 4, 9: the shared first token is one node
+    # node ids: 0:1  1:2  2:9  3:3  4:9  5:4  6:9
+    lp = [-0.1, -2.0, 0.0, -0.5, 0.0, -3.0, 0.0]
+    assert trie.greedy_label(lp) == 1  # 1 then 3 beats 2
+    lp[5] = -0.05  # now the first branch prefers token 4
+    assert trie.greedy_label(lp) == 2
+    short = LabelTrie.build([[1, 2, 9], [1, 3, 9], [4, 9]], decisive=True)
+    assert short.path_of_label == [[0, 1], [0, 2], [3]] and short.tokens == [1, 2, 3, 4]
+
+
+def test_truncation_cuts_dialogue_only_from_the_chosen_side(glm4_tokenizer_dir):
+    from glmtune.evaluate.classify import truncate_prompt
+    from glmtune.models.tokenizer import load_tokenizer
+    from glmtune.templates import get_template
+    tok, tpl = load_tokenizer(glm4_tokenizer_dir), get_template("glm4")
+    msgs = [{"role": "system", "content": "判断客户意图"},
+            {"role": "user", "content": "第一句话开头。" + "中间的话。" * 20 + "最后一句是结尾"}]
+    ids = tpl.encode_prompt(tok, msgs)
+    fixed = len(tpl.encode_prompt(tok, [msgs[0], {"role": "user", "content": "x"}])) - 1
+    for side, kept, lost in (("left", "最后一句是结尾", "第一句话开头"), ("right", "第一句话开头", "最后一句是结尾")):
+        cut, was_cut = truncate_prompt(tpl, tok, msgs, ids, fixed + 8, side)
+        text = tok.decode(cut)
+        assert was_cut and len(cut) == fixed + 8
+        assert "判断客户意图" in text and text.startswith("[gMASK]<sop><|system|>") and text.endswith("<|assistant|>")
+        assert kept in text and lost not in text
+    assert truncate_prompt(tpl, tok, msgs, ids, len(ids), "left") == (ids, False)
+    with pytest.raises(Exception, match="max-len"):
+        truncate_prompt(tpl, tok, msgs, ids, fixed - 2, "left")
+
+
+def test_report_counts_truncation_and_quick_is_stratified(trained_cls_dir, test_file, tmp_path):
+    from glmtune.evaluate.classify import classify_report, load_records, quick_subset
     from glmtune.infer.predictor import Predictor
     p = Predictor(trained_cls_dir)
-    m = classify_report(trained_cls_dir, test_file, tmp_path / "o", quick=10, max_len=20, predictor=p)
-    assert m["n_samples"] == 10 and m["truncated"] == 10 and m["invalid_count"] == 0
+    recs = quick_subset(load_records(test_file), 10, 0)
+    max_len = 36
+    room = max(len(p.tokenizer.encode("\n" + r["messages"][-1]["content"], add_special_tokens=False)) + 1 for r in recs)
+    longer = sum(len(p.prompt_ids(r["messages"][:-1])) > max_len - room for r in recs)
+    m = classify_report(trained_cls_dir, test_file, tmp_path / "o", quick=10, max_len=max_len, predictor=p)
+    assert m["n_samples"] == 10 and m["invalid_count"] == 0
+    assert 0 < m["truncated"] == longer
     assert sorted(m["per_class"][k]["support"] for k in m["per_class"]) == [2] * 5
 
 

