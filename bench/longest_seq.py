@@ -17,7 +17,8 @@ Recipes:
     python3 bench/longest_seq.py --all --timeout 230     # the four recipes, one process each
     python3 bench/longest_seq.py --recipe glmtune --tiny --lengths 64,128   # CPU dry run
 """
-import argparse, gc, json, os, subprocess, sys, time
+import argparse
+import contextlib, gc, json, os, subprocess, sys, time
 
 import torch
 
@@ -31,6 +32,8 @@ p.add_argument("--recipe", choices=["seed", "glmtune"], default="glmtune")
 p.add_argument("--qlora", action="store_true")
 p.add_argument("--lengths", default=",".join(map(str, LADDER)))
 p.add_argument("--liger", default="flce", choices=["flce", "all", "none"], help="glmtune recipe only")
+p.add_argument("--offload", action="store_true",
+               help="glmtune: keep the tensors autograd saves (incl. each checkpointed layer's input) in pinned CPU memory")
 p.add_argument("--all", action="store_true", help="run seed/glmtune x lora/qlora, one subprocess each")
 p.add_argument("--timeout", type=int, default=230, help="with --all: seconds per recipe process")
 p.add_argument("--fake-oom-at", type=int, default=0, help=argparse.SUPPRESS)  # dry-runs the OOM path on a CPU
@@ -77,7 +80,7 @@ else:
                                          liger=args.liger, ckpt=True, compile=False, bf16_adapters=True, notes=notes)
 opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=2e-4)
 base = dict(bench="longest_seq", recipe=args.recipe, qlora=args.qlora, layers=cfg.num_hidden_layers,
-            hidden=cfg.hidden_size, attn=impl, liger=liger, **({"fallbacks": notes} if notes else {}),
+            hidden=cfg.hidden_size, attn=impl, liger=liger, offload=args.offload, **({"fallbacks": notes} if notes else {}),
             **({"device": dev} if dev != "cuda" else {}))
 
 
@@ -93,7 +96,8 @@ def train_step(n: int) -> float:
     else:
         extra = speed.cu_seqlens_kwargs([n], dev) if impl == speed.VARLEN_IMPL else {}
         pos = torch.arange(n, device=dev)[None]
-        loss = model(input_ids=ids, position_ids=pos, labels=ids, **extra).loss
+        with (torch.autograd.graph.save_on_cpu(pin_memory=True) if args.offload else contextlib.nullcontext()):
+            loss = model(input_ids=ids, position_ids=pos, labels=ids, **extra).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

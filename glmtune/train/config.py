@@ -119,6 +119,11 @@ class SpeedSection(_Section):
                             "(the model's dtype, e.g. bf16: on GLM-4-9B -23% step time and -12 GiB, "
                             "bench/RESULTS.md call 1, but AdamW then updates bf16 weights; for qlora the "
                             "embeddings, norms and LM head also stay bf16 instead of PEFT's fp32 upcast).")
+    offload_activations: bool = Field(
+        False, description="Keep the tensors autograd saves for backward (with gradient checkpointing: each "
+                           "block's input) in pinned CPU memory: the longest trainable sequence on one H100 "
+                           "went from 65,536 to 98,304 tokens (GLM-4-9B LoRA, bench/RESULTS.md), at a large "
+                           "cost in step time. For long-context runs that do not fit otherwise.")
 
 
 class EvalSection(_Section):

@@ -153,6 +153,13 @@ def forward_loss_sum(model, batch: dict, *, fused: bool = False) -> tuple[torch.
     return token_loss_sum(logits, labels)
 
 
+def _saved_tensors_place(offload: bool):
+    """Where autograd keeps what backward needs: on the device, or in (pinned) CPU memory."""
+    if not offload:
+        return _nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+
+
 @torch.no_grad()
 def evaluate(model, accelerator, examples, stream: BatchStream, *, packing, pad_id, block_mask, dtype,
              varlen: bool = False, fused: bool = False) -> float:
@@ -281,7 +288,7 @@ def _train(cfg: TrainConfig, plan: SpeedPlan, accelerator, console, *, resume, r
             for j, batch in enumerate(batches):
                 batch = _to(batch, accelerator.device, model_dtype)
                 sync = accelerator.no_sync(model) if j < ga - 1 else _nullcontext()
-                with sync:
+                with sync, _saved_tensors_place(cfg.speed.offload_activations):
                     s, _ = forward_loss_sum(model, batch, fused=plan.fused_loss)
                     accelerator.backward(s * world / n_global.clamp(min=1))
                 loss_total += s.detach().double()

@@ -190,3 +190,29 @@ def test_compiled_training_equals_eager(make_cfg):
     # the returned model's blocks are eager again
     from glmtune.models.speed import decoder_layers
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(compiled.model))
+
+
+def test_offloaded_activations_give_the_same_losses(make_cfg):
+    """speed.offload_activations keeps autograd's saved tensors in CPU memory: same losses (the
+    second step's loss checks the backward that read them back)."""
+    import torch
+
+    from glmtune.train import run_training
+
+    over = {"train.max_steps": 2, "train.gradient_checkpointing": True}
+    plain = run_training(make_cfg("plain", **over))
+    seen = []
+    real = torch.autograd.graph.save_on_cpu
+
+    class Spy(real):
+        def __init__(self, *a, **k):
+            seen.append(k)
+            super().__init__(*a, **k)
+    torch.autograd.graph.save_on_cpu = Spy
+    try:
+        off = run_training(make_cfg("offload", **over, **{"speed.offload_activations": True}))
+    finally:
+        torch.autograd.graph.save_on_cpu = real
+    assert len(seen) >= 2  # used for every micro-batch
+    a, b = [m["loss"] for m in plain.metrics], [m["loss"] for m in off.metrics]
+    assert len(a) == 2 and all(abs(x - y) / x < 1e-5 for x, y in zip(a, b)), (a, b)
