@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from glmtune.errors import ConfigError
 
@@ -174,7 +174,7 @@ def _set_dotted(d: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     for k in keys[:-1]:
         if not isinstance(d.get(k, {}), dict):
-            raise ConfigError(f"cannot set a sub-key of a non-section value", field=dotted)
+            raise ConfigError("cannot set a sub-key of a non-section value", field=dotted)
         d = d.setdefault(k, {})
     d[keys[-1]] = value
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
+from server_wait import wait_healthy  # noqa: E402
 from topic_task import accuracy, cli_env, free_port, glmtune, held_out_messages, normalise, read_jsonl
 
 pytestmark = pytest.mark.real_model
@@ -93,21 +96,6 @@ def test_chat(topic_merged, topic_split):
     finally:
         child.close()
     assert child.exitstatus == 0
-
-
-def wait_healthy(proc, url: str, deadline_s: float = 180) -> None:
-    import httpx
-
-    deadline = time.time() + deadline_s
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.time() < deadline, "server did not come up"
-        time.sleep(0.5)
 
 
 def test_serve_base_and_adapter_with_openai_client(smollm2_dir, topic_run, topic_split):

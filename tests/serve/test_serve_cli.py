@@ -4,12 +4,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
-import httpx
 import openai
 
 from conftest import free_port
+from server_wait import wait_healthy
 from tiny_trained import QA
 
 
@@ -22,16 +21,7 @@ def test_serve_subprocess_matches_predictor(trained_glm4_dir):
                              "--port", str(port), "--max-tokens", "24"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_healthy(proc, f"http://127.0.0.1:{port}", deadline_s=90, poll_s=0.2)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k-123", max_retries=0)
         name = trained_glm4_dir.name  # the base model is served under its folder name
         answers = [client.chat.completions.create(model=name, messages=[{"role": "user", "content": q}])
