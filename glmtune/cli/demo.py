@@ -57,22 +57,34 @@ def run_demo(out: Path, *, steps: int = 40, stages=("data", "train", "eval", "ch
 
 
 def demo_data(data_dir: Path, console: Console) -> dict:
-    from glmtune.data.pipeline import clean_file, convert_file, render_file, split_file, stats_file
+    from glmtune.data.pipeline import convert_file
     from glmtune.data.sample import sample_path
 
     console.rule("[bold]1. data")
     conv = convert_file(sample_path("cmcc34"), data_dir / "cmcc34.jsonl", format="cmcc")
     console.print(f"convert: {conv.records} records -> {conv.out}")
-    report = clean_file(conv.out, data_dir / "cmcc34.clean.jsonl")
-    console.print(f"clean: {getattr(report, 'kept', report)}")
-    split, paths = split_file(data_dir / "cmcc34.clean.jsonl", data_dir, ratios="8:1:1", stratify="label", seed=42)
+    return clean_split_describe(conv.out, data_dir, ratios="8:1:1", template="glm4",
+                                tokenizer=BUILTIN_GLM4_TOKENIZER, cutoff=1024, console=console, render_tail=300)
+
+
+def clean_split_describe(converted: Path, data_dir: Path, *, ratios: str, template: str, tokenizer: Path,
+                         cutoff: int, console: Console, render_tail: int | None = None) -> dict:
+    """The demo's data stages after convert (both demos): clean, stratified split, token stats, and one
+    training record rendered with its trained tokens marked. Returns the split files."""
+    from glmtune.data.pipeline import clean_file, render_file, split_file, stats_file
+
+    cleaned = converted.with_name(converted.stem + ".clean.jsonl")
+    report = clean_file(converted, cleaned)
+    console.print(f"clean: {report.records_in} -> {report.records_out} records "
+                  f"({report.records_changed} changed)")
+    split, paths = split_file(cleaned, data_dir, ratios=ratios, stratify="label", seed=42)
     console.print("split: " + ", ".join(f"{k}={len(v)}" for k, v in split.parts.items()))
-    stats = stats_file(paths["train"], template="glm4", tokenizer=BUILTIN_GLM4_TOKENIZER, cutoff=1024)
-    console.print(f"stats: {stats}")
-    view = render_file(paths["train"], template="glm4", tokenizer=BUILTIN_GLM4_TOKENIZER, index=0)
+    stats = stats_file(paths["train"], template=template, tokenizer=tokenizer, cutoff=cutoff)
+    console.print(f"stats ({template} template): {stats}")
+    view = render_file(paths["train"], template=template, tokenizer=tokenizer, index=0)
     console.print("render (trained tokens in [[...]]):")
     marked = "".join(f"[[{text}]]" if trained else text for text, trained in view.spans)
-    console.print(marked[-300:], markup=False, highlight=False)
+    console.print(marked[-render_tail:] if render_tail else marked, markup=False, highlight=False)
     return {k: str(v) for k, v in paths.items()}
 
 

@@ -48,7 +48,8 @@ def demo_model(console: Console) -> Path:
 
 
 def demo_data(data_dir: Path, model_dir: Path, console: Console) -> dict:
-    from glmtune.data.pipeline import clean_file, convert_file, render_file, split_file, stats_file
+    from glmtune.cli.demo import clean_split_describe
+    from glmtune.data.pipeline import convert_file
     from glmtune.data.sample import TOPIC_SYSTEM, write_chatterbot_topics
     from glmtune.templates import template_for_model
 
@@ -56,27 +57,16 @@ def demo_data(data_dir: Path, model_dir: Path, console: Console) -> dict:
     raw = write_chatterbot_topics(data_dir / "topics.csv")
     conv = convert_file(raw, data_dir / "topics.jsonl", format="classification", system=TOPIC_SYSTEM)
     console.print(f"convert: {conv.records} records ({conv.labels} labelled) from chatterbot-corpus -> {conv.out}")
-    report = clean_file(conv.out, data_dir / "topics.clean.jsonl")
-    console.print(f"clean: {getattr(report, 'kept', report)}")
-    split, paths = split_file(data_dir / "topics.clean.jsonl", data_dir, ratios="7:1:2", stratify="label", seed=42)
-    console.print("split: " + ", ".join(f"{k}={len(v)}" for k, v in split.parts.items()))
-    template = template_for_model(model_dir).name
-    stats = stats_file(paths["train"], template=template, tokenizer=model_dir, cutoff=256)
-    console.print(f"stats ({template} template): {stats}")
-    view = render_file(paths["train"], template=template, tokenizer=model_dir, index=0)
-    console.print("render (trained tokens in [[...]]):")
-    console.print("".join(f"[[{text}]]" if trained else text for text, trained in view.spans),
-                  markup=False, highlight=False)
-    return {k: str(v) for k, v in paths.items()}
+    return clean_split_describe(conv.out, data_dir, ratios="7:1:2", template=template_for_model(model_dir).name,
+                                tokenizer=model_dir, cutoff=256, console=console)
 
 
 def train_config(out: Path, model_dir: Path, steps: int) -> dict:
-    from glmtune.templates import template_for_model
-
+    # no data.template: training takes the model's own (ChatML with SmolLM2's default system prompt)
     return {
         "model": {"path": str(model_dir), "dtype": "fp32"},
         "data": {"datasets": [str(out / "data" / "train.jsonl")], "dev": str(out / "data" / "dev.jsonl"),
-                 "template": template_for_model(model_dir).name, "cutoff_len": 256},
+                 "cutoff_len": 256},
         "method": {"name": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"},
         "train": {"max_steps": steps, "batch_size": BATCH_SIZE, "lr": 1e-3, "scheduler": "cosine",
                   "warmup_ratio": 0.1, "seed": 0},

@@ -1,8 +1,8 @@
 """Model-driven classification: constrained label scoring (never invalid) or greedy generate + parse.
 
-    constrained  each label's answer (exactly the tokens training taught: metadata line, text, end
-                 token) is scored after the prompt; softmax over the label log-likelihoods gives a
-                 probability per label and the argmax is the prediction, so it is always a label.
+    constrained  every label's answer (the tokens training taught) is scored after the prompt in one
+                 forward (glmtune.evaluate.label_scoring); the prediction walks the label trie, so it
+                 is always a label; softmax over the label log-likelihoods gives a probability each.
     generate     greedy decoding with the template's stop ids, then parsing (exact answer text, else
                  CMCC ``parse_intent``); unparseable answers are counted as invalid.
 
@@ -161,7 +161,7 @@ def answer_ids(tpl, tokenizer, prompt_msgs: list[dict], prompt_ids: list[int], a
 
 
 # -- running ---------------------------------------------------------------------------------------
-def _batched(fn, items: list, batch_size: int, on_progress=None) -> list:
+def _batched(fn, items: list, batch_size: int) -> list:
     """Run ``fn`` over ``items`` in batches; on CUDA out-of-memory halve the batch and retry."""
     import torch
     out, start, bs = [], 0, max(1, batch_size)
@@ -204,9 +204,9 @@ def classify(predictor, records: Sequence[dict], label_set: LabelSet, mode: str 
 
     ``decision`` (constrained mode): ``greedy`` follows the most likely token at each branch of the
     label trie (what greedy generation gives whenever it yields a valid label), ``likelihood`` takes
-    the most likely label. ``scoring``: ``decisive`` scores each answer up to the token that sets it apart
-(``意图：7``), ``full`` the whole answer with its end token; probabilities are the softmax of these
-log-likelihoods. Neither changes the greedy prediction."""
+    the most likely label. ``scoring``: ``decisive`` scores each answer up to the token that sets it
+    apart (``意图：7``), ``full`` the whole answer with its end token; probabilities are the softmax of
+    these log-likelihoods. Neither changes the greedy prediction."""
     import numpy as np
     import torch
     if mode not in MODES:
@@ -312,8 +312,9 @@ def classify_report(model: str | Path, data: str | Path, out: str | Path, *, ada
         from glmtune.infer.predictor import Predictor
         predictor = Predictor(model, adapter=adapter, kernels=kernels)
     res = classify(predictor, records, label_set, mode, batch_size, max_len, truncate_side, decision, scoring)
-    extra = {"mode": mode, "decision": decision if mode == "constrained" else None,
-             "scoring": scoring if mode == "constrained" else None, "samples_per_s": len(records) / res.seconds if res.seconds > 0 else None,
+    constrained = mode == "constrained"
+    extra = {"mode": mode, "decision": decision if constrained else None, "scoring": scoring if constrained else None,
+             "samples_per_s": len(records) / res.seconds if res.seconds > 0 else None,
              "truncated": res.truncated, "truncate_side": truncate_side, "max_len": max_len,
              "model": str(model), "adapter": str(adapter) if adapter else None, "data": str(data)}
     samples = [{"id": r.get("id", i)} for i, r in enumerate(records)]

@@ -113,20 +113,25 @@ class LabelScorer:
     def __init__(self, model, device, answers: Sequence[Sequence[int]], pad_id: int,
                  shared_prefix: Sequence[int] = (), decisive: bool = False, head_chunk: int = 4096):
         import torch
-        self.model, self.device, self.pad_id, self.head_chunk = model, device, pad_id, head_chunk
-        self.trie = LabelTrie.build(answers, decisive=decisive)
+        self.device, self.pad_id, self.head_chunk = device, pad_id, head_chunk
+        self.trie = trie = LabelTrie.build(answers, decisive=decisive)
         self.decoder = _decoder_of(model)
         self.head = model.get_output_embeddings()
         self.prefix = list(shared_prefix)
         self.prefix_cache = self._run_prefix() if self.prefix else None
-        trie = self.trie
+        # Per-trie constants, built once: the scoring loop only indexes them.
         self._tokens = torch.tensor(trie.tokens, dtype=torch.long)
+        self._tokens_dev = self._tokens.to(device)
         self._depths = torch.tensor(trie.depths, dtype=torch.long)
         self._ancestors = _ancestor_matrix(trie).to(device)
-        self._inner = trie.inner
-        slot = {-1: 0, **{n: j + 1 for j, n in enumerate(self._inner)}}  # where each parent's logits sit
+        inner = trie.inner
+        self._inner = torch.tensor(inner, dtype=torch.long, device=device)
+        slot = {-1: 0, **{n: j + 1 for j, n in enumerate(inner)}}  # where each parent's logits sit
         self._parent_slot = torch.tensor([slot[p] for p in trie.parents], device=device)
-        self._paths = [torch.tensor(p, device=device) for p in trie.path_of_label]
+        on_path = torch.zeros((len(trie), len(trie.path_of_label)), device=device)
+        for k, path in enumerate(trie.path_of_label):
+            on_path[path, k] = 1.0
+        self._on_path = on_path  # (nodes, labels): a label's log-likelihood = its nodes' sum
 
     def _run_prefix(self):
         import torch
@@ -179,17 +184,16 @@ class LabelScorer:
     def _node_logprobs(self, hidden, n, S: int):
         import torch
         B = hidden.shape[0]
-        where = torch.cat([(n - 1)[:, None], S + torch.tensor(self._inner, dtype=torch.long,
-                                                              device=hidden.device)[None, :].expand(B, -1)], 1)
+        where = torch.cat([(n - 1)[:, None], (S + self._inner)[None, :].expand(B, -1)], 1)
         picked = hidden.gather(1, where[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (B, W, H)
         W = where.shape[1]
         rows = max(1, self.head_chunk // W)  # (rows*W, vocab) logits at a time: the vocab is 151k
         node_lp = []
         for start in range(0, B, rows):
             logp = torch.log_softmax(self.head(picked[start:start + rows]).float(), dim=-1)  # (r, W, V)
-            node_lp.append(logp[:, self._parent_slot, self._tokens.to(hidden.device)])
+            node_lp.append(logp[:, self._parent_slot, self._tokens_dev])
         node_lp = torch.cat(node_lp)
-        label_lp = torch.stack([node_lp[:, p].sum(1) for p in self._paths], 1)
+        label_lp = node_lp @ self._on_path
         return node_lp.cpu(), label_lp.cpu()
 
 

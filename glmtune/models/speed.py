@@ -76,15 +76,22 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     return out.unsqueeze(0).to(out_dtype), None
 
 
-def varlen_available() -> bool:
-    """True when this torch has torch.nn.attention.varlen and a CUDA device to run it on."""
+def varlen_support() -> str | None:
+    """None when this torch has the varlen FlashAttention kernel (torch.nn.attention.varlen); else why not."""
     import torch
 
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
-        return False
-    return torch.cuda.is_available()
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    return None
+
+
+def varlen_available() -> bool:
+    """True when the varlen kernel exists and there is a CUDA device to run it on."""
+    import torch
+
+    return varlen_support() is None and torch.cuda.is_available()
 
 
 def register_varlen_attention() -> str:

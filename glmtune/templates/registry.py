@@ -60,11 +60,7 @@ def resolve_template(name: str | None, model_path: str | Path | None) -> Templat
     if name is None:
         return template_for_model(model_path)
     from glmtune.models.tokenizer import detect_family
-    try:
-        own = detect_family(model_path)
-    except Exception:  # noqa: BLE001 - an unreadable folder: the explicit name decides
-        own = None
-    return template_for_model(model_path) if own == name else get_template(name)
+    return template_for_model(model_path) if detect_family(model_path) == name else get_template(name)
 
 
 def chatml_default_system(path: str | Path) -> str | None:

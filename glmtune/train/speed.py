@@ -49,15 +49,6 @@ def is_native(cfg: TrainConfig) -> bool:
     return "auto_map" not in conf
 
 
-def _varlen_importable() -> str | None:
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        import torch
-        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
-    return None
-
-
 def resolve_speed(cfg: TrainConfig, *, cuda: bool | None = None, native: bool | None = None,
                   varlen_problem: str | None | bool = False, liger_problem: str | None | bool = False) -> SpeedPlan:
     """Decide each lever. `varlen_problem` / `liger_problem`: why the kernel cannot run here (None = it
@@ -89,7 +80,10 @@ def resolve_speed(cfg: TrainConfig, *, cuda: bool | None = None, native: bool | 
         if not cuda:
             why.append("no CUDA GPU")
         else:
-            vp = _varlen_importable() if varlen_problem is False else varlen_problem
+            if varlen_problem is False:
+                from glmtune.models.speed import varlen_support
+                varlen_problem = varlen_support()
+            vp = varlen_problem
             if vp:
                 why.append(vp)
         if cfg.model.dtype == "fp32":

@@ -59,3 +59,16 @@ def test_english_sample_rows(tmp_path):
     path = write_chatterbot_topics(tmp_path / "topics.csv")
     assert path.read_text(encoding="utf-8").splitlines()[0] == "text,label"
     assert topic_of(' "Coding." ') == "coding" and topic_of("ai!") == "ai"
+
+
+def test_tiny_demo_data_stage_writes_a_stratified_split(tmp_path):
+    from rich.console import Console
+
+    from glmtune.cli.demo import run_demo
+
+    console = Console(record=True, width=200)
+    res = run_demo(tmp_path, stages=["data"], console=console)
+    sizes = {k: sum(1 for _ in open(res["data"][k], encoding="utf-8")) for k in ("train", "dev", "test")}
+    assert sizes == {"train": 163, "dev": 20, "test": 21}  # 204 CMCC sample rows, 8:1:1 by label
+    text = console.export_text()
+    assert "clean: 204 -> 204 records" in text and "stats (glm4 template)" in text and "[[" in text
