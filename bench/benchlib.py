@@ -128,10 +128,12 @@ def seed_model(cfg, *, qlora: bool, cache_dir: str):
 
 
 def glmtune_model(cfg, *, qlora: bool, cache_dir: str, attn: str = "varlen", liger: str = "flce",
-                  ckpt: bool = True, compile: bool = False, bf16_adapters: bool = True, notes: dict | None = None):
+                  ckpt: bool = True, compile: bool = False, bf16_adapters: bool = True, fused_lora: bool = False,
+                  dynamic: bool = True, notes: dict | None = None):
     """glmtune's levers (what run_training does with speed: attention varlen, liger, compile, adapter_dtype
-    model): liger patched before the build, varlen attention, non-reentrant checkpointing, LoRA r64/alpha128
-    dropout 0 on the same modules. Levers that can't run here (CPU debug) fall back, noted in `notes`."""
+    model, fused_lora): liger patched before the build, varlen attention, non-reentrant checkpointing, LoRA
+    r64/alpha128 dropout 0 on the same modules. Levers that can't run here (CPU debug) fall back, noted in
+    `notes`."""
     from peft import LoraConfig, get_peft_model
 
     from glmtune.models import speed
@@ -155,9 +157,16 @@ def glmtune_model(cfg, *, qlora: bool, cache_dir: str, attn: str = "varlen", lig
         model.enable_input_require_grads()
     lcfg = LoraConfig(r=64, lora_alpha=128, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=GLM4_TARGETS)
     model = get_peft_model(model, lcfg, autocast_adapter_dtype=not bf16_adapters)
+    if bf16_adapters:  # PEFT may keep fp32 adapters next to a 4-bit base: the fused path wants bf16
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     model.train()
+    if fused_lora:
+        from glmtune.models.fused_lora import fuse_lora
+        notes["fused_lora"] = fuse_lora(model)
     if compile:
-        speed.compile_decoder_layers(model)
+        speed.compile_decoder_layers(model, dynamic=dynamic)
     return model, impl, liger
 
 

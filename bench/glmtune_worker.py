@@ -12,10 +12,16 @@ step (1 row), i.e. 2x / 4x the seed's batch, so those runs take half / a quarter
 optimizer steps over the same sequences. tokens/s counts real tokens, so it compares directly; the
 per-step optimizer cost (LoRA: ~0.1 s of the step) is amortised over more tokens there.
 
+Rows mode (`--rows T`): the same stream packed best-fit (16-sequence lookahead) into rows of exactly T
+tokens (tail padded; padding is not counted as tokens), `--rows-per-step` rows per optimizer step,
+through glmtune.models.graphs.GraphedDecoder: the decoder blocks as CUDA graphs (`--graph`) or the
+same code eagerly. `--fused-lora`: glmtune.models.fused_lora on every LoRA linear and the MLPs.
+
 Prints one JSON line (with "error" on failure, e.g. out of memory).
     python3 bench/glmtune_worker.py --pack 8 --ckpt [--qlora] [--accum N] [--tiny]
+    python3 bench/glmtune_worker.py --rows 2048 --graph --fused-lora [--compile] [--qlora]
 """
-import argparse, math, time
+import argparse, json, math, time
 
 import numpy as np
 import torch
@@ -33,6 +39,15 @@ p.add_argument("--compile", action="store_true")
 p.add_argument("--ckpt", action="store_true")
 p.add_argument("--qlora", action="store_true")
 p.add_argument("--fp32-adapters", action="store_true", help="PEFT's default fp32 LoRA weights (default: bf16)")
+p.add_argument("--fused-lora", action="store_true", help="glmtune.models.fused_lora (fused LoRA linears + SwiGLU)")
+p.add_argument("--rows", type=int, default=0, help="rows mode: fixed rows of this many tokens (best-fit packed)")
+p.add_argument("--rows-per-step", type=int, default=2, help="rows mode: rows per optimizer step")
+p.add_argument("--graph", action="store_true", help="rows mode: decoder blocks as CUDA graphs")
+p.add_argument("--max-segments", type=int, default=0, help="rows mode: sequences (+ padding) a row may hold "
+               "(0: rows // 300 + 1, as the stream's sequences have >= 300 tokens)")
+p.add_argument("--loss-chunk", type=int, default=256, help="rows mode: tokens per chunk of the chunked LM-head loss "
+               "(0: whole logits)")
+p.add_argument("--profile", default="", help="after timing, profile 2 steps (torch.profiler) into this file")
 p.add_argument("--check", action="store_true", help="varlen vs SDPA attention check and loss parity vs the seed's loss")
 args = p.parse_args()
 
@@ -42,14 +57,22 @@ accum = args.accum or math.ceil(4 / args.pack)
 seqs_per_step = args.pack * accum
 res = dict(recipe="glmtune", pack=args.pack, accum=accum, seqs_per_step=seqs_per_step, attn=args.attn,
            liger=args.liger, compile=args.compile, ckpt=args.ckpt, qlora=args.qlora,
-           adapters="fp32" if args.fp32_adapters else "bf16", layers=2 if args.tiny else args.layers)
+           adapters="fp32" if args.fp32_adapters else "bf16", layers=2 if args.tiny else args.layers,
+           fused_lora=args.fused_lora)
+if args.rows:
+    args.max_segments = args.max_segments or args.rows // 300 + 1
+    res.update(rows=args.rows, rows_per_step=args.rows_per_step, graph=args.graph, max_segments=args.max_segments,
+               loss_chunk=args.loss_chunk)
+    for k in ("pack", "accum", "seqs_per_step"):
+        res.pop(k)
 notes = {}
 dev = B.device()
 try:
     cfg = B.glm4_config(args.layers, args.tiny)
     model, attn, liger = B.glmtune_model(cfg, qlora=args.qlora, cache_dir=args.cache_dir, attn=args.attn,
                                          liger=args.liger, ckpt=args.ckpt, compile=args.compile,
-                                         bf16_adapters=not args.fp32_adapters, notes=notes)
+                                         bf16_adapters=not args.fp32_adapters, fused_lora=args.fused_lora,
+                                         dynamic=not args.rows, notes=notes)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=2e-4,
                             fused=torch.cuda.is_available())
     rng = np.random.default_rng(1)
@@ -84,6 +107,47 @@ try:
             total_loss += part.detach()
         opt.step(); opt.zero_grad(set_to_none=True)
         return sum(lens), total_loss
+
+    if args.rows:
+        from glmtune.models.graphs import GraphedDecoder, fixed_row
+        from glmtune.train.data import pack_rows_best_fit
+
+        t0 = time.time()
+        if args.graph:  # graph memory is taken at capture (the pool's tensors are not "allocated" later)
+            B.sync(); B.reset_peak()
+        dec = GraphedDecoder(model, tokens=args.rows, max_segments=args.max_segments, graph=args.graph,
+                             varlen=attn == speed.VARLEN_IMPL, loss_chunk=args.loss_chunk)
+        res["setup_s"] = round(time.time() - t0, 1)
+        if attn == speed.VARLEN_IMPL:
+            res["varlen_gqa"] = ("enable_gqa" if speed._varlen_call_options()["_gqa"] else
+                                 "kv heads shared" if speed._KV_HEADS_SHARED else "kv heads expanded")
+
+        def length_stream():
+            while True:
+                yield from next_lengths(4)
+
+        stream_lens: list[int] = []  # lengths by stream index (the packer yields indices)
+
+        def tracked():
+            for n in length_stream():
+                stream_lens.append(n)
+                yield n
+
+        row_iter = pack_rows_best_fit(tracked(), args.rows, lookahead=16)
+
+        def step():
+            rows = [[stream_lens[i] for i in next(row_iter)] for _ in range(args.rows_per_step)]
+            targets = sum(n - 1 for r in rows for n in r)
+            total_loss = 0.0
+            for lens in rows:
+                seqs = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in lens]
+                ids, labels, pos = (torch.tensor([x], device=dev) for x in fixed_row(seqs, None, args.rows, 151329))
+                loss, _ = dec.loss_sum(ids, labels, pos, lens)
+                part = loss / targets
+                part.backward()
+                total_loss += part.detach()
+            opt.step(); opt.zero_grad(set_to_none=True)
+            return sum(map(sum, rows)), total_loss
 
     if args.check:
         # 1) varlen attention vs SDPA per sequence (the reference), bf16, on random q/k/v
@@ -132,14 +196,28 @@ try:
     for _ in range(max(2, math.ceil(12 / seqs_per_step))):
         step()
     B.sync()
-    B.reset_peak()
+    if not (args.rows and args.graph):
+        B.reset_peak()
     n_steps = max(2, math.ceil(args.steps * 4 / seqs_per_step))
-    times, real = [], 0
+    times, issue, real = [], [], 0
     for _ in range(n_steps):
-        B.sync(); t = time.time(); n, _ = step(); B.sync()
+        B.sync(); t = time.time(); n, _ = step(); issue.append(time.time() - t); B.sync()
         times.append(time.time() - t); real += n
+    # issue_s: when the CPU had issued the whole step (before waiting for the GPU); close to step_s =
+    # CPU-bound. (liger's loss synchronises once per row, so it is an upper bound on the CPU's share.)
     res.update(tokens_per_s=round(real / sum(times)), peak_GiB=B.peak_gib(), timed_steps=n_steps,
-               timed_tokens=real, step_s=round(sum(times) / n_steps, 3))
+               timed_tokens=real, step_s=round(sum(times) / n_steps, 3), issue_s=round(sum(issue) / n_steps, 3))
+    if torch.cuda.is_available():
+        res["reserved_GiB"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step()
+            B.sync()
+        with open(args.profile, "w") as f:
+            f.write(json.dumps(res) + "\n")
+            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90))
 except (torch.OutOfMemoryError, RuntimeError) as e:
     if not B.is_oom(e):
         raise

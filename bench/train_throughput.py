@@ -75,7 +75,7 @@ for group in (["lora", "qlora"] if args.only == "all" else [args.only]):
         continue
     seed = {}
     if not args.no_seed:
-        seed_cmd = [sys.executable, os.path.join(HERE, "seed_recipe_baseline.py"), "--layers", str(args.layers)]
+        seed_cmd = [sys.executable, os.path.join(HERE, "seed_with_reserved.py"), "--layers", str(args.layers)]
         seed = run(seed_cmd + (["--qlora"] if qlora else []))
         seed.setdefault("recipe", "seed"); seed.setdefault("qlora", qlora)
         print(json.dumps(seed), flush=True); rows.append(seed)
@@ -86,8 +86,11 @@ for group in (["lora", "qlora"] if args.only == "all" else [args.only]):
         if "tokens_per_s" in r and "tokens_per_s" in seed:
             r["ratio"] = round(r["tokens_per_s"] / seed["tokens_per_s"], 2)
         print(json.dumps(r), flush=True); rows.append(r)
-print("\n| recipe | args | seqs/step | tokens/s | peak GiB | ratio vs seed |\n|---|---|---|---|---|---|")
+print("\n| recipe | args | seqs or rows/step | tokens/s | peak GiB (allocated) | reserved GiB | ratio vs seed |\n"
+      "|---|---|---|---|---|---|---|")
 for r in rows:
+    per_step = (f"{r['rows_per_step']} x {r['rows']} tokens" if "rows" in r else r.get("seqs_per_step", r.get("batch", "")))
     print(f"| {r.get('recipe', '?')}{' qlora' if r.get('qlora') else ''} | {r.get('args', '')} | "
-          f"{r.get('seqs_per_step', r.get('batch', ''))} | {r.get('tokens_per_s', r.get('error', ''))} | "
-          f"{r.get('peak_GiB', '')} | {r.get('ratio', '1.00' if r.get('recipe') == 'seed' and 'tokens_per_s' in r else '')} |")
+          f"{per_step} | {r.get('tokens_per_s', r.get('error', ''))} | "
+          f"{r.get('peak_GiB', '')} | {r.get('reserved_GiB', '')} | "
+          f"{r.get('ratio', '1.00' if r.get('recipe') == 'seed' and 'tokens_per_s' in r else '')} |")

@@ -69,6 +69,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     if k.shape[1] != q.shape[1]:
         if has_gqa:
             opts["enable_gqa"] = True
+        elif _KV_HEADS_SHARED:
+            pass  # this torch's varlen_attn takes fewer KV heads as they are (probed at registration)
         else:  # expand the KV heads (GLM-4: 2 -> 32) when the kernel cannot share them
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -94,10 +96,46 @@ def varlen_available() -> bool:
     return varlen_support() is None and torch.cuda.is_available()
 
 
+_KV_HEADS_SHARED = False
+
+
+def probe_shared_kv_heads() -> bool:
+    """Whether this torch's varlen_attn, lacking an `enable_gqa` switch (torch < 2.12), still runs
+    grouped-query attention when given fewer K/V heads than query heads — FlashAttention's kernels
+    do natively — with the same output and gradients as K/V expanded to every head.
+
+    Expanding GLM-4's 2 K/V heads to 32 costs two (tokens x 4096) copies per layer, kept for the
+    backward (~0.6 MB per token over 40 layers) and summed back in it."""
+    import torch
+    from torch.nn.attention.varlen import varlen_attn
+
+    if not torch.cuda.is_available():
+        return False
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(48, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    k = torch.randn(48, 2, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    v = torch.randn(48, 2, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    cu = torch.tensor([0, 20, 48], dtype=torch.int32, device="cuda")
+    opts = {k_: v_ for k_, v_ in _varlen_call_options().items() if k_ != "_gqa"}
+    try:
+        out = varlen_attn(q, k, v, cu, cu, 28, 28, **opts)
+        grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    except Exception:  # the wrapper insists on equal head counts
+        return False
+    ref = varlen_attn(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), cu, cu, 28, 28, **opts)
+    ref_grads = torch.autograd.grad(ref.float().sum(), (q, k, v))
+    same = torch.allclose(out.float(), ref.float(), atol=2e-2)
+    return same and all(torch.allclose(a.float(), b.float(), atol=5e-2) for a, b in zip(grads, ref_grads))
+
+
 def register_varlen_attention() -> str:
     """Register `glmtune_varlen` with transformers (attention + 'no mask needed'); return its name."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
+
+    global _KV_HEADS_SHARED
+    if not _varlen_call_options()["_gqa"]:
+        _KV_HEADS_SHARED = probe_shared_kv_heads()
 
     AttentionInterface.register(VARLEN_IMPL, varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN_IMPL, lambda *args, **kwargs: None)

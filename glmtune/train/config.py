@@ -124,6 +124,22 @@ class SpeedSection(_Section):
                            "block's input) in pinned CPU memory: the longest trainable sequence on one H100 "
                            "went from 65,536 to 98,304 tokens (GLM-4-9B LoRA, bench/RESULTS.md), at a large "
                            "cost in step time. For long-context runs that do not fit otherwise.")
+    fused_lora: Union[bool, Literal["auto"]] = Field(
+        "auto", description="glmtune's fused LoRA (glmtune.models.fused_lora): each LoRA linear as 3 GEMMs with "
+                            "the LoRA product added in the base GEMM's epilogue, and the SwiGLU product of "
+                            "gated MLPs recomputed in backward instead of kept. Exact (tested against PEFT); "
+                            "engages where the adapter has the base weights' dtype (speed.adapter_dtype: model "
+                            "on bf16 models). auto: on for lora/qlora, single process or DDP.")
+    cuda_graphs: Union[bool, Literal["auto"]] = Field(
+        "auto", description="Train on packed rows of exactly speed.graph_tokens tokens and replay the decoder "
+                            "blocks' forward and backward as CUDA graphs (glmtune.models.graphs): no per-kernel "
+                            "CPU cost. Each micro-batch's conversations are packed best-fit into such rows (the "
+                            "rest padded). Needs CUDA, varlen attention, lora/qlora with method.dropout 0, one "
+                            "process, no offload_activations. auto: on where all of that holds. GLM-4-9B LoRA "
+                            "on an H100: 6.5x the seed recipe at its memory (bench/RESULTS.md, session 3).")
+    graph_tokens: int | None = Field(
+        None, gt=0, description="Tokens per CUDA-graphed row (default: the larger of 2048 and data.cutoff_len "
+                                "rounded up to 128). Memory grows with it (GLM-4-9B: ~6 MB per token).")
 
 
 class EvalSection(_Section):
@@ -162,6 +178,9 @@ class TrainConfig(_Section):
             if self.model.dtype == "fp32":
                 raise ValueError("speed.attention=varlen (FlashAttention) computes in bf16/fp16, not "
                                  "model.dtype fp32: set model.dtype: bf16 or speed.attention: auto")
+        if self.speed.graph_tokens is not None and self.speed.graph_tokens < self.data.cutoff_len:
+            raise ValueError(f"speed.graph_tokens ({self.speed.graph_tokens}) must hold the longest conversation: "
+                             f"set it >= data.cutoff_len ({self.data.cutoff_len})")
         if self.speed.adapter_dtype == "model" and self.method.name not in ("lora", "qlora"):
             raise ValueError("speed.adapter_dtype=model applies to method lora/qlora only")
         return self

@@ -13,6 +13,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 
@@ -181,6 +182,40 @@ def pack_batch(examples: list[Example], *, block_mask: bool = False, varlen: boo
         from glmtune.models.speed import cu_seqlens_kwargs
         batch.update(cu_seqlens_kwargs(lengths, "cpu"))
     return batch
+
+
+def pack_rows_best_fit(lengths: Iterable[int], tokens: int, lookahead: int = 16) -> Iterator[list[int]]:
+    """Group a stream of sequence lengths into rows of at most `tokens` tokens; yields stream indices.
+
+    Online best fit: each row takes, again and again, the longest of the next `lookahead` waiting
+    sequences that still fits, so rows come out nearly full (what fixed-size CUDA-graphed rows pay for
+    as padding) while sequences stay close to their stream order."""
+    it = iter(enumerate(lengths))
+    waiting: list[tuple[int, int]] = []
+
+    def refill() -> None:
+        while len(waiting) < lookahead:
+            nxt = next(it, None)
+            if nxt is None:
+                return
+            if nxt[1] > tokens:
+                raise ValueError(f"sequence {nxt[0]} has {nxt[1]} tokens, more than a row of {tokens}: "
+                                 "raise the row size or lower data.cutoff_len")
+            waiting.append(nxt)
+
+    refill()
+    while waiting:
+        row, room = [], tokens
+        while True:
+            fits = [w for w in waiting if w[1] <= room]
+            if not fits:
+                break
+            pick = max(fits, key=lambda w: (w[1], -w[0]))
+            waiting.remove(pick)
+            row.append(pick[0])
+            room -= pick[1]
+            refill()
+        yield row
 
 
 def collate(examples: list[Example], *, packing: bool, pad_id: int, block_mask: bool = False,

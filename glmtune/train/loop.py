@@ -153,6 +153,73 @@ def forward_loss_sum(model, batch: dict, *, fused: bool = False) -> tuple[torch.
     return token_loss_sum(logits, labels)
 
 
+def _fit_plan_to_processes(plan: SpeedPlan, cfg: TrainConfig, accelerator, console) -> SpeedPlan:
+    """Levers that depend on how accelerate runs the model: fused LoRA reads each layer's own weights
+    (not FSDP's / DeepSpeed's sharded ones); CUDA graphs run one process."""
+    from accelerate.utils import DistributedType
+
+    from glmtune.errors import ConfigError
+
+    if plan.fused_lora and accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU):
+        if cfg.speed.fused_lora is True:
+            raise ConfigError(f"speed.fused_lora=true cannot run under {accelerator.distributed_type}",
+                              field="speed.fused_lora", fix="set speed.fused_lora: auto")
+        plan.fused_lora = False
+        console.print(f"speed.fused_lora auto -> off ({accelerator.distributed_type})")
+    if plan.graphs and accelerator.num_processes > 1:
+        if cfg.speed.cuda_graphs is True:
+            raise ConfigError("speed.cuda_graphs=true runs one process", field="speed.cuda_graphs",
+                              fix="set speed.cuda_graphs: auto (off with several processes)")
+        plan.graphs = False
+        console.print("speed.cuda_graphs auto -> off (several processes)")
+    return plan
+
+
+def _graphed_decoder(plan: SpeedPlan, cfg: TrainConfig, model, train_ex, console):
+    """Capture the decoder blocks as CUDA graphs for rows of plan.graph_tokens tokens; None (auto) if
+    capture fails, with the reason printed."""
+    from glmtune.errors import ConfigError
+    from glmtune.models.graphs import GraphedDecoder
+
+    shortest = max(1, min(len(e) for e in train_ex))
+    max_segments = min(plan.graph_tokens // shortest + 1, 512)
+    try:
+        return GraphedDecoder(model, tokens=plan.graph_tokens, max_segments=max_segments, graph=True, varlen=True)
+    except Exception as e:  # noqa: BLE001 - any capture failure: auto falls back to the eager step
+        if cfg.speed.cuda_graphs is True:
+            raise ConfigError(f"speed.cuda_graphs: capture failed ({type(e).__name__}: {e})",
+                              field="speed.cuda_graphs", fix="set speed.cuda_graphs: auto or false") from e
+        plan.graphs = False
+        console.print(f"speed.cuda_graphs auto -> off (capture failed: {type(e).__name__}: {str(e)[:200]})")
+        return None
+
+
+def _graphed_step(graphed, micro_batches, accelerator, pad_id: int):
+    """One optimizer step's forward/backward through CUDA-graphed fixed rows (one process).
+
+    Each micro-batch's conversations are packed best-fit into rows of graphed.tokens tokens; the loss
+    is the summed token loss over the step divided by the step's trained-token count, as the eager
+    path. Returns (summed loss, trained-token count, real tokens)."""
+    from glmtune.models.graphs import fixed_row
+    from glmtune.train.data import IGNORE, pack_rows_best_fit
+
+    dev = accelerator.device
+    n = sum(sum(1 for t in e.labels[1:] if t != IGNORE) for mb in micro_batches for e in mb)
+    n_global = torch.tensor(float(n), device=dev)
+    loss_total = torch.zeros((), device=dev, dtype=torch.float64)
+    tokens = 0
+    for examples in micro_batches:
+        for row in pack_rows_best_fit([len(e) for e in examples], graphed.tokens, lookahead=len(examples)):
+            exs = [examples[i] for i in row]
+            ids, labels, pos = (torch.tensor([x], device=dev) for x in
+                                fixed_row([e.input_ids for e in exs], [e.labels for e in exs], graphed.tokens, pad_id))
+            s, _ = graphed.loss_sum(ids, labels, pos, [len(e) for e in exs])
+            accelerator.backward(s / n_global.clamp(min=1))
+            loss_total += s.detach().double()
+            tokens += sum(len(e) for e in exs)
+    return loss_total, n_global, tokens
+
+
 def _saved_tensors_place(offload: bool):
     """Where autograd keeps what backward needs: on the device, or in (pinned) CPU memory."""
     if not offload:
@@ -237,9 +304,13 @@ def _train(cfg: TrainConfig, plan: SpeedPlan, accelerator, console, *, resume, r
     packing = plan.packing
     block_mask = packing and not native
     base_attn = set_attention(model, kernels.register_varlen_attention()) if plan.varlen else None
+    plan = _fit_plan_to_processes(plan, cfg, accelerator, console)
+    if plan.fused_lora:
+        from glmtune.models.fused_lora import fuse_lora
+        fuse_lora(model)  # before compile: compile traces the forward in place
     if plan.compile:
         try:
-            kernels.compile_decoder_layers(model)
+            kernels.compile_decoder_layers(model, dynamic=not plan.graphs)  # graphed rows have one shape
         except ValueError as e:
             from glmtune.errors import ConfigError
             raise ConfigError(f"speed.compile: {e}", field="speed.compile", fix="set speed.compile: false") from None
@@ -256,6 +327,7 @@ def _train(cfg: TrainConfig, plan: SpeedPlan, accelerator, console, *, resume, r
     accelerator.register_for_checkpointing(scheduler)
     register_state_hooks(accelerator)
     model_dtype = next(p.dtype for p in accelerator.unwrap_model(model).parameters() if p.is_floating_point())
+    graphed = _graphed_decoder(plan, cfg, accelerator.unwrap_model(model), train_ex, console) if plan.graphs else None
 
     def write_extras(folder: Path) -> None:
         tokenizer.save_pretrained(folder)
@@ -279,12 +351,19 @@ def _train(cfg: TrainConfig, plan: SpeedPlan, accelerator, console, *, resume, r
     with progress:
         while step < steps:
             # 1. this step's micro-batches and the global trained-token count (the loss denominator)
-            batches = [collate([train_ex[i] for i in stream.indices(step * ga + j)], packing=packing,
-                               pad_id=pad_id, block_mask=block_mask, varlen=plan.varlen) for j in range(ga)]
+            if graphed is not None:
+                loss_total, n_global, tokens = _graphed_step(graphed, [[train_ex[i] for i in stream.indices(step * ga + j)]
+                                                                      for j in range(ga)], accelerator, pad_id)
+                window_tokens += tokens
+                batches = []
+            else:
+                batches = [collate([train_ex[i] for i in stream.indices(step * ga + j)], packing=packing,
+                                   pad_id=pad_id, block_mask=block_mask, varlen=plan.varlen) for j in range(ga)]
             n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-            n_global = accelerator.reduce(torch.tensor(float(n_local), device=accelerator.device), "sum")
+            if graphed is None:
+                n_global = accelerator.reduce(torch.tensor(float(n_local), device=accelerator.device), "sum")
+                loss_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
             # 2. forward/backward; DDP averages gradients over processes, so scale by world size
-            loss_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
             for j, batch in enumerate(batches):
                 batch = _to(batch, accelerator.device, model_dtype)
                 sync = accelerator.no_sync(model) if j < ga - 1 else _nullcontext()
@@ -333,6 +412,9 @@ def _train(cfg: TrainConfig, plan: SpeedPlan, accelerator, console, *, resume, r
     # the returned model generates like any other: eager blocks, the model's own attention
     if plan.compile:
         kernels.uncompile_decoder_layers(trained)
+    if plan.fused_lora:
+        from glmtune.models.fused_lora import unfuse_lora
+        unfuse_lora(trained)
     if base_attn is not None:
         set_attention(trained, base_attn)
     return TrainResult(output_dir=out, adapter_path=final, steps=step, final_loss=last_loss, eval_loss=last_eval,

@@ -25,6 +25,9 @@ class SpeedPlan:
     compile: bool = False         # regional torch.compile of the decoder blocks
     adapter_fp32: bool = True     # PEFT autocast_adapter_dtype
     native: bool = True           # transformers-native modelling code (reads packing from position ids)
+    fused_lora: bool = False      # glmtune.models.fused_lora
+    graphs: bool = False          # CUDA-graphed decoder blocks over fixed rows (glmtune.models.graphs)
+    graph_tokens: int = 0         # tokens per graphed row
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -34,8 +37,10 @@ class SpeedPlan:
 
     def summary(self) -> str:
         attn = "varlen FlashAttention" if self.varlen else "model attention"
+        graphs = f", CUDA graphs on ({self.graph_tokens}-token rows)" if self.graphs else ""
         return (f"speed: packing {'on (' + attn + ')' if self.packing else 'off'}, liger {self.liger}, "
-                f"compile {'on' if self.compile else 'off'}, adapters {'fp32' if self.adapter_fp32 else 'model dtype'}")
+                f"compile {'on' if self.compile else 'off'}, adapters {'fp32' if self.adapter_fp32 else 'model dtype'}"
+                f"{', fused LoRA' if self.fused_lora else ''}{graphs}")
 
 
 def is_native(cfg: TrainConfig) -> bool:
@@ -136,8 +141,38 @@ def resolve_speed(cfg: TrainConfig, *, cuda: bool | None = None, native: bool | 
             liger = sp.liger if sp.liger != "auto" else ("flce" if compile_on else "all")
 
     adapter_fp32 = sp.adapter_dtype == "fp32"
+    lora_like = method in ("lora", "qlora")
+
+    # fused LoRA: exact, so auto is on wherever there is LoRA
+    if sp.fused_lora is True and not lora_like:
+        raise ConfigError(f"speed.fused_lora=true fuses LoRA layers; method {method} has none",
+                          field="speed.fused_lora", fix="set speed.fused_lora: auto or false")
+    fused_lora = lora_like and sp.fused_lora is not False
+
+    # CUDA graphs over fixed-size rows
+    graphs = False
+    graph_tokens = sp.graph_tokens or max(2048, -(-cfg.data.cutoff_len // 128) * 128)
+    if sp.cuda_graphs is not False:
+        why = []
+        if not cuda:
+            why.append("no CUDA GPU")
+        if not varlen:
+            why.append("varlen attention is off")
+        if not lora_like:
+            why.append(f"method {method}")
+        elif cfg.method.dropout > 0:
+            why.append("method.dropout > 0 (random masks)")
+        if sp.offload_activations:
+            why.append("speed.offload_activations")
+        if sp.cuda_graphs is True and why:
+            raise ConfigError(f"speed.cuda_graphs=true cannot run here: {'; '.join(why)}", field="speed.cuda_graphs",
+                              fix="on a CUDA GPU with varlen attention, method lora/qlora and method.dropout 0; "
+                                  "or set speed.cuda_graphs: auto")
+        graphs = not why
+        if why:
+            notes.append(f"speed.cuda_graphs auto -> off ({'; '.join(why)})")
     return SpeedPlan(packing=packing, varlen=varlen, liger=liger, compile=compile_on, adapter_fp32=adapter_fp32,
-                     native=native, notes=notes)
+                     native=native, fused_lora=fused_lora, graphs=graphs, graph_tokens=graph_tokens, notes=notes)
 
 
 def apply_liger(plan: SpeedPlan, cfg: TrainConfig):

@@ -30,7 +30,8 @@ def test_auto_on_cpu_falls_back_with_notes(make_cfg):
 def test_auto_on_gpu_turns_levers_on(make_cfg):
     plan = resolve_speed(make_cfg(**{"model.dtype": "bf16"}), **GPU)
     assert (plan.packing, plan.varlen, plan.liger, plan.compile) == (True, True, "flce", True) and plan.notes == []
-    assert plan.summary() == ("speed: packing on (varlen FlashAttention), liger flce, compile on, adapters fp32")
+    assert plan.summary() == ("speed: packing on (varlen FlashAttention), liger flce, compile on, adapters fp32, "
+                              "fused LoRA, CUDA graphs on (2048-token rows)")
     # without compile, liger also fuses RMSNorm and SwiGLU
     assert resolve_speed(make_cfg(**{"model.dtype": "bf16", "speed.compile": False}), **GPU).liger == "all"
     # fp32 weights: FlashAttention can't run, packed SDPA instead
@@ -47,6 +48,28 @@ def test_auto_on_gpu_turns_levers_on(make_cfg):
     prefix = resolve_speed(make_cfg(**{"model.dtype": "bf16", "method.name": "prefix"}), **GPU)
     assert (prefix.packing, prefix.varlen, prefix.liger, prefix.compile) == (False, False, "none", False)
     assert resolve_speed(make_cfg(**{"method.name": "prefix", "speed.liger": "all"}), **GPU).liger == "all"
+
+
+def test_fused_lora_and_cuda_graphs_resolution(make_cfg):
+    bf16 = {"model.dtype": "bf16"}
+    on = resolve_speed(make_cfg(**bf16), **GPU)
+    assert (on.fused_lora, on.graphs, on.graph_tokens) == (True, True, 2048)
+    assert resolve_speed(make_cfg(**bf16, **{"data.cutoff_len": 3000}), **GPU).graph_tokens == 3072
+    assert resolve_speed(make_cfg(**bf16, **{"speed.graph_tokens": 4096}), **GPU).graph_tokens == 4096
+    with pytest.raises(ConfigError, match=r"speed.graph_tokens \(512\) must hold the longest conversation"):
+        make_cfg(**bf16, **{"speed.graph_tokens": 512, "data.cutoff_len": 1024})
+    cpu = resolve_speed(make_cfg(), cuda=False, native=True)
+    assert cpu.fused_lora and not cpu.graphs
+    assert "speed.cuda_graphs auto -> off (no CUDA GPU; varlen attention is off)" in cpu.notes
+    drop = resolve_speed(make_cfg(**bf16, **{"method.dropout": 0.05}), **GPU)
+    assert not drop.graphs and "method.dropout > 0" in drop.notes[-1]
+    full = resolve_speed(make_cfg(**bf16, **{"method.name": "full"}), **GPU)
+    assert not full.fused_lora and not full.graphs
+    with pytest.raises(ConfigError, match="speed.cuda_graphs=true cannot run here: no CUDA GPU"):
+        resolve_speed(make_cfg(**{"speed.cuda_graphs": True}), cuda=False, native=True)
+    with pytest.raises(ConfigError, match="speed.fused_lora=true fuses LoRA layers; method full has none"):
+        resolve_speed(make_cfg(**bf16, **{"method.name": "full", "speed.fused_lora": True}), **GPU)
+    assert not resolve_speed(make_cfg(**bf16, **{"speed.cuda_graphs": False}), **GPU).graphs
 
 
 def test_packing_auto_off_for_prefix_and_remote_code(make_cfg):
