@@ -15,6 +15,8 @@ logits are never kept), so backward is a scale of a stored (tokens x hidden) ten
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 IGNORE = -100
@@ -73,7 +75,9 @@ def liger_chunk_budget(tokens: int, hidden: int, vocab: int, chunk_tokens: int) 
     return max(1, -(-vocab // (want_chunks * hidden)))
 
 
+@functools.cache
 def _liger_function():
+    """liger's fused linear cross-entropy Function if it takes `chunk_mem_const`, else None (probed once)."""
     try:
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as F
     except Exception:  # not installed, or triton missing

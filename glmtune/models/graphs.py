@@ -20,11 +20,12 @@ recomputation is part of the backward graph.
 """
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Sequence
 
 import torch
 
-from glmtune.train.data import IGNORE
+from glmtune.train.data import IGNORE, token_loss_sum
 
 
 def padded_offsets(seq_lens: Sequence[int], tokens: int, max_segments: int) -> list[int]:
@@ -37,9 +38,7 @@ def padded_offsets(seq_lens: Sequence[int], tokens: int, max_segments: int) -> l
     n_segments = len(seq_lens) + (used < tokens)
     if n_segments > max_segments:
         raise ValueError(f"{n_segments} segments exceed max_segments={max_segments}")
-    offsets = [0]
-    for n in seq_lens:
-        offsets.append(offsets[-1] + int(n))
+    offsets = list(accumulate((int(n) for n in seq_lens), initial=0))
     if used < tokens:
         offsets.append(tokens)
     return offsets + [tokens] * (max_segments + 1 - len(offsets))
@@ -100,11 +99,9 @@ class GraphedDecoder:
     def __init__(self, model, *, tokens: int, max_segments: int = 64, graph: bool = True, varlen: bool = True,
                  loss_chunk: int = 256, warmup: int = 3):
         self.model, self.inner = inner_model(model)
-        self.tokens, self.max_segments = tokens, max_segments
-        p = next(self.inner.parameters())
-        self.device, self.dtype = p.device, p.dtype if p.is_floating_point() else torch.bfloat16
-        self.dtype = self.inner.embed_tokens.weight.dtype
-        self.varlen, self.loss_chunk = varlen, loss_chunk
+        self.tokens, self.max_segments, self.loss_chunk = tokens, max_segments, loss_chunk
+        embed = self.inner.embed_tokens.weight
+        self.device, self.dtype = embed.device, embed.dtype
         self.offsets = torch.zeros(max_segments + 1, dtype=torch.int32, device=self.device) if varlen else None
         self.mask = None if varlen else torch.zeros(1, 1, tokens, tokens, dtype=self.dtype, device=self.device)
         self.stack = _DecoderStack(self.inner.layers, self.offsets, tokens, self.mask)
@@ -181,16 +178,13 @@ class GraphedDecoder:
         hidden = self.inner.embed_tokens(input_ids)
         cos, sin = self.inner.rotary_emb(hidden, position_ids)
         hidden = self.inner.norm(self.graphed(hidden, cos, sin))
-        targets = labels[0, 1:]
-        n = (targets != IGNORE).sum()
         lm_head = self.model.lm_head
         bias = getattr(lm_head, "bias", None)
         frozen = not lm_head.weight.requires_grad and (bias is None or not bias.requires_grad)
-        if frozen and self.loss_chunk:  # logits never materialised whole (glmtune.models.chunked_ce)
-            from glmtune.models.chunked_ce import linear_cross_entropy_sum
+        if not (frozen and self.loss_chunk):  # a trained LM head: plain logits + cross-entropy
+            return token_loss_sum(lm_head(hidden), labels)
+        from glmtune.models.chunked_ce import linear_cross_entropy_sum  # logits never materialised whole
 
-            loss = linear_cross_entropy_sum(hidden[0, :-1], lm_head.weight, targets, bias, chunk_tokens=self.loss_chunk)
-        else:
-            logits = lm_head(hidden[0, :-1]).float()
-            loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
-        return loss, n
+        targets = labels[0, 1:]
+        loss = linear_cross_entropy_sum(hidden[0, :-1], lm_head.weight, targets, bias, chunk_tokens=self.loss_chunk)
+        return loss, (targets != IGNORE).sum()

@@ -9,6 +9,7 @@ mask rebuilds its graph on every call (~1.5-1.9 ms CPU each). So the levers are:
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Sequence
 
@@ -30,8 +31,10 @@ def cu_seqlens_kwargs(seq_lens: Sequence[int], device) -> dict:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
+@functools.cache
 def _varlen_call_options() -> dict:
-    """torch's varlen_attn took `is_causal` in early releases and `window_size` later."""
+    """torch's varlen_attn took `is_causal` in early releases and `window_size` later. Read once (the
+    attention function asks on every call); callers copy before changing it."""
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters

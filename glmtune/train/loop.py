@@ -194,6 +194,29 @@ def _graphed_decoder(plan: SpeedPlan, cfg: TrainConfig, model, train_ex, console
         return None
 
 
+def _eager_step(model, micro_batches, accelerator, plan: SpeedPlan, cfg: TrainConfig, *, pad_id: int,
+                block_mask: bool, dtype):
+    """One optimizer step's forward/backward, micro-batch by micro-batch (collated, packed or padded).
+    Returns (summed loss, global trained-token count, tokens processed here)."""
+    world = accelerator.num_processes
+    batches = [collate(mb, packing=plan.packing, pad_id=pad_id, block_mask=block_mask, varlen=plan.varlen)
+               for mb in micro_batches]
+    n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    n_global = accelerator.reduce(torch.tensor(float(n_local), device=accelerator.device), "sum")
+    loss_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    tokens = 0
+    for j, batch in enumerate(batches):
+        batch = _to(batch, accelerator.device, dtype)
+        sync = accelerator.no_sync(model) if j < len(batches) - 1 else _nullcontext()
+        with sync, _saved_tensors_place(cfg.speed.offload_activations):
+            s, _ = forward_loss_sum(model, batch, fused=plan.fused_loss)
+            # DDP averages gradients over processes, so scale by world size
+            accelerator.backward(s * world / n_global.clamp(min=1))
+        loss_total += s.detach().double()
+        tokens += int(batch["input_ids"].numel() if plan.packing else batch["attention_mask"].sum())
+    return loss_total, n_global, tokens
+
+
 def _graphed_step(graphed, micro_batches, accelerator, pad_id: int):
     """One optimizer step's forward/backward through CUDA-graphed fixed rows (one process).
 
@@ -350,29 +373,15 @@ def _train(cfg: TrainConfig, plan: SpeedPlan, accelerator, console, *, resume, r
     window_tokens, window_t0 = 0, time.time()
     with progress:
         while step < steps:
-            # 1. this step's micro-batches and the global trained-token count (the loss denominator)
+            # 1-2. this step's micro-batches, forward/backward; the loss denominator is the step's
+            # trained-token count over all micro-batches and processes
+            micro = [[train_ex[i] for i in stream.indices(step * ga + j)] for j in range(ga)]
             if graphed is not None:
-                loss_total, n_global, tokens = _graphed_step(graphed, [[train_ex[i] for i in stream.indices(step * ga + j)]
-                                                                      for j in range(ga)], accelerator, pad_id)
-                window_tokens += tokens
-                batches = []
+                loss_total, n_global, tokens = _graphed_step(graphed, micro, accelerator, pad_id)
             else:
-                batches = [collate([train_ex[i] for i in stream.indices(step * ga + j)], packing=packing,
-                                   pad_id=pad_id, block_mask=block_mask, varlen=plan.varlen) for j in range(ga)]
-            n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-            if graphed is None:
-                n_global = accelerator.reduce(torch.tensor(float(n_local), device=accelerator.device), "sum")
-                loss_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-            # 2. forward/backward; DDP averages gradients over processes, so scale by world size
-            for j, batch in enumerate(batches):
-                batch = _to(batch, accelerator.device, model_dtype)
-                sync = accelerator.no_sync(model) if j < ga - 1 else _nullcontext()
-                with sync, _saved_tensors_place(cfg.speed.offload_activations):
-                    s, _ = forward_loss_sum(model, batch, fused=plan.fused_loss)
-                    accelerator.backward(s * world / n_global.clamp(min=1))
-                loss_total += s.detach().double()
-                window_tokens += int(batch["input_ids"].numel() if packing
-                                     else batch["attention_mask"].sum())
+                loss_total, n_global, tokens = _eager_step(
+                    model, micro, accelerator, plan, cfg, pad_id=pad_id, block_mask=block_mask, dtype=model_dtype)
+            window_tokens += tokens
             # 3. clip, step, schedule
             grad_norm = (accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
                          if cfg.train.max_grad_norm > 0 else None)
