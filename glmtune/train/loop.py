@@ -350,6 +350,9 @@ def _train(cfg: TrainConfig, plan: SpeedPlan, accelerator, console, *, resume, r
     accelerator.register_for_checkpointing(scheduler)
     register_state_hooks(accelerator)
     model_dtype = next(p.dtype for p in accelerator.unwrap_model(model).parameters() if p.is_floating_point())
+    # train mode before any capture: a graph records what runs while it is captured, and transformers
+    # checkpoints a block only in training mode (captured in eval mode, checkpointing never ran)
+    model.train()
     graphed = _graphed_decoder(plan, cfg, accelerator.unwrap_model(model), train_ex, console) if plan.graphs else None
 
     def write_extras(folder: Path) -> None:
@@ -367,7 +370,6 @@ def _train(cfg: TrainConfig, plan: SpeedPlan, accelerator, console, *, resume, r
                  fused=plan.fused_loss)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    model.train()
     progress, task = progress_bar(main, steps, step)
     last_loss = last_eval = None
     window_tokens, window_t0 = 0, time.time()
