@@ -65,6 +65,7 @@ _PER_LAYER = {
     "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight",
 }
 _INV_FREQ = "transformer.rotary_pos_emb.inv_freq"
+SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
 _LAYER_KEY = re.compile(r"transformer\.encoder\.layers\.(\d+)\.(.+)")
 
 # config.json settings whose other value would need a block GlmForCausalLM does not have.
@@ -357,10 +358,12 @@ def save_generation_config(src: Path, out_dir: Path, stop_ids: list[int], pad_id
     """The source's sampling defaults (when it ships them) with the family's stop ids."""
     from transformers import GenerationConfig
 
-    gen = GenerationConfig()
+    keep = {}
     if (src / "generation_config.json").is_file():
         keep = json.loads((src / "generation_config.json").read_text(encoding="utf-8"))
-        gen = GenerationConfig(**{k: v for k, v in keep.items() if not k.startswith("_") and k != "transformers_version"})
+    # Sampling defaults only: glm-4-9b-chat's max_length (128000) would clash with every
+    # max_new_tokens glmtune passes and print a warning into chat sessions.
+    gen = GenerationConfig(**{k: keep[k] for k in SAMPLING_KEYS if k in keep})
     gen.eos_token_id, gen.pad_token_id = stop_ids, pad_id
     gen.save_pretrained(out_dir)
 
