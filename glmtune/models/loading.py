@@ -22,7 +22,8 @@ def check_model_dir(path: str | Path, *, trust_remote_code: bool = False) -> Pat
     if not trust_remote_code and is_remote_chatglm(path):
         raise GlmtuneError(f"{path} is a remote-code ChatGLM checkpoint (model_type chatglm, modeling_chatglm.py): "
                            f"glmtune does not run a model folder's own code. Fix: `glmtune model import-chatglm {path} "
-                           f"--out {path}-native` and use the new folder (or set model.trust_remote_code: true).")
+                           f"--out {path}-native` and use the new folder (a training config may set model.trust_remote_code: "
+                           f"true to run the folder's code instead).")
     return path
 
 
