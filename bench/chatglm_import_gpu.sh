@@ -14,20 +14,21 @@
 # Raw output: $OUT/chatglm_import_gpu.txt (or bench/results/ when $OUT is unset).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-SITE=${GLMTUNE_SITE:-/tmp/site}
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-    >/dev/null 2>&1 || echo "warning: installing .whl/*.whl failed"
-fi
-export PYTHONPATH=$SITE:$PWD:$PWD/tests/models${PYTHONPATH:+:$PYTHONPATH}
+source bench/device_env.sh
+export PYTHONPATH=$PYTHONPATH:$PWD/tests/models
 SHAPE=${SHAPE:-9b}
 STEPS=${STEPS:-8}
 BATCH=${BATCH:-8}
+# FROM=N starts at step N and reuses $WORK (kept while the device stays warm) when one call's
+# 10 minutes do not cover all four steps: first call FROM=1 STOP=2, second call FROM=3.
+FROM=${FROM:-1}
+STOP=${STOP:-4}
 WORK=${WORK:-/tmp/glmtune-chatglm-bench}
-LOG=${OUT:-bench/results}/chatglm_import_gpu.txt
+LOG=${OUT:-bench/results}/chatglm_import_gpu$([ "$FROM" = 1 ] || echo "_from$FROM").txt
 mkdir -p "$(dirname "$LOG")"
-rm -rf "$WORK" && mkdir -p "$WORK"
+[ "$FROM" = 1 ] && rm -rf "$WORK"
+mkdir -p "$WORK"
+run_step() { [ "$FROM" -le "$1" ] && [ "$1" -le "$STOP" ]; }
 
 # Wall time and peak RSS of one child command (the import must not hold the 18 GB checkpoint at once).
 # The timer is `python3 -c` so the child keeps this shell's stdin (its heredoc script).
@@ -45,7 +46,7 @@ timed() { python3 -c "$TIMER" "$@"; }
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())"
 
-  echo "== 1. source checkpoint (glm-4-9b-chat layout, shape $SHAPE)"
+  run_step 1 && echo "== 1. source checkpoint (glm-4-9b-chat layout, shape $SHAPE)" &&
   timed python3 - "$WORK/src" "$SHAPE" <<'EOF'
 import sys, time
 import torch
@@ -56,14 +57,15 @@ write_chatglm_checkpoint(out, "glm4", "glmtune/resources/tokenizers/glm4", overr
                          device="cuda" if torch.cuda.is_available() else "cpu")
 print(f"written in {time.time() - t:.1f} s")
 EOF
-  du -sh "$WORK/src"; ls "$WORK/src"
+  run_step 1 && du -sh "$WORK/src" && ls "$WORK/src"
 
-  echo "== 2. glmtune model import-chatglm"
-  timed python3 -m glmtune model import-chatglm "$WORK/src" --out "$WORK/native" --dtype bf16
-  du -sh "$WORK/native"; ls "$WORK/native"; cat "$WORK/native/config.json"
+  run_step 2 && echo "== 2. glmtune model import-chatglm" &&
+  timed python3 -m glmtune model import-chatglm "$WORK/src" --out "$WORK/native" --dtype bf16 --overwrite &&
+  du -sh "$WORK/native" && ls "$WORK/native" && cat "$WORK/native/config.json"
 
-  echo "== 3. imported folder (fp32) vs the ChatGLM reference from the source tensors (fp32, no TF32)"
-  [ "${VERIFY:-1}" = 1 ] && python3 - "$WORK/src" "$WORK/native" <<'EOF'
+  run_step 3 && [ "${VERIFY:-1}" = 1 ] &&
+  echo "== 3. imported folder (fp32) vs the ChatGLM reference from the source tensors (fp32, no TF32)" &&
+  python3 - "$WORK/src" "$WORK/native" <<'EOF'
 import json, sys
 from pathlib import Path
 import torch
@@ -87,7 +89,7 @@ print(f"{len(ids)} tokens: max |logit diff| {diff.max().item():.3g} (logit std {
       f"{(out.argmax(-1) == ref.argmax(-1)).float().mean().item():.0%} of positions")
 EOF
 
-  echo "== 4. glmtune train: LoRA, $STEPS steps, speed levers auto"
+  run_step 4 && echo "== 4. glmtune train: LoRA, $STEPS steps, speed levers auto" &&
   python3 - "$WORK" "$STEPS" "$BATCH" <<'EOF'
 import json, random, sys
 from pathlib import Path
@@ -107,9 +109,9 @@ cfg = {"model": {"path": str(work / "native"), "dtype": "bf16"},
        "output": {"dir": str(work / "run"), "plot": False, "tensorboard": False}}
 (work / "lora.yaml").write_text(json.dumps(cfg, indent=1))
 EOF
-  timed python3 -m glmtune train "$WORK/lora.yaml"
-  cat "$WORK/run/metrics.jsonl" 2>/dev/null
-  ls "$WORK/run/final" 2>/dev/null
+  run_step 4 && rm -rf "$WORK/run" && timed python3 -m glmtune train "$WORK/lora.yaml" &&
+  cat "$WORK/run/metrics.jsonl" && ls "$WORK/run/final"
   date -u
 } 2>&1 | tee "$LOG"
-rm -rf "$WORK"
+[ "$STOP" = 4 ] && rm -rf "$WORK"
+true

@@ -38,15 +38,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 from glmtune.errors import InputError
-from glmtune.models.gguf import DTYPES, _make_readable, _prepare_out
+from glmtune.io import atomic_dir
+from glmtune.models.gguf import DTYPES, _prepare_out
 
 FAMILIES = ("chatglm2", "chatglm3", "glm4")
 # 2 GB output shards, as in the GGUF import: lazy loading stays cheap on small machines.
@@ -392,15 +391,13 @@ def import_chatglm(src: str | Path, out_dir: str | Path, *, dtype: str = "bf16",
     _prepare_out(out_dir, overwrite)
     step(f"{family} checkpoint, {len(files)} shard(s); converting the tokenizer")
     tokenizer = load_tokenizer(src, family=family)
-    if len(tokenizer) > cfg["padded_vocab_size"]:
-        raise InputError(f"the tokenizer has {len(tokenizer)} tokens but the embedding only "
-                         f"{cfg['padded_vocab_size']} rows", file=src / "config.json", field="padded_vocab_size",
-                         fix=f"pass the right --template (this one is read as {family})")
     stop_ids = get_template(family).stop_token_ids(tokenizer)
     config = native_config(cfg, source=src, stop_ids=stop_ids, dtype=dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    if len(tokenizer) > config.vocab_size:
+        raise InputError(f"the tokenizer has {len(tokenizer)} tokens but the embedding only {config.vocab_size} rows",
+                         file=src / "config.json", field="padded_vocab_size",
+                         fix=f"pass the right --template (this one is read as {family})")
+    with atomic_dir(out_dir) as tmp_out:
         weight_files, used, params = convert_weights(files, config, tmp_out, dtype, step)
         step("writing config, generation config, tokenizer and glmtune.json")
         config.save_pretrained(tmp_out)
@@ -408,13 +405,6 @@ def import_chatglm(src: str | Path, out_dir: str | Path, *, dtype: str = "bf16",
         tokenizer.save_pretrained(tmp_out)
         write_glmtune_meta(tmp_out, template=family, source="chatglm", source_dir=str(src.resolve()),
                            dtype=DTYPES[dtype])
-        _make_readable(tmp_out)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp_out, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_out, ignore_errors=True)
-        raise
     return ChatglmImportReport(out_dir=out_dir, source=src, family=family, num_parameters=params, dtype=dtype,
                                weight_files=weight_files, stop_ids=stop_ids,
                                rope_theta=config.rope_parameters["rope_theta"], used=used,
