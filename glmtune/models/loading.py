@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from glmtune.errors import ModelNotFoundError
+from glmtune.errors import GlmtuneError, ModelNotFoundError
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
-def check_model_dir(path: str | Path) -> Path:
-    """Fail early, with what to do, when a model folder is missing or incomplete."""
+def check_model_dir(path: str | Path, *, trust_remote_code: bool = False) -> Path:
+    """Fail early, with what to do, when a model folder is missing, incomplete, or remote-code
+    ChatGLM (unless the caller explicitly trusts its code). Every command that loads a model
+    passes through here."""
     path = Path(path)
     if not path.is_dir():
         raise ModelNotFoundError(path)
@@ -17,7 +19,24 @@ def check_model_dir(path: str | Path) -> Path:
         raise ModelNotFoundError(path, "config.json")
     if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
         raise ModelNotFoundError(path, "the weight files (*.safetensors)")
+    if not trust_remote_code and is_remote_chatglm(path):
+        raise GlmtuneError(f"{path} is a remote-code ChatGLM checkpoint (model_type chatglm, modeling_chatglm.py): "
+                           f"glmtune does not run a model folder's own code. Fix: `glmtune model import-chatglm {path} "
+                           f"--out {path}-native` and use the new folder (a training config may set model.trust_remote_code: "
+                           f"true to run the folder's code instead).")
     return path
+
+
+def is_remote_chatglm(path: str | Path) -> bool:
+    """config.json says `model_type: chatglm`, or its auto_map points at modeling_chatglm."""
+    import json
+
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    auto_map = cfg.get("auto_map") or {}
+    return cfg.get("model_type") == "chatglm" or any("modeling_chatglm" in str(v) for v in auto_map.values())
 
 
 def load_model(path: str | Path, *, dtype: str = "auto", attn_implementation: str | None = None,
@@ -26,7 +45,7 @@ def load_model(path: str | Path, *, dtype: str = "auto", attn_implementation: st
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = check_model_dir(path)
+    path = check_model_dir(path, trust_remote_code=bool(kwargs.get("trust_remote_code")))
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True,

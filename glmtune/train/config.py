@@ -269,7 +269,7 @@ def check_model(cfg: TrainConfig, source: str | None = None) -> None:
     from glmtune.models.loading import check_model_dir
 
     try:
-        check_model_dir(cfg.model.path)
+        check_model_dir(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     except ModelNotFoundError as e:
         raise ConfigError(str(e).rstrip("."), file=source, field="model.path") from None
     if cfg.model.dtype == "fp16" and model_family(cfg.model.path) in GLM_MODEL_TYPES:
