@@ -26,6 +26,7 @@ class Example:
     references: list[str]
     tools: list | None = None
     label: object = None
+    line: int | None = None  # where the record sits in its file, for error messages
 
 
 def load_examples(data: str | Path) -> list[Example]:
@@ -43,7 +44,7 @@ def load_examples(data: str | Path) -> list[Example]:
             prompt, refs = messages, []  # nothing to compare against: predict only
         if not any(m["role"] == "user" for m in prompt):
             raise InputError("no user turn before the answer", file=data, line=line, field="messages")
-        examples.append(Example(index, prompt, refs, rec.get("tools"), rec.get("label")))
+        examples.append(Example(index, prompt, refs, rec.get("tools"), rec.get("label"), line))
     return examples
 
 
@@ -75,6 +76,8 @@ def predict_file(predictor, data: str | Path, out: str | Path, batch_size: int =
     examples = load_examples(data)
     done = done_indexes(out)
     todo = [ex for ex in examples if ex.index not in done]
+    for ex in todo:  # before any generation: an image for a text-only model names its record
+        predictor.check_images(ex.messages, file=data, line=ex.line)
     if on_progress:
         on_progress(len(examples) - len(todo), len(examples))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
