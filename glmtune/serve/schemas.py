@@ -57,7 +57,8 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "observation"]
-    content: str | list[ContentPart] | None = None
+    # list first: a bad part is then the error reported (a union reports its first branch's error)
+    content: list[ContentPart] | str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     name: str | None = None
 

@@ -157,7 +157,9 @@ class Template:
             if content is None:
                 content = ""
             if not isinstance(content, str):
-                raise InputError("content must be a string", field=f"messages[{i}].content")
+                raise InputError("content must be a string", field=f"messages[{i}].content",
+                                 fix="image parts are for inference with a vision-language model "
+                                     "(Predictor, chat, serve); training on them is not supported")
             if msg.get("tool_calls") and not self.supports_tools:
                 raise InputError(f"template '{self.name}' does not support tool calls",
                                  field=f"messages[{i}].tool_calls")
