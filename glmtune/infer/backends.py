@@ -136,7 +136,7 @@ class HFBackend:
 
         parts = [getattr(p, "inputs", None) or {} for p in prompts]
         keys = dict.fromkeys(k for part in parts for k in part)
-        dtype = next(self.model.parameters()).dtype
+        dtype = self.model.dtype  # pixel values in the model's dtype (bf16 models want bf16 pixels)
         out = {}
         for key in keys:
             if key in PER_TOKEN_KEYS:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from glmtune.data.records import content_text
 from glmtune.errors import InputError
 
 
@@ -96,7 +97,8 @@ def predict_file(predictor, data: str | Path, out: str | Path, batch_size: int =
 
 
 def _row(ex: Example, prediction: str) -> dict:
-    user = [m["content"] for m in ex.messages if m["role"] == "user"]
+    # The question's text (pictures, possibly whole data: URIs, stay in the data file).
+    user = [content_text(m["content"]) for m in ex.messages if m["role"] == "user"]
     row = {"index": ex.index, "prompt": user[-1], "prediction": prediction, "references": ex.references}
     if ex.label is not None:
         row["label"] = ex.label
