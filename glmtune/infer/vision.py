@@ -93,6 +93,7 @@ def image_bytes(src: str, limits: ImageLimits, *, field: str | None = None) -> b
     """The encoded picture behind ``src``: a ``data:`` URI, a ``file://`` URL or a local path."""
     if src.startswith("data:"):
         header, sep, payload = src.partition(",")
+        payload = "".join(payload.split())  # some clients wrap base64 in lines
         if not sep or ";base64" not in header:
             raise InputError("a data: URI must be base64 (data:image/png;base64,...)", field=field)
         if len(payload) * 3 // 4 > limits.max_bytes:
@@ -112,7 +113,8 @@ def image_bytes(src: str, limits: ImageLimits, *, field: str | None = None) -> b
 
 
 def local_image_path(src: str, *, root: str | Path | None = None, field: str | None = None) -> Path:
-    """The file a path or ``file://`` URL names; with ``root``, it must lie inside that folder."""
+    """The file a path or ``file://`` URL names; with ``root``, it must lie inside that folder
+    (relative paths start there; symlinks and ``..`` are resolved before the check)."""
     scheme = urlparse(src).scheme.lower()
     if scheme == "file":
         src = unquote(urlparse(src).path)
@@ -121,9 +123,10 @@ def local_image_path(src: str, *, root: str | Path | None = None, field: str | N
                          field=field, fix="download the picture and give its path, or send a data: URI")
     path = Path(src).expanduser()
     if root is not None:
-        resolved, root = path.resolve(), Path(root).resolve()
+        root = Path(root).resolve()
+        resolved = (root / path).resolve()  # an absolute `path` replaces root here
         if not resolved.is_relative_to(root):
-            raise InputError(f"image path {src} is outside the allowed image folder", field=field,
+            raise InputError(f"image path {resolved} is outside the allowed image folder", field=field,
                              fix="send the picture as a data: URI, or put it under the server's --image-root")
         return resolved
     return path

@@ -49,6 +49,7 @@ def test_data_uri_image_answers_like_predictor(client, vl, pics):
     assert ask(client, data_uri(pics[1]), stream=True) == want[1]
     assert ask(client, str(pics[0])) == want[0]  # a path inside --image-root
     assert ask(client, f"file://{pics[1]}") == want[1]
+    assert ask(client, pics[1].name) == want[1]  # relative paths start at --image-root
 
 
 def test_bad_images_are_400_and_the_server_keeps_serving(client, vl, pics, tmp_path):
