@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from glmtune.data.records import content_text
+
 PERCENTILES = (50, 90, 99)
 
 
@@ -58,7 +60,7 @@ def compute_stats(records: list[dict], *, template=None, tokenizer=None, cutoff:
         with_system=sum(bool(r["messages"]) and r["messages"][0]["role"] == "system" for r in records),
         with_tools=sum(bool(r.get("tools")) for r in records),
         turns=LengthStats.of([sum(m["role"] == "assistant" for m in r["messages"]) for r in records]),
-        chars=LengthStats.of([sum(len(m["content"]) for m in r["messages"]) for r in records]),
+        chars=LengthStats.of([sum(len(content_text(m["content"])) for m in r["messages"]) for r in records]),
         labels=dict(labels.most_common()), cutoff=cutoff)
     if template is not None and tokenizer is not None:
         lengths, trained = token_lengths(records, template, tokenizer, train_on)

@@ -41,13 +41,53 @@ def is_remote_chatglm(path: str | Path) -> bool:
 
 def load_model(path: str | Path, *, dtype: str = "auto", attn_implementation: str | None = None,
                device_map=None, quantization_config=None, **kwargs):
-    """AutoModelForCausalLM.from_pretrained with local_files_only and a clear missing-folder error."""
+    """AutoModelForCausalLM.from_pretrained with local_files_only and a clear missing-folder error.
+
+    A vision-language folder (:func:`is_vision_model`) loads through AutoModelForImageTextToText,
+    the class its processor's pixel inputs go to; no remote code either way.
+    """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     path = check_model_dir(path, trust_remote_code=bool(kwargs.get("trust_remote_code")))
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True,
-                                                device_map=device_map,
-                                                quantization_config=quantization_config, **extra, **kwargs)
+    auto = AutoModelForImageTextToText if is_vision_model(path) else AutoModelForCausalLM
+    return auto.from_pretrained(path, dtype=torch_dtype, local_files_only=True, device_map=device_map,
+                                quantization_config=quantization_config, **extra, **kwargs)
+
+
+def model_type(path: str | Path) -> str:
+    """``model_type`` from a model folder's config.json ('' when absent)."""
+    import json
+
+    return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type", "")
+
+
+def is_vision_model(path: str | Path) -> bool:
+    """True for image-text-to-text architectures (Qwen2-VL, GLM-4V, LLaVA, ...): they take images."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return model_type(path) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+def load_processor(path: str | Path):
+    """The folder's multimodal processor (AutoProcessor: image processor + tokenizer), no remote code.
+
+    Image processors fall back to their PIL version without torchvision; some processors (Qwen2-VL,
+    GLM-4V) also build a video processor, which needs torchvision: that is reported with the fix.
+    """
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    try:
+        return AutoProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (ImportError, AttributeError, TypeError, ValueError) as e:
+        if not is_torchvision_available():
+            raise GlmtuneError(f"{path}: this model's processor needs torchvision ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:160]}). Fix: install the torchvision build that "
+                               f"matches your torch (CPU: pip install torchvision --index-url "
+                               f"https://download.pytorch.org/whl/cpu)") from None
+        raise GlmtuneError(f"{path}: cannot load the image processor ({e}). Fix: copy the model's "
+                           f"processor files (preprocessor_config.json / processor_config.json) into the "
+                           f"folder") from None
