@@ -295,3 +295,35 @@ def synthesize_cmd(
     console.print(_table(f"synthesized {pages} -> {out}", rows))
     for rec in s.samples:
         console.print(f"  Q: {rec['messages'][-2]['content']}\n  A: {rec['messages'][-1]['content']}", highlight=False)
+
+
+@data_app.command("augment")
+def augment_cmd(
+    source: str = typer.Argument(..., metavar="IN", help=IN_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Input records plus paraphrases (JSONL) to write."),
+    min_per_class: int = typer.Option(..., "--min-per-class", help="Paraphrase classes under N until they reach N."),
+    llm: str = typer.Option(..., "--llm", help=LLM_HELP),
+    model: Optional[str] = typer.Option(None, help="Model name at the endpoint (default: its first model)."),
+    lang: str = typer.Option("zh", help="Prompt language: zh | en."),
+    label_field: str = typer.Option("label", help="Field (top level or meta) holding the class."),
+    per_request: int = typer.Option(3, help="Paraphrases asked for per request."),
+    max_rounds: int = typer.Option(4, help="Rounds of requests before giving up on a class."),
+    too_close: float = typer.Option(0.8, help="Drop a paraphrase this similar (3-gram Jaccard) to another record."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature (0 = greedy)."),
+    prompt: Optional[Path] = typer.Option(None, help="Your own prompt template ($text, $k)."),
+) -> None:
+    """Paraphrase dialogues of rare classes (label kept, marked meta.augmented so `split` keeps them in train)."""
+    from glmtune.data.augment import augment_classes
+
+    with console.status(f"augmenting {source}") as status:
+        s = augment_classes(source, out, min_per_class=min_per_class, llm=llm, model=model, lang=lang,
+                            label_field=label_field, per_request=per_request, max_rounds=max_rounds,
+                            too_close=too_close, temperature=temperature, prompt=prompt,
+                            progress=lambda done, total: status.update(f"round {done}/{total}"))
+    grown = {k: f"{s.before[k]} -> {s.after[k]}" for k in s.after if s.after[k] != s.before[k]}
+    rows = {"classes augmented": len(grown), "records added": s.augmented, "LLM requests": s.requests,
+            **{f"dropped: {k}": v for k, v in sorted(s.dropped.items())}, **grown}
+    console.print(_table(f"augmented {source} -> {out}", rows))
+    if s.short:
+        console.print(f"[yellow]still under {min_per_class}:[/] "
+                      + ", ".join(f"{k} ({n})" for k, n in s.short.items()), highlight=False)

@@ -25,6 +25,15 @@ LANGS = ("zh", "en")
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 
 
+def as_llm(llm, model: str | None = None, **options):
+    """A client from ``llm``: a URL or model folder is opened (glmtune.infer.llm.open_llm, imported here
+    so that ``glmtune.data`` does not load the inference stack); a ready client is returned as is."""
+    if isinstance(llm, (str, Path)):
+        from glmtune.infer.llm import open_llm
+        return open_llm(llm, model, **options)
+    return llm
+
+
 def load_prompt(name: str, lang: str, path: str | Path | None = None) -> Template:
     """The template ``path`` if given, else the shipped ``NAME.LANG.txt``."""
     if lang not in LANGS:

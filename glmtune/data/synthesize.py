@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from glmtune.data.crawl import read_pages
-from glmtune.data.prompting import ask_json_lists, fill_prompt, load_prompt
+from glmtune.data.prompting import as_llm, ask_json_lists, fill_prompt, load_prompt
 from glmtune.errors import InputError
 from glmtune.io import iter_jsonl, write_jsonl_atomic
 
@@ -80,7 +80,7 @@ def synthesize_qa(pages_dir: str | Path, out_path: str | Path, *, llm, model: st
     pages = read_pages(pages_dir)
     if not pages:
         raise InputError("no pages to read", file=pages_dir, fix="crawl first, or put .txt files in the folder")
-    client = _client(llm, model, batch_size=batch_size, max_tokens=max_tokens, temperature=temperature)
+    client = as_llm(llm, model, batch_size=batch_size, max_tokens=max_tokens, temperature=temperature)
     tok = _chunk_tokenizer(tokenizer, client)
     chunks = [c for page in pages for c in chunk_page(page, tok, chunk_tokens, overlap)]
     log_path = out.with_name(out.stem + ".progress.jsonl")
@@ -106,13 +106,6 @@ def synthesize_qa(pages_dir: str | Path, out_path: str | Path, *, llm, model: st
     summary.pairs_kept = write_jsonl_atomic(out, records)
     summary.samples = records[:3]
     return summary
-
-
-def _client(llm, model, **options):
-    if isinstance(llm, (str, Path)):
-        from glmtune.infer.llm import open_llm
-        return open_llm(llm, model, **options)
-    return llm
 
 
 def _chunk_tokenizer(tokenizer, client):
