@@ -124,6 +124,8 @@ def _visit(fetcher: "_Fetcher", url: str, host: str | None, out: Path, manifest:
         links = _links(html, final_url)
     except _Skip as e:
         return {**row, "status": "skipped" if e.permanent else "error", "reason": e.reason}
+    except Exception as e:  # a page the HTML parsers choke on costs only itself
+        return {**row, "status": "skipped", "reason": f"unreadable page ({type(e).__name__})"}
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     twin = next((r["url"] for r in manifest.values() if r.get("sha256") == sha), None)
     if twin is not None:
@@ -143,8 +145,11 @@ class _Fetcher:
         self.robots: dict[str, object] = {}
         self.last_request = 0.0
 
-    def fetch(self, url: str, host: str | None) -> tuple[str, int, str]:
-        """(final URL, HTTP status, HTML text) after following redirects by hand (each hop checked)."""
+    def fetch(self, url: str, host: str | None) -> tuple[str, int, str | bytes]:
+        """(final URL, HTTP status, HTML) after following redirects by hand (each hop checked).
+
+        The HTML is text when the server names a charset, else bytes: trafilatura and lxml then read
+        the page's own <meta charset> (GBK campus pages often declare it only there)."""
         import httpx
 
         chain = [url]
@@ -163,7 +168,7 @@ class _Fetcher:
                     return chain[-1], resp.status_code, self._read_html(resp)
             except httpx.TimeoutException:
                 raise _Skip("timeout", permanent=False) from None
-            except httpx.TransportError as e:
+            except httpx.HTTPError as e:  # connection refused/reset, protocol and decoding errors
                 raise _Skip(f"connection error ({type(e).__name__})", permanent=False) from None
         raise _Skip(f"more than {MAX_REDIRECTS} redirects")
 
@@ -204,14 +209,14 @@ class _Fetcher:
         self.summary.requests += 1
         return self.client.stream("GET", url)
 
-    def _read_html(self, resp) -> str:
+    def _read_html(self, resp) -> str | bytes:
         if resp.status_code >= 400:
             raise _Skip(f"HTTP {resp.status_code}", permanent=resp.status_code < 500)
         ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype not in HTML_TYPES:
             raise _Skip(f"not HTML ({ctype or 'no content-type'})")
         body = self._read_capped(resp)
-        return body.decode(resp.encoding or "utf-8", errors="replace")
+        return body.decode(resp.charset_encoding, errors="replace") if resp.charset_encoding else body
 
     def _read_capped(self, resp) -> bytes:
         """The body, or _Skip as soon as it passes max_bytes (the rest is never downloaded)."""
@@ -227,7 +232,7 @@ class _Fetcher:
         return b"".join(chunks)
 
 
-def _main_text(html: str, url: str) -> tuple[str, str | None]:
+def _main_text(html: str | bytes, url: str) -> tuple[str, str | None]:
     import trafilatura
 
     doc = trafilatura.bare_extraction(html, url=url, with_metadata=True, include_comments=False)
@@ -237,7 +242,7 @@ def _main_text(html: str, url: str) -> tuple[str, str | None]:
     return text.strip(), doc.title
 
 
-def _links(html: str, base: str) -> list[str]:
+def _links(html: str | bytes, base: str) -> list[str]:
     """Absolute http(s) links of <a href>, fragments removed, in page order, without repeats."""
     import lxml.html
 

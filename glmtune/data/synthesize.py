@@ -14,6 +14,7 @@ text, so a changed page or chunk size is new work); a rerun asks only about chun
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections import Counter
@@ -109,12 +110,17 @@ def synthesize_qa(pages_dir: str | Path, out_path: str | Path, *, llm, model: st
 
 
 def _chunk_tokenizer(tokenizer, client):
-    from glmtune.models.tokenizer import load_tokenizer
-
-    if tokenizer is not None:
-        return load_tokenizer(tokenizer)
     local = getattr(client, "predictor", None)
-    return local.tokenizer if local is not None else load_tokenizer(BUILTIN_TOKENIZER)
+    if tokenizer is None and local is not None:
+        return local.tokenizer
+    return _load_tokenizer(str(tokenizer or BUILTIN_TOKENIZER))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_tokenizer(path: str):
+    # GLM-4's 150k-token vocabulary takes seconds to load; a UI or a rerun in one process pays once.
+    from glmtune.models.tokenizer import load_tokenizer
+    return load_tokenizer(path)
 
 
 def chunk_page(page: dict, tokenizer, chunk_tokens: int, overlap: int) -> list[dict]:

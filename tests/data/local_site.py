@@ -34,6 +34,10 @@ DORMS = ["First-year students live in the east dormitories, which are a ten minu
          "building.", "Each dormitory room has four beds, four desks and a shared bathroom; hot water is "
          "available all day.", "Visitors must register at the front desk and leave the building before eleven "
          "at night."]
+# Served as GBK with the charset only in <meta>, as many Chinese campus sites do.
+NOTICE = ["新生报到时间为九月一日上午八点至下午五点，地点在学校体育馆一楼大厅。",
+          "报到时请携带录取通知书、身份证原件和四张一寸照片，缺少材料的同学需要到学生处补办手续。",
+          "宿舍钥匙在报到当天由各学院辅导员统一发放，校园卡可以在体育馆门口的服务台领取。"]
 CANTEEN = ["The north canteen serves breakfast from half past six and is known for its noodles and dumplings.",
            "Meals are paid with the campus card; a typical lunch costs between eight and fifteen yuan.",
            "The canteen on the second floor offers halal food and a vegetarian counter every day of the week."]
@@ -48,10 +52,11 @@ def site_pages() -> dict[str, tuple[str, str]]:
             "Read each section carefully before the start of term, and ask the student office if anything is "
             "unclear."], ["/library.html", "/dorms.html#rooms", "/private/salaries.html", "http://other.invalid/x",
                           "/loop-a", "/missing.html", "/brochure.bin", "/huge.html", "mailto:office@example.edu",
-                          "/library.html"])),
+                          "/library.html", "/notice.html"])),
         "/library.html": ("text/html; charset=utf-8", page("Library", LIBRARY, ["/canteen.html", "/"])),
         "/dorms.html": ("text/html; charset=utf-8", page("Dormitories", DORMS, ["/"])),
         "/canteen.html": ("text/html; charset=utf-8", page("Canteens", CANTEEN, ["/"])),
+        "/notice.html": ("text/html", page("新生报到须知", NOTICE, ["/"])),
         "/private/salaries.html": ("text/html; charset=utf-8", page("Salaries", ["Secret salary table."], [])),
         "/robots.txt": ("text/plain", "User-agent: *\nDisallow: /private/\n"),
         "/brochure.bin": ("application/octet-stream", "\x00\x01binary" * 100),
@@ -73,6 +78,8 @@ class LocalSite:
                 if self.path in pages:
                     ctype, body = pages[self.path]
                     data = body.encode("utf-8")
+                    if self.path == "/notice.html":
+                        ctype, data = "text/html", body.replace("charset='utf-8'", "charset='gbk'").encode("gbk")
                     self.send_response(200)
                     self.send_header("Content-Type", ctype)
                     self.send_header("Content-Length", str(len(data)))

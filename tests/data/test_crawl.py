@@ -13,7 +13,7 @@ from local_site import COOKIE, FOOTER, HUGE_BYTES, NAV, LocalSite  # noqa: E402
 from glmtune.data.crawl import crawl_site, read_pages  # noqa: E402
 from glmtune.errors import InputError  # noqa: E402
 
-CAP = 1_000_000   # bytes: the huge page must be cut off here, not downloaded
+CAP = 300_000   # bytes: the huge page must be cut off here, not downloaded
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def site():
 def test_crawl_saves_exactly_the_allowed_pages_and_reports_the_rest(site, tmp_path):
     s = crawl_site(site.url, tmp_path, depth=1, delay=0, max_bytes=CAP)
     base = site.url.rstrip("/")
-    assert sorted(s.saved) == [site.url, f"{base}/dorms.html", f"{base}/library.html"]
+    assert sorted(s.saved) == [site.url, f"{base}/dorms.html", f"{base}/library.html", f"{base}/notice.html"]
     assert s.skipped == {"disallowed by robots.txt": [f"{base}/private/salaries.html"],
                          "redirect loop": [f"{base}/loop-a"], "HTTP 404": [f"{base}/missing.html"],
                          "not HTML (application/octet-stream)": [f"{base}/brochure.bin"],
@@ -41,11 +41,13 @@ def test_crawl_saves_exactly_the_allowed_pages_and_reports_the_rest(site, tmp_pa
     assert set(pages) == set(s.saved)
     library = pages[f"{base}/library.html"]
     assert library["title"] == "Library" and "borrow up to twenty books" in library["text"]
+    notice = pages[f"{base}/notice.html"]   # GBK, charset only in <meta>
+    assert notice["title"] == "新生报到须知" and "宿舍钥匙在报到当天由各学院辅导员统一发放" in notice["text"]
     for p in pages.values():
         for noise in (NAV, FOOTER, COOKIE, "Admissions", "All rights reserved"):
             assert noise not in p["text"]
     rows = [json.loads(x) for x in (tmp_path / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(rows) == 8 and {r["status"] for r in rows} == {"ok", "skipped"}
+    assert len(rows) == 9 and {r["status"] for r in rows} == {"ok", "skipped"}
     ok = [r for r in rows if r["status"] == "ok"]
     assert all(len(r["sha256"]) == 64 and r["fetched_at"] and r["title"] for r in ok)
 
@@ -55,7 +57,7 @@ def test_rerun_fetches_nothing_new_and_deeper_rerun_fetches_only_new(site, tmp_p
     before = list(site.requests)
     again = crawl_site(site.url, tmp_path, depth=1, delay=0, max_bytes=CAP)
     assert site.requests == before and again.requests == 0
-    assert again.saved == [] and again.already_done == 8
+    assert again.saved == [] and again.already_done == 9
     deeper = crawl_site(site.url, tmp_path, depth=2, delay=0, max_bytes=CAP)
     assert site.requests[len(before):] == ["/robots.txt", "/canteen.html"]
     assert [u.rsplit("/", 1)[1] for u in deeper.saved] == ["canteen.html"]
@@ -77,5 +79,5 @@ def test_cli_crawl(site, tmp_path):
     res = CliRunner().invoke(app, ["data", "crawl", site.url, "--out", str(tmp_path / "pages"), "--depth", "1",
                                    "--delay", "0", "--max-bytes", str(CAP)])
     assert res.exit_code == 0, res.output
-    assert "saved 3" in res.output and "disallowed by robots.txt" in res.output and "/private/salaries.html" in res.output
-    assert len(list((tmp_path / "pages").glob("*.txt"))) == 3
+    assert "saved 4" in res.output and "disallowed by robots.txt" in res.output and "/private/salaries.html" in res.output
+    assert len(list((tmp_path / "pages").glob("*.txt"))) == 4

@@ -40,6 +40,7 @@ LIBRARY_PAIRS = [
     {"question": "Hi?", "answer": "The university library opens at eight."},                          # length
     {"q": "How many books?", "a": "Twenty."},                                                          # malformed
 ]
+NOTICE_PAIR = {"question": "新生报到的地点在哪里？", "answer": "地点在学校体育馆一楼大厅。"}
 GUIDE_PAIR = {"question": "Whom should students ask if something is unclear?",
               "answer": "Ask the student office if anything is unclear."}
 
@@ -50,6 +51,8 @@ def scripted(messages: list[dict]) -> str:
         return "Sure! Here are the pairs you asked for." if len(messages) == 1 else json.dumps(LIBRARY_PAIRS)
     if "Dormitories" in text:
         return "I cannot answer in JSON, sorry."   # invalid every time -> dropped
+    if "新生报到" in text:
+        return json.dumps({"pairs": [NOTICE_PAIR]}, ensure_ascii=False)
     return "```json\n" + json.dumps([GUIDE_PAIR]) + "\n```"
 
 
@@ -66,20 +69,21 @@ def test_kept_pairs_filters_provenance_and_resume(pages, tmp_path, monkeypatch):
         assert retry[1]["role"] == "assistant" and "not the JSON" in retry[2]["content"]
         again = synthesize_qa(pages, out, llm=llm.url, per_chunk=5, lang="en")
         assert len(llm.calls) == calls                               # a rerun asks nothing
-    assert s.pages == 3 and s.chunks == 3 and calls == s.requests == 5   # guide 1, library 2, dorms 2
-    assert s.pairs_kept == 2 and dict(s.dropped) == {"invalid_json": 1, "ungrounded": 1, "duplicate": 1,
+    assert s.pages == 4 and s.chunks == 4 and calls == s.requests == 6   # guide 1, library 2, dorms 2, notice 1
+    assert s.pairs_kept == 3 and dict(s.dropped) == {"invalid_json": 1, "ungrounded": 1, "duplicate": 1,
                                                      "length": 1, "malformed": 1}
-    assert done[-1] == (3, 3)
+    assert done[-1] == (4, 4)
     records = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
-    assert [r["messages"][0]["content"] for r in records] == [GUIDE_PAIR["question"], LIBRARY_PAIRS[0]["question"]]
+    assert [r["messages"][0]["content"] for r in records] == [GUIDE_PAIR["question"], LIBRARY_PAIRS[0]["question"],
+                                                              NOTICE_PAIR["question"]]
     lib = records[1]
     assert lib["messages"][1] == {"role": "assistant", "content": LIBRARY_PAIRS[0]["answer"]}
     assert lib["meta"]["source"].endswith("/library.html") and lib["meta"]["chunk_id"].endswith("#0")
     assert lib["meta"]["model"] == "fake-model" and lib["meta"]["grounding"] == 1.0 and lib["meta"]["synthesized"]
-    assert again.chunks_done_before == 3 and again.requests == 0 and again.pairs_kept == 2
+    assert again.chunks_done_before == 4 and again.requests == 0 and again.pairs_kept == 3
     # the output is what `glmtune data split` and training read
     from glmtune.data.registry import load_dataset
-    assert len(load_dataset(out)) == 2
+    assert len(load_dataset(out)) == 3
 
 
 def test_grounding_chunking_and_parsing(glm4_tokenizer_dir):
