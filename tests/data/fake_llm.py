@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Callable
 
+from local_site import LocalServer
 
-class FakeLLM:
+
+class FakeLLM(LocalServer):
     """``with FakeLLM(respond) as llm: llm.url ('.../v1'), llm.calls (message lists), llm.auth``."""
 
     def __init__(self, respond: Callable[[list[dict]], str], model: str = "fake-model"):
@@ -44,18 +46,8 @@ class FakeLLM:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "FakeLLM":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._start(Handler)
+        self.url = f"http://127.0.0.1:{self.port}/v1"
 
 
 def prompt_text(messages: list[dict]) -> str:

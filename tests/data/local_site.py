@@ -63,7 +63,25 @@ def site_pages() -> dict[str, tuple[str, str]]:
     }
 
 
-class LocalSite:
+class LocalServer:
+    """A ThreadingHTTPServer on 127.0.0.1 at a free port, served from a daemon thread while in a ``with``."""
+
+    def _start(self, handler) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)  # port 0: the OS picks a free port
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class LocalSite(LocalServer):
     """``with LocalSite() as site: site.url, site.requests (paths in order), site.huge_bytes_sent``."""
 
     def __init__(self):
@@ -113,15 +131,5 @@ class LocalSite:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "LocalSite":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._start(Handler)
+        self.url = f"http://127.0.0.1:{self.port}/"
