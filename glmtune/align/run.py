@@ -153,7 +153,8 @@ def run_alignment(algorithm: str, config, *, overrides: list[str] | None = None,
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out, algorithm)
     main = int(os.environ.get("RANK", "0")) == 0
-    resume_step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"] if ckpt else 0
+    # -1 on a fresh run: drop every old row, including a previous run's step-0 evaluation
+    resume_step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"] if ckpt else -1
     monitor = Monitor(out, enabled=main, resume_step=resume_step, tensorboard=cfg.output.tensorboard,
                       plot=cfg.output.plot)
     trainer_cls = algo.trainer()
