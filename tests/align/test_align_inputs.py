@@ -103,3 +103,10 @@ def test_cli_one_line_error_and_explain(tiny_model, tmp_path):
                        env=env, check=True)
     for key in ("adapter:", "beta:", "num_generations:", "kl_coef:", "clip_range:", "ppo_epochs:", "rewards:"):
         assert key in r.stdout
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (
+    __import__("pathlib").Path(__file__).resolve().parents[2] / "configs" / "align").glob("*.yaml")))
+def test_shipped_align_presets_validate(preset):
+    from pathlib import Path
+    load_align_config(Path(__file__).resolve().parents[2] / "configs" / "align" / preset, check_paths=False)
