@@ -6,7 +6,6 @@ same `--set` overrides); `model.adapter` names the SFT adapter to start from. `g
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +14,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from glmtune.errors import ConfigError
 from glmtune.train.config import (DataSection, EvalSection, MethodSection, ModelSection, OutputSection, TrainSection,
-                                  _Section, _set_dotted, _validation_error, check_model, parse_override)
+                                  _Section, _validation_error, check_model, read_raw_config)
 
 ALGORITHMS = ("rm", "dpo", "grpo", "ppo")
 
@@ -77,24 +76,7 @@ class AlignConfig(_Section):
 def load_align_config(path: str | Path | dict, overrides: list[str] | None = None, *,
                       check_paths: bool = True) -> AlignConfig:
     """YAML (or a dict) + `KEY=VALUE` overrides -> a validated AlignConfig; errors name the key."""
-    if isinstance(path, dict):
-        raw, source = json.loads(json.dumps(path)), None
-    else:
-        from glmtune.io import read_text_utf8
-        source = str(path)
-        try:
-            raw = yaml.safe_load(read_text_utf8(path)) or {}
-        except FileNotFoundError:
-            raise ConfigError("config file not found", file=source) from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            raise ConfigError(f"invalid YAML ({getattr(e, 'problem', e)})", file=source,
-                              line=mark.line + 1 if mark else None) from None
-        if not isinstance(raw, dict):
-            raise ConfigError("the config must be a YAML mapping", file=source)
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _set_dotted(raw, key, value)
+    raw, source = read_raw_config(path, overrides)
     try:
         cfg = AlignConfig.model_validate(raw)
     except ValidationError as e:

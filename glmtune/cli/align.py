@@ -43,25 +43,21 @@ def _run(algorithm: str, config: Optional[Path], sets: Optional[List[str]], resu
                   + f"\nweights: {result.adapter_path}\nmetrics: {result.output_dir / 'metrics.jsonl'}")
 
 
-@align_app.command("rm")
-def rm_cmd(config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, resume: Optional[str] = RESUME) -> None:
-    """Train a reward model (scalar head) on preference pairs; use it as a GRPO/PPO reward."""
-    _run("rm", config, set_, resume)
+ALGORITHMS = {
+    "rm": "Train a reward model (scalar head) on preference pairs; use it as a GRPO/PPO reward.",
+    "dpo": "Direct preference optimisation on preference pairs (or gold x bad answers).",
+    "grpo": "Group relative policy optimisation with the rewards of align.rewards.",
+    "ppo": "PPO-style RL with align.rewards (TRL 1.x: RLOOTrainer, no value head).",
+}
 
 
-@align_app.command("dpo")
-def dpo_cmd(config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, resume: Optional[str] = RESUME) -> None:
-    """Direct preference optimisation on preference pairs (or gold x bad answers)."""
-    _run("dpo", config, set_, resume)
+def _command(algorithm: str):
+    def command(config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET,
+                resume: Optional[str] = RESUME) -> None:
+        _run(algorithm, config, set_, resume)
+    command.__doc__ = ALGORITHMS[algorithm]
+    return command
 
 
-@align_app.command("grpo")
-def grpo_cmd(config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, resume: Optional[str] = RESUME) -> None:
-    """Group relative policy optimisation with the rewards of align.rewards."""
-    _run("grpo", config, set_, resume)
-
-
-@align_app.command("ppo")
-def ppo_cmd(config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, resume: Optional[str] = RESUME) -> None:
-    """PPO-style RL with align.rewards (TRL 1.x: RLOOTrainer, no value head)."""
-    _run("ppo", config, set_, resume)
+for _name in ALGORITHMS:
+    align_app.command(_name)(_command(_name))

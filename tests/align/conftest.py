@@ -41,13 +41,13 @@ def tiny_model(tmp_path_factory, glm4_tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def label_head_model(tmp_path_factory, tiny_model) -> Path:
-    """The tiny model with an LM head that only ever says one of the toy answers.
+    """The tiny model with an LM head that only ever says one of the toy answers, and barely knows which.
 
-    Stands in for an SFT'd classifier that has learnt the answer format but not the rule: along the
-    mean direction of the final hidden state, the answers' first tokens get logit ~+20 and every
-    other token ~-20 (the answers hold all the probability mass, also after LoRA moves the hidden
-    state a little), plus a small random part in the answers' rows (so which answer wins varies by
-    prompt, near chance)."""
+    Stands in for an SFT'd classifier that has learnt the answer format and a weak hint of the rule:
+    along the mean direction m of the final hidden state, the answers' first tokens get logit ~+20 and
+    every other token ~-20 (the answers hold all the probability mass, also after LoRA moves the hidden
+    state a little); along the direction d that separates red from blue prompts, apple and river get a
+    small +-eps, so the start is only a little better than chance (~0.6 held-out reward)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -57,17 +57,17 @@ def label_head_model(tmp_path_factory, tiny_model) -> Path:
     out = tmp_path_factory.mktemp("label-head") / "glm4"
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     tok, tpl = load_tokenizer(tiny_model), get_template("glm4")
-    prompts = [tpl.encode_prompt(tok, [{"role": "user", "content": p}]) for p, _ in toy_prompts(16, 9)]
+    probe = toy_prompts(32, 9)  # seeds distinct from every train/dev split
     with torch.no_grad():
-        hidden = torch.stack([model.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1] for ids in prompts])
-        mean = hidden.mean(0)
-        g = torch.Generator().manual_seed(0)
+        hidden = torch.stack([model.model(input_ids=torch.tensor([tpl.encode_prompt(tok, [
+            {"role": "user", "content": p}])])).last_hidden_state[0, -1] for p, _ in probe])
+        red = torch.tensor([k == "red" for _, k in probe])
+        m = hidden.mean(0)
+        d = hidden[red].mean(0) - hidden[~red].mean(0)
         head = model.lm_head.weight
-        head.copy_(-20 * mean / mean.norm() ** 2)  # every other token: logit ~ -20
-        for answer in KEYS.values():
-            first = tok.encode(answer, add_special_tokens=False)[0]
-            noise = torch.randn(mean.shape, generator=g) * 0.1 * 20 / mean.norm()
-            head[first] = 20 * mean / mean.norm() ** 2 + noise
+        head.copy_(-20 * m / m.norm() ** 2)  # every other token: logit ~ -20
+        for answer, sign in ((KEYS["red"], 1), (KEYS["blue"], -1)):
+            head[tok.encode(answer, add_special_tokens=False)[0]] = 20 * m / m.norm() ** 2 + sign * 0.3 * d / d.norm() ** 2
     model.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "glmtune.json").write_text(json.dumps({"template": "glm4"}))
