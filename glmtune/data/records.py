@@ -40,7 +40,9 @@ def validate_record(rec: Any, *, file: str | Path | None = None, line: int | Non
                          fix="each record needs at least a user and an assistant turn")
     for i, msg in enumerate(messages):
         _check_message_shape(msg, i, where)
-    _check_role_order(messages, where, require_assistant)
+    alignment = _check_alignment_fields(rec, where)
+    # an alignment record's messages are the prompt: the answers are chosen/rejected/references
+    _check_role_order(messages, where, require_assistant and not alignment)
     _check_optional_fields(rec, where)
     return rec
 
@@ -153,6 +155,36 @@ def _check_optional_fields(rec: dict, where: dict) -> None:
                          field="label", **where)
     if "meta" in rec and not isinstance(rec["meta"], dict):
         raise InputError("meta must be an object", field="meta", **where)
+
+
+def _check_alignment_fields(rec: dict, where: dict) -> bool:
+    """Preference pairs (chosen/rejected) and gold/bad answers (references/bad_answers): the prompt ends
+    with a user turn, answers are non-empty text, a pair differs, a gold list is not empty."""
+    keys = [k for k in ("chosen", "rejected", "references", "bad_answers") if k in rec]
+    if not keys:
+        return False
+    if ("chosen" in rec) != ("rejected" in rec):
+        missing = "rejected" if "chosen" in rec else "chosen"
+        raise InputError(f"missing field '{missing}'", field=missing, **where,
+                         fix="a preference pair needs both chosen and rejected")
+    for key in ("chosen", "rejected"):
+        if key in rec and (not isinstance(rec[key], str) or not rec[key].strip()):
+            raise InputError(f"{key} must be non-empty text", field=key, **where)
+    if "chosen" in rec and rec["chosen"].strip() == rec["rejected"].strip():
+        raise InputError("chosen and rejected are identical", field="rejected", **where,
+                         fix="drop the pair: it teaches no preference")
+    for key in ("references", "bad_answers"):
+        if key in rec:
+            items = rec[key]
+            if not isinstance(items, list) or not all(isinstance(t, str) and t.strip() for t in items):
+                raise InputError(f"{key} must be a list of non-empty texts", field=key, **where)
+    if "references" in rec and not rec["references"]:
+        raise InputError("empty gold answer list", field="references", **where,
+                         fix="give at least one gold answer, or drop the record")
+    if rec["messages"][-1]["role"] != "user":
+        raise InputError("the prompt of an alignment record must end with a user turn", field="messages", **where,
+                         fix="put the answers in chosen/rejected or references, not in messages")
+    return True
 
 
 def record_position(rec: dict) -> tuple[str | None, int | None]:

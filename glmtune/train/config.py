@@ -233,6 +233,12 @@ def validate_config(raw: dict, source: str | None = None, *, check_paths: bool =
 def load_config(path: str | Path | dict, overrides: list[str] | None = None, *,
                 check_paths: bool = True) -> TrainConfig:
     """Read a YAML config (or a dict), apply `KEY=VALUE` overrides, validate, check the model folder."""
+    raw, source = read_raw_config(path, overrides)
+    return validate_config(raw, source, check_paths=check_paths)
+
+
+def read_raw_config(path: str | Path | dict, overrides: list[str] | None = None) -> tuple[dict, str | None]:
+    """A YAML file (or a dict) with `KEY=VALUE` overrides applied -> (mapping, file name or None)."""
     if isinstance(path, dict):
         raw, source = json.loads(json.dumps(path)), None
     else:
@@ -249,7 +255,7 @@ def load_config(path: str | Path | dict, overrides: list[str] | None = None, *,
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
-    return validate_config(raw, source, check_paths=check_paths)
+    return raw, source
 
 
 GLM_MODEL_TYPES = {"glm", "glm4", "chatglm", "glm4_moe"}
