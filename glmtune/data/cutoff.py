@@ -44,8 +44,8 @@ class Piece:
 
 
 @dataclass
-class Fitted:
-    """A record that fits the cutoff: its ids and labels (``IGNORE_INDEX`` = not trained)."""
+class Example:
+    """An encoded record that fits the cutoff: its ids and labels (``IGNORE_INDEX`` = not trained)."""
     input_ids: list[int]
     labels: list[int]
 
@@ -157,12 +157,12 @@ def cut_pieces(pieces: list[Piece], excess: int, side: str = "left") -> tuple[li
     return out, cut_turns
 
 
-def _join(pieces: list[Piece], untrained_turns: set[int]) -> Fitted:
+def _join(pieces: list[Piece], untrained_turns: set[int]) -> Example:
     ids, labels = [], []
     for p in pieces:
         ids += p.ids
         labels += [IGNORE_INDEX] * len(p.labels) if p.turn in untrained_turns else p.labels
-    return Fitted(ids, labels)
+    return Example(ids, labels)
 
 
 def truncate_prompt_ids(template, tokenizer, messages: Sequence[dict], max_len: int, side: str = "left",
@@ -184,7 +184,7 @@ def truncate_prompt_ids(template, tokenizer, messages: Sequence[dict], max_len: 
 
 # -- records ---------------------------------------------------------------------------------------
 def fit_records(records: Sequence[dict], template, tokenizer, cutoff: int, *, train_on: str = "all_assistant",
-                on_overflow: str = "truncate", side: str = "left") -> tuple[list[Fitted], OverflowReport]:
+                on_overflow: str = "truncate", side: str = "left") -> tuple[list[Example], OverflowReport]:
     """Encode each record with the template's loss mask and apply the overflow policy.
 
     Returns the records that can be trained on (in order) and the report. A system prompt that alone
@@ -211,11 +211,11 @@ def fit_records(records: Sequence[dict], template, tokenizer, cutoff: int, *, tr
 
 
 def _fit_one(rec: dict, template, tokenizer, cutoff: int, train_on: str, on_overflow: str, side: str,
-             report: OverflowReport, index: int) -> Fitted | None:
+             report: OverflowReport, index: int) -> Example | None:
     enc = template.encode(tokenizer, rec["messages"], tools=rec.get("tools"), train_on=train_on)
     n = len(enc.input_ids)
     if n <= cutoff:
-        return Fitted(list(enc.input_ids), list(enc.labels))
+        return Example(list(enc.input_ids), list(enc.labels))
     meta = rec.get("meta") or {}
     _note_overflow(report, n, meta.get("source"), meta.get("line"), index)
     if on_overflow == "error":

@@ -47,15 +47,12 @@ class DataSection(_Section):
     template: str | None = Field(None, description="Chat template (glm4, chatglm3, chatglm2, qwen, llama3). "
                                                    "Default: the model folder's glmtune.json.")
     cutoff_len: int = Field(1024, gt=0, description="Longest encoded conversation, in tokens.")
-    on_overflow: Literal["truncate", "drop", "error"] = Field(
-        "truncate", description="What to do with a conversation longer than cutoff_len: truncate its dialogue "
-                                "text (see truncate_side), drop it, or stop with an error. `glmtune data stats "
-                                "--cutoff` reports what each choice does to your data.")
-    truncate_side: Literal["left", "right"] = Field(
-        "left", description="on_overflow truncate: which dialogue text goes first. left: the oldest tokens (keeps "
-                            "the end of the dialogue next to the answer), right: the newest. Control tokens, role "
-                            "headers, the system prompt and the last assistant answer are never cut; a record "
-                            "whose answer alone does not fit is dropped and counted (glmtune.data.cutoff).")
+    on_overflow: Literal["truncate", "drop", "error"] = Field("truncate", description=(
+        "A conversation longer than cutoff_len: truncate its dialogue text (truncate_side), drop it, or stop "
+        "with an error. The system prompt and last answer are never cut; a record whose answer alone does not "
+        "fit is dropped and counted. `glmtune data stats --cutoff` prints what training will do."))
+    truncate_side: Literal["left", "right"] = Field("left", description=(
+        "Dialogue text cut first: left = the oldest tokens (keeps the end next to the answer), right = the newest."))
     train_on: Literal["all_assistant", "last_assistant", "everything"] = Field(
         "all_assistant", description="Which tokens carry loss (the template's mask).")
     packing: Union[bool, Literal["auto"]] = Field(

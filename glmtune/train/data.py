@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 
+from glmtune.data.cutoff import Example, fit_records  # noqa: F401  (Example is re-exported: one encoded conversation)
 from glmtune.errors import InputError
 
 IGNORE = -100  # label of a token that carries no loss (PyTorch cross_entropy's ignore_index)
@@ -50,15 +50,6 @@ def split_dev(records: list[dict], val_size: float, seed: int) -> tuple[list[dic
 # --------------------------------------------------------------------------------------------------
 # encoding
 
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
 def encode_records(records: list[dict], tokenizer, template, *, cutoff_len: int, on_overflow: str = "truncate",
                    train_on: str = "all_assistant", truncate_side: str = "left") -> tuple[list[Example], dict]:
     """Encode each record with the template's loss mask under the one overflow policy (glmtune.data.cutoff,
@@ -67,11 +58,9 @@ def encode_records(records: list[dict], tokenizer, template, *, cutoff_len: int,
     Returns the examples and counts {"encoded", "truncated", "dropped", "answer_too_long", "no_loss"}
     ("dropped" includes "answer_too_long"). A system prompt that alone reaches cutoff_len is a config error.
     """
-    from glmtune.data.cutoff import fit_records
-
-    fitted, report = fit_records(records, template, tokenizer, cutoff_len, train_on=train_on,
-                                 on_overflow=on_overflow, side=truncate_side)
-    return [Example(f.input_ids, f.labels) for f in fitted], report.counts()
+    examples, report = fit_records(records, template, tokenizer, cutoff_len, train_on=train_on,
+                                   on_overflow=on_overflow, side=truncate_side)
+    return examples, report.counts()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ PRESETS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
 
 def cpu_swaps(preset: dict, tiny_model: Path, out: Path) -> list[str]:
     sets = [f"model.path={tiny_model}", "model.dtype=fp32", "train.max_steps=2", "train.batch_size=2",
-            "train.grad_accum=1", "data.max_samples=16", f"output.dir={out}", "output.plot=false", "output.tensorboard=false"]
+            "train.grad_accum=1", "data.max_samples=16", f"output.dir={out}", "output.plot=false",
+            "output.tensorboard=false"]
     if preset["data"].get("template") not in (None, "glm4"):
         sets.append("data.template=glm4")  # the tiny model is GLM-4-shaped with the GLM-4 tokenizer
     if preset["model"].get("trust_remote_code"):
