@@ -110,6 +110,8 @@ def resolve_source(source: str | Path, registry: str | Path | None = None) -> Da
     reg_path = Path(registry) if registry else Path(DEFAULT_REGISTRY)
     if registry and not reg_path.exists():
         raise InputError("registry file not found", file=reg_path, field="registry", fix="check --registry")
+    if _looks_like_path(path):
+        raise InputError("file not found", file=path, field="path", fix="check the path")
     if not reg_path.exists():
         raise InputError("file not found (and no datasets.yaml here to look it up as a name)", file=path,
                          field="path", fix="check the path, or register it in datasets.yaml")
@@ -130,6 +132,12 @@ def split_format(source: str | Path) -> tuple[str | Path, str]:
     head, fmt = text.rsplit(":", 1)
     from glmtune.data.formats import known_formats
     return (head, fmt) if head and fmt in known_formats() else (source, "auto")
+
+
+def _looks_like_path(path: Path) -> bool:
+    """A folder part or a data-file extension: a missing file, not a registry name (`data/train.jsonl`)."""
+    from glmtune.data.readers import EXTENSIONS
+    return len(path.parts) > 1 or path.suffix.lower() in EXTENSIONS
 
 
 def load_dataset(source: str | Path, *, registry: str | Path | None = None, format: str = "auto",
