@@ -144,8 +144,11 @@ def stats_cmd(
     source: str = typer.Argument(..., metavar="IN", help=IN_HELP),
     template: Optional[str] = typer.Option(None, help="Template for token lengths (glm4, chatglm3, qwen, ...)."),
     tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer (or model) folder for token lengths."),
-    cutoff: Optional[int] = typer.Option(None, help="Count records longer than this many tokens."),
+    cutoff: Optional[int] = typer.Option(None, help="Count records longer than this many tokens and report what "
+                                                    "training at data.cutoff_len=CUTOFF does with them."),
     train_on: str = typer.Option("all_assistant", help="all_assistant | last_assistant | everything."),
+    on_overflow: str = typer.Option("truncate", help="As data.on_overflow: truncate | drop | error."),
+    truncate_side: str = typer.Option("left", help="As data.truncate_side: left | right (dialogue text cut first)."),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout."),
     registry: Optional[Path] = REGISTRY_OPT,
 ) -> None:
@@ -154,7 +157,7 @@ def stats_cmd(
 
     with console.status(f"measuring {source}"):
         stats = stats_file(source, template=template, tokenizer=tokenizer, cutoff=cutoff, train_on=train_on,
-                           registry=registry)
+                           registry=registry, on_overflow=on_overflow, truncate_side=truncate_side)
     if as_json:
         sys.stdout.write(json.dumps(stats.as_dict(), ensure_ascii=False) + "\n")
         return
@@ -181,6 +184,12 @@ def _stats_table(source: str, s) -> Table:
         if s.cutoff:
             style = "red" if s.over_cutoff else "green"
             rows[f"over cutoff {s.cutoff}"] = f"[{style}]{s.over_cutoff}[/]"
+        if s.after_cutoff is not None:
+            c = s.after_cutoff
+            rows[f"training at cutoff {s.cutoff}"] = (
+                f"{c['encoded']} trained ({c['truncated']} truncated), {c['dropped']} dropped "
+                f"({c['answer_too_long']} answer alone too long), {c['no_loss']} without trained tokens")
+            rows["trained tokens after cutoff"] = s.trained_tokens_after_cutoff
     return _table(f"stats of {source}", rows)
 
 

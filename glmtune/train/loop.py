@@ -52,14 +52,15 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def build_datasets(cfg: TrainConfig, tokenizer, template):
-    records = [r for spec in cfg.data.datasets for r in load_records(spec)]
+    records = [r for spec in cfg.data.datasets for r in load_records(spec, cfg.data.registry)]
     if cfg.data.max_samples:
         records = records[: cfg.data.max_samples]
     if cfg.data.dev:
-        dev_records = load_records(cfg.data.dev)
+        dev_records = load_records(cfg.data.dev, cfg.data.registry)
     else:
         records, dev_records = split_dev(records, cfg.data.val_size, cfg.train.seed)
-    kw = dict(cutoff_len=cfg.data.cutoff_len, on_overflow=cfg.data.on_overflow, train_on=cfg.data.train_on)
+    kw = dict(cutoff_len=cfg.data.cutoff_len, on_overflow=cfg.data.on_overflow, train_on=cfg.data.train_on,
+              truncate_side=cfg.data.truncate_side)
     train, stats = encode_records(records, tokenizer, template, **kw)
     dev, _ = encode_records(dev_records, tokenizer, template, **kw) if dev_records else ([], {})
     return train, dev, stats
