@@ -31,7 +31,7 @@ class Predictor:
     ``adapter``: one folder (named after the folder), or ``{name: folder}`` for several; the first is
     the default for calls that name none, ``adapter="base"`` switches adapters off for that call.
     ``rag``: a store written by ``glmtune rag index``; a passage is added to the prompt only when its
-    cosine similarity to the question is at least ``rag_threshold`` (see :mod:`glmtune.serve.rag`).
+    cosine similarity to the question is at least ``rag_threshold`` (see :mod:`glmtune.infer.rag`).
     """
 
     def __init__(self, model: str | Path, adapter: str | Path | dict | None = None, backend: str = "hf",
@@ -59,7 +59,7 @@ class Predictor:
         self.default_gen = {"max_new_tokens": max_new_tokens}
         self.retriever = None
         if rag is not None:
-            from glmtune.serve.rag import Retriever
+            from glmtune.infer.rag import Retriever
             self.retriever = Retriever(rag, embedding_model=embedding_model)
         self.rag_threshold, self.rag_top_k = rag_threshold, rag_top_k
         self.last_sources: list[dict] = []  # passages the last call put into its prompt

@@ -132,7 +132,7 @@ class SpeedSection(_Section):
                             "on bf16 models). auto: on for lora/qlora, single process or DDP.")
     cuda_graphs: Union[bool, Literal["auto"]] = Field(
         "auto", description="Train on packed rows of exactly speed.graph_tokens tokens and replay the decoder "
-                            "blocks' forward and backward as CUDA graphs (glmtune.models.graphs): no per-kernel "
+                            "blocks' forward and backward as CUDA graphs (glmtune.train.graphs): no per-kernel "
                             "CPU cost. Each micro-batch's conversations are packed best-fit into such rows (the "
                             "rest padded). Needs CUDA, varlen attention, lora/qlora with method.dropout 0, one "
                             "process, no offload_activations. auto: on where all of that holds. GLM-4-9B LoRA "

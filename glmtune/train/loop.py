@@ -179,7 +179,7 @@ def _graphed_decoder(plan: SpeedPlan, cfg: TrainConfig, model, train_ex, console
     """Capture the decoder blocks as CUDA graphs for rows of plan.graph_tokens tokens; None (auto) if
     capture fails, with the reason printed."""
     from glmtune.errors import ConfigError
-    from glmtune.models.graphs import GraphedDecoder
+    from glmtune.train.graphs import GraphedDecoder
 
     shortest = max(1, min(len(e) for e in train_ex))
     max_segments = min(plan.graph_tokens // shortest + 1, 512)
@@ -223,7 +223,7 @@ def _graphed_step(graphed, micro_batches, accelerator, pad_id: int):
     Each micro-batch's conversations are packed best-fit into rows of graphed.tokens tokens; the loss
     is the summed token loss over the step divided by the step's trained-token count, as the eager
     path. Returns (summed loss, trained-token count, real tokens)."""
-    from glmtune.models.graphs import fixed_row
+    from glmtune.train.graphs import fixed_row
     from glmtune.train.data import IGNORE, pack_rows_best_fit
 
     dev = accelerator.device

@@ -26,7 +26,7 @@ class SpeedPlan:
     adapter_fp32: bool = True     # PEFT autocast_adapter_dtype
     native: bool = True           # transformers-native modelling code (reads packing from position ids)
     fused_lora: bool = False      # glmtune.models.fused_lora
-    graphs: bool = False          # CUDA-graphed decoder blocks over fixed rows (glmtune.models.graphs)
+    graphs: bool = False          # CUDA-graphed decoder blocks over fixed rows (glmtune.train.graphs)
     graph_tokens: int = 0         # tokens per graphed row
     notes: list[str] = field(default_factory=list)
 

@@ -1,4 +1,4 @@
-"""Fixed-size packed rows for CUDA-graphed training (glmtune.models.graphs): the row layout, the
+"""Fixed-size packed rows for CUDA-graphed training (glmtune.train.graphs): the row layout, the
 best-fit packer, and the decoder stack's loss and gradients against each sequence run on its own
 (fp32, eager on CPU; the graphs themselves are checked on the GPU in tests/train/test_speed_gpu.py)."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glmtune.models.graphs import GraphedDecoder, fixed_row, padded_offsets
+from glmtune.train.graphs import GraphedDecoder, fixed_row, padded_offsets
 from glmtune.train.data import IGNORE, pack_rows_best_fit
 
 
