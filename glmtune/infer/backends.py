@@ -155,14 +155,13 @@ def _apply_inference_kernels(model_dir: str | Path, kernels: str, device: str) -
     """liger-kernel's RMSNorm and SwiGLU (no fused loss: nothing is trained) patched into
     transformers before the model is built: +16% classification throughput on GLM-4-9B (bench/RESULTS.md).
     ``auto`` uses them on CUDA when liger-kernel can patch this model type; returns what was applied."""
-    import json
-
     from glmtune.models import speed
+    from glmtune.models.folder import read_model_folder
     if kernels not in KERNELS:
         raise InputError(f"unknown kernels '{kernels}'", field="kernels", fix="use none, auto or liger")
     if kernels == "none":
         return "none"
-    model_type = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type", "")
+    model_type = read_model_folder(model_dir).model_type or ""
     why_not = "it needs a CUDA device" if not str(device).startswith("cuda") else speed.liger_support(model_type)
     if why_not is not None:
         if kernels == "liger":

@@ -39,13 +39,14 @@ class Predictor:
                  rag_top_k: int = 2, embedding_model: str | Path | None = None,
                  device: str | None = None, dtype: str = "auto", max_new_tokens: int = 512,
                  **backend_kwargs):
+        from glmtune.models.folder import read_model_folder
         from glmtune.models.loading import check_model_dir
         from glmtune.models.tokenizer import load_tokenizer
-        from glmtune.templates import resolve_template
+        from glmtune.templates import get_template
 
         self.model_dir = check_model_dir(model)
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.template = resolve_template(template, self.model_dir)
+        self.template = get_template(**read_model_folder(self.model_dir).template_args(template))
         self.stop_ids = self.template.stop_token_ids(self.tokenizer)
         if not self.stop_ids:
             raise InputError(f"template '{self.template.name}' has no stop token in this tokenizer",

@@ -5,8 +5,6 @@ trains, how QLoRA quantises. PEFT does the adapter work; this file only chooses 
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 from glmtune.errors import ConfigError, GlmtuneError
 
@@ -163,8 +161,3 @@ def memory_estimate_gib(total: int, trainable: int, *, weight_bytes: float, toke
     logits = tokens_per_step * vocab * 4 * 2  # logits + their grad
     return {k: round(v / gib, 2) for k, v in dict(weights=weights, optimizer=optim, activations=acts,
                                                   logits=logits, total=weights + optim + acts + logits).items()}
-
-
-def read_meta(model_dir: str | Path) -> dict:
-    p = Path(model_dir) / "glmtune.json"
-    return json.loads(p.read_text()) if p.exists() else {}

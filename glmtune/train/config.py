@@ -252,27 +252,17 @@ def load_config(path: str | Path | dict, overrides: list[str] | None = None, *,
     return validate_config(raw, source, check_paths=check_paths)
 
 
-GLM_MODEL_TYPES = {"glm", "glm4", "chatglm", "glm4_moe"}
-
-
-def model_family(model_dir: str | Path) -> str | None:
-    """model_type from config.json ('glm4', 'chatglm', 'qwen2', ...), or None when unreadable."""
-    try:
-        return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None
-
-
 def check_model(cfg: TrainConfig, source: str | None = None) -> None:
     """Checks that need the model folder: it exists, and fp16 is not asked of a GLM model."""
     from glmtune.errors import ModelNotFoundError
+    from glmtune.models.folder import read_model_folder
     from glmtune.models.loading import check_model_dir
 
     try:
         check_model_dir(cfg.model.path)
     except ModelNotFoundError as e:
         raise ConfigError(str(e).rstrip("."), file=source, field="model.path") from None
-    if cfg.model.dtype == "fp16" and model_family(cfg.model.path) in GLM_MODEL_TYPES:
+    if cfg.model.dtype == "fp16" and read_model_folder(cfg.model.path).is_glm:
         raise ConfigError("fp16 is not supported for GLM models: their activations overflow fp16 and the loss "
                           "becomes NaN", file=source, field="model.dtype",
                           fix="use dtype: bf16 (Ampere or newer GPUs) or fp32")
@@ -284,8 +274,9 @@ def check_model(cfg: TrainConfig, source: str | None = None) -> None:
 def resolve_template(cfg: TrainConfig):
     """The Template to train with: data.template, else the model folder's (glmtune.json, its chat
     template); the folder's own details (a default system prompt) are kept either way."""
-    from glmtune.templates import resolve_template as for_model
-    return for_model(cfg.data.template, cfg.model.path)
+    from glmtune.models.folder import read_model_folder
+    from glmtune.templates import get_template
+    return get_template(**read_model_folder(cfg.model.path).template_args(cfg.data.template))
 
 
 def save_resolved(cfg: TrainConfig, out_dir: str | Path) -> Path:

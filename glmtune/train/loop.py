@@ -9,7 +9,6 @@ step number, and accelerate restores optimizer, scheduler and RNG.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -353,9 +352,10 @@ def _train(cfg: TrainConfig, plan: SpeedPlan, accelerator, console, *, resume, r
     graphed = _graphed_decoder(plan, cfg, accelerator.unwrap_model(model), train_ex, console) if plan.graphs else None
 
     def write_extras(folder: Path) -> None:
+        from glmtune.models.folder import write_glmtune_meta
         tokenizer.save_pretrained(folder)
-        meta = {"template": template_name, "method": cfg.method.name, "base_model": str(Path(cfg.model.path).resolve())}
-        (folder / "glmtune.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_glmtune_meta(folder, template=template_name, method=cfg.method.name,
+                           base_model=str(Path(cfg.model.path).resolve()))
 
     step = 0
     ckpt = resolve_resume(resume, out)

@@ -7,12 +7,11 @@ fix. The kernels themselves live in glmtune.models.speed.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from glmtune.errors import ConfigError
-from glmtune.train.config import TrainConfig, model_family
+from glmtune.models.folder import read_model_folder
+from glmtune.train.config import TrainConfig
 
 GPU_EXTRA = 'pip install -e ".[gpu]"'
 
@@ -45,13 +44,7 @@ class SpeedPlan:
 
 def is_native(cfg: TrainConfig) -> bool:
     """Whether transformers' own modelling code will load this folder (not the folder's remote code)."""
-    if not cfg.model.trust_remote_code:
-        return True
-    try:
-        conf = json.loads((Path(cfg.model.path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return True
-    return "auto_map" not in conf
+    return not (cfg.model.trust_remote_code and read_model_folder(cfg.model.path).remote_code)
 
 
 def resolve_speed(cfg: TrainConfig, *, cuda: bool | None = None, native: bool | None = None,
@@ -119,7 +112,7 @@ def resolve_speed(cfg: TrainConfig, *, cuda: bool | None = None, native: bool | 
     # liger
     liger = "none"
     if sp.liger != "none":
-        model_type = model_family(cfg.model.path) or "?"
+        model_type = read_model_folder(cfg.model.path).model_type or "?"
         if not cuda:
             why = "no CUDA GPU (liger-kernel's kernels are Triton GPU kernels)"
         elif not native:
@@ -182,7 +175,7 @@ def apply_liger(plan: SpeedPlan, cfg: TrainConfig):
     from glmtune.models.speed import liger_patch
 
     full = plan.liger == "all"
-    undo = liger_patch(model_family(cfg.model.path), fused_linear_cross_entropy=True, rms_norm=full, swiglu=full)
+    undo = liger_patch(read_model_folder(cfg.model.path).model_type, fused_linear_cross_entropy=True, rms_norm=full, swiglu=full)
     if undo is None:  # resolve_speed checked support; only a race with the environment gets here
         raise ConfigError("liger-kernel could not patch this model", field="speed.liger", fix="set speed.liger: none")
     return undo
