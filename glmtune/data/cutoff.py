@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from glmtune.errors import InputError
+from glmtune.templates import IGNORE_INDEX
 
 ON_OVERFLOW = ("truncate", "drop", "error")
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -22,6 +22,7 @@ from glmtune.train.config import TrainConfig, load_config, resolve_template, sav
 from glmtune.train.data import (BatchStream, collate, encode_records, load_records, split_dev, token_loss_sum,
                                 total_steps)
 from glmtune.train.monitor import Monitor, progress_bar, read_metrics
+from glmtune.templates import IGNORE_INDEX
 from glmtune.train.speed import SpeedPlan, apply_liger, resolve_speed, set_attention
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -147,7 +148,7 @@ def forward_loss_sum(model, batch: dict, *, fused: bool = False) -> tuple[torch.
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if fused:
         out = model(**inputs, labels=labels, num_items_in_batch=1, use_cache=False)
-        return out.loss.float(), (labels[:, 1:] != -100).sum()
+        return out.loss.float(), (labels[:, 1:] != IGNORE_INDEX).sum()
     logits = model(**inputs, use_cache=False).logits
     return token_loss_sum(logits, labels)
 
@@ -200,7 +201,7 @@ def _eager_step(model, micro_batches, accelerator, plan: SpeedPlan, cfg: TrainCo
     world = accelerator.num_processes
     batches = [collate(mb, packing=plan.packing, pad_id=pad_id, block_mask=block_mask, varlen=plan.varlen)
                for mb in micro_batches]
-    n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     n_global = accelerator.reduce(torch.tensor(float(n_local), device=accelerator.device), "sum")
     loss_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     tokens = 0
@@ -223,10 +224,10 @@ def _graphed_step(graphed, micro_batches, accelerator, pad_id: int):
     is the summed token loss over the step divided by the step's trained-token count, as the eager
     path. Returns (summed loss, trained-token count, real tokens)."""
     from glmtune.train.graphs import fixed_row
-    from glmtune.train.data import IGNORE, pack_rows_best_fit
+    from glmtune.train.data import IGNORE_INDEX, pack_rows_best_fit
 
     dev = accelerator.device
-    n = sum(sum(1 for t in e.labels[1:] if t != IGNORE) for mb in micro_batches for e in mb)
+    n = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for mb in micro_batches for e in mb)
     n_global = torch.tensor(float(n), device=dev)
     loss_total = torch.zeros((), device=dev, dtype=torch.float64)
     tokens = 0

@@ -8,8 +8,9 @@ import shutil
 import pytest
 import torch
 
+from glmtune.templates import IGNORE_INDEX
 from glmtune.errors import ConfigError
-from glmtune.train.data import IGNORE, Example, pack_batch, pad_batch
+from glmtune.train.data import Example, pack_batch, pad_batch
 from glmtune.train.speed import resolve_speed
 
 GPU = dict(cuda=True, native=True, varlen_problem=None, liger_problem=None)  # a CUDA box with every kernel
@@ -119,7 +120,7 @@ def _examples():
     out = []
     for n in (9, 14, 6):
         ids = torch.randint(0, 150000, (n,), generator=g).tolist()
-        out.append(Example(ids, [IGNORE] * 3 + ids[3:]))
+        out.append(Example(ids, [IGNORE_INDEX] * 3 + ids[3:]))
     return out
 
 

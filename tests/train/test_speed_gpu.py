@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from glmtune.train.data import IGNORE, Example, pack_batch, pad_batch
+from glmtune.templates import IGNORE_INDEX
+from glmtune.train.data import Example, pack_batch, pad_batch
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -38,7 +39,7 @@ def _examples(lengths=(37, 120, 64, 9)):
     out = []
     for n in lengths:
         ids = torch.randint(0, 150000, (n,), generator=g).tolist()
-        out.append(Example(ids, [IGNORE] * 3 + ids[3:]))
+        out.append(Example(ids, [IGNORE_INDEX] * 3 + ids[3:]))
     return out
 
 
