@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from glmtune.errors import InputError
-from glmtune.templates.base import IGNORE_INDEX, _segment_ids
+from glmtune.templates import IGNORE_INDEX, segment_ids
 
 MODES = ("constrained", "generate")
 SIDES = ("left", "right")
@@ -113,8 +113,7 @@ def truncate_prompt(tpl, tokenizer, messages: list[dict], ids: list[int], max_le
     tokens (keeps the end, where the final intent usually is), ``right`` the newest."""
     if not max_len or len(ids) <= max_len:
         return ids, False
-    msgs = tpl._checked(messages, None)
-    pieces = [_piece(tokenizer, s, msgs) for s in tpl.segments(msgs, None, True, False)]
+    pieces = [_piece(tokenizer, seg, seg_ids, messages) for seg, seg_ids in tpl.prompt_segments(tokenizer, messages)]
     if [t for seg_ids, _ in pieces for t in seg_ids] != list(ids):
         raise InputError("the prompt ids do not match the template's segments", field="template")
     excess = len(ids) - max_len
@@ -135,16 +134,15 @@ def truncate_prompt(tpl, tokenizer, messages: list[dict], ids: list[int], max_le
     return [t for seg_ids, _ in pieces for t in seg_ids], True
 
 
-def _piece(tokenizer, seg, msgs: list[dict]) -> tuple[list[int], int]:
+def _piece(tokenizer, seg, seg_ids: list[int], msgs: list[dict]) -> tuple[list[int], int]:
     """A segment's ids and how many of them may not be cut (all, unless it carries dialogue text;
     then only its role header, e.g. ``user\\n``)."""
-    seg_ids = _segment_ids(tokenizer, seg)
     msg = msgs[seg.turn] if 0 <= seg.turn < len(msgs) else None
     content = (msg or {}).get("content") or ""
     text = seg.text if seg.encode_as is None else seg.encode_as
     if seg.special or msg is None or msg.get("role") == "system" or not content or not text.endswith(content):
         return seg_ids, len(seg_ids)
-    header = _segment_ids(tokenizer, type(seg)(text=text[:len(text) - len(content)]))
+    header = segment_ids(tokenizer, type(seg)(text=text[:len(text) - len(content)]))
     return seg_ids, len(header) if seg_ids[:len(header)] == header else 0
 
 
@@ -240,8 +238,9 @@ def classify(predictor, records: Sequence[dict], label_set: LabelSet, mode: str 
         prompts.append(ids)
 
     backend = predictor.backend
-    model, device = backend.model, backend.device
-    pad = backend._pad_id(predictor.stop_ids)
+    if mode == "constrained" and not hasattr(backend, "scoring"):
+        raise InputError(f"the {backend.name} back-end cannot score labels (constrained mode runs the model's own "
+                         "forward passes)", field="--mode", fix="use --mode generate, or the hf back-end")
     t0 = time.perf_counter()
     raw_outputs = None
     # Batches of similar length waste little on padding; results go back to the input order.
@@ -249,10 +248,10 @@ def classify(predictor, records: Sequence[dict], label_set: LabelSet, mode: str 
     sorted_prompts = [prompts[i] for i in order]
     if mode == "constrained":
         from glmtune.evaluate.label_scoring import LabelScorer, common_prefix_len
-        with torch.inference_mode(), backend._adapter_scope(predictor.default_adapter):
+        with backend.scoring(predictor.default_adapter) as model:
             # The shared prefix (template prefix + system prompt) is computed once for all samples.
-            scorer = LabelScorer(model, device, ans, pad, prompts[0][:common_prefix_len(prompts)],
-                                 decisive=scoring == "decisive")
+            scorer = LabelScorer(model, backend.device, ans, backend.pad_id(predictor.stop_ids),
+                                 prompts[0][:common_prefix_len(prompts)], decisive=scoring == "decisive")
 
             def run(batch):
                 node_lp, label_lp = scorer.score(batch)

@@ -6,6 +6,7 @@ boundary: ``BACKENDS`` maps a name to a class.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,13 +101,13 @@ class HFBackend:
         input_ids, attention = self._left_pad(prompts)
         criteria = _stopping_criteria(cancel, on_tokens, input_ids.shape[1])
         kwargs = dict(max_new_tokens=gen.max_new_tokens, eos_token_id=stop_ids,
-                      pad_token_id=self._pad_id(stop_ids), stopping_criteria=criteria,
+                      pad_token_id=self.pad_id(stop_ids), stopping_criteria=criteria,
                       repetition_penalty=gen.repetition_penalty)
         if gen.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
-        with self._lock, torch.inference_mode(), self._adapter_scope(adapter):
+        with self._lock, torch.inference_mode(), self.adapter_scope(adapter):
             if gen.seed is not None:
                 torch.manual_seed(gen.seed)
             out = self.model.generate(input_ids=input_ids.to(self.device),
@@ -120,21 +121,28 @@ class HFBackend:
         import torch
 
         width = max(len(p) for p in prompts)
-        pad = self._pad_id([])
+        pad = self.pad_id([])
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
         return ids, mask
 
-    def _pad_id(self, stop_ids: list[int]) -> int:
+    def pad_id(self, stop_ids: list[int]) -> int:
         # Padding is masked out, so any id works; the tokenizer's pad, else a stop id, else 0.
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = stop_ids[0] if stop_ids else (self.tokenizer.eos_token_id or 0)
         return pad
 
-    def _adapter_scope(self, adapter: str | None):
-        import contextlib
+    @contextlib.contextmanager
+    def scoring(self, adapter: str | None):
+        """The torch model for forward passes of one's own (label scoring), with ``adapter`` active
+        and other calls held off until the block ends. Back-ends without it cannot score."""
+        import torch
 
+        with self._lock, torch.inference_mode(), self.adapter_scope(adapter):
+            yield self.model
+
+    def adapter_scope(self, adapter: str | None):
         if not self.adapters:
             if adapter not in (None, BASE):
                 raise InputError(f"no adapter named '{adapter}' is loaded (none are)", field="adapter")

@@ -42,6 +42,18 @@ CHATGLM3_CHAT_TEMPLATE = (
 _CONVERTER_VERSION = "1"  # bump when the conversion changes, so stale caches are not reused
 
 
+PACKAGED_TOKENIZERS = Path(__file__).resolve().parents[1] / "resources" / "tokenizers"
+
+
+def packaged_tokenizer_dir(family: str) -> Path:
+    """A tokenizer folder that ships inside the package (glm4: GLM-4's, with its licence)."""
+    path = PACKAGED_TOKENIZERS / family
+    if not path.is_dir():
+        raise ModelNotFoundError(path, f"a packaged tokenizer (glmtune ships: "
+                                       f"{', '.join(sorted(p.name for p in PACKAGED_TOKENIZERS.iterdir()))})")
+    return path
+
+
 def load_tokenizer(path: str | Path, *, family: str | None = None):
     """Load a local tokenizer folder as a ``PreTrainedTokenizerFast`` (never remote code).
 

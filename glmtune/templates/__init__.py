@@ -8,8 +8,8 @@ Usage::
 
 A model folder's template: ``get_template(**glmtune.models.folder.read_model_folder(path).template_args())``.
 """
-from glmtune.templates.base import IGNORE_INDEX, TRAIN_ON, Encoded, Segment, Template
+from glmtune.templates.base import IGNORE_INDEX, TRAIN_ON, Encoded, Segment, Template, segment_ids
 from glmtune.templates.registry import get_template, list_templates, register_template
 
 __all__ = ["IGNORE_INDEX", "TRAIN_ON", "Encoded", "Segment", "Template", "get_template",
-           "list_templates", "register_template"]
+           "list_templates", "register_template", "segment_ids"]

@@ -97,7 +97,7 @@ class Template:
         last = max((s.turn for s in segs if s.trained), default=None)
         ids, labels, spans = [], [], {}
         for seg in segs:
-            seg_ids = _segment_ids(tokenizer, seg)
+            seg_ids = segment_ids(tokenizer, seg)
             if seg.trained:
                 start, _ = spans.get(seg.turn, (len(ids), 0))
                 spans[seg.turn] = (start, len(ids) + len(seg_ids))
@@ -109,14 +109,17 @@ class Template:
 
     def encode_prompt(self, tokenizer, messages: Sequence[dict], tools: list | None = None) -> list[int]:
         """Ids of a generation prompt: the conversation plus the next assistant header."""
+        return [t for _, seg_ids in self.prompt_segments(tokenizer, messages, tools) for t in seg_ids]
+
+    def prompt_segments(self, tokenizer, messages: Sequence[dict],
+                        tools: list | None = None) -> list[tuple[Segment, list[int]]]:
+        """The generation prompt as (segment, its ids) pairs, in order: what `encode_prompt` joins.
+        ``Segment.turn`` indexes ``messages`` (or is negative / past the end for template text)."""
         msgs = self._checked(messages, tools)
         if msgs[-1]["role"] == "assistant":
             raise InputError("the conversation ends with an assistant turn", field="messages",
                              fix="drop the last assistant message to build the prompt for it")
-        ids = []
-        for seg in self.segments(msgs, tools, True, False):
-            ids += _segment_ids(tokenizer, seg)
-        return ids
+        return [(seg, segment_ids(tokenizer, seg)) for seg in self.segments(msgs, tools, True, False)]
 
     def stop_token_ids(self, tokenizer) -> list[int]:
         """Ids that end generation: the template's end tokens present in this tokenizer."""
@@ -151,7 +154,8 @@ class Template:
         return out
 
 
-def _segment_ids(tokenizer, seg: Segment) -> list[int]:
+def segment_ids(tokenizer, seg: Segment) -> list[int]:
+    """The ids of one segment: a control token's id, or the text encoded without special tokens."""
     if seg.special:
         return [_special_id(tokenizer, seg.text)]
     text = seg.text if seg.encode_as is None else seg.encode_as

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from glmtune.errors import ConfigError
+from glmtune.models.peft_setup import method_traits
 
 
 class _Section(BaseModel):
@@ -168,11 +169,12 @@ class TrainConfig(_Section):
     def _cross_checks(self) -> "TrainConfig":
         if self.data.dev and self.data.val_size:
             raise ValueError("data.dev and data.val_size are mutually exclusive")
-        if self.method.name == "prefix" and self.data.packing is True:
+        method = method_traits(self.method.name)
+        if not method.packs and self.data.packing is True:
             raise ValueError("data.packing does not work with method.name=prefix (prefix tuning feeds a KV "
                              "cache, and packed attention needs an empty one)")
         if self.speed.attention == "varlen":
-            if self.data.packing is False or self.method.name == "prefix":
+            if self.data.packing is False or not method.packs:
                 raise ValueError("speed.attention=varlen runs on packed rows: set data.packing: true (or auto), "
                                  "not with method prefix; or set speed.attention: auto")
             if self.model.dtype == "fp32":
@@ -181,7 +183,7 @@ class TrainConfig(_Section):
         if self.speed.graph_tokens is not None and self.speed.graph_tokens < self.data.cutoff_len:
             raise ValueError(f"speed.graph_tokens ({self.speed.graph_tokens}) must hold the longest conversation: "
                              f"set it >= data.cutoff_len ({self.data.cutoff_len})")
-        if self.speed.adapter_dtype == "model" and self.method.name not in ("lora", "qlora"):
+        if self.speed.adapter_dtype == "model" and not method.lora:
             raise ValueError("speed.adapter_dtype=model applies to method lora/qlora only")
         return self
 
@@ -266,7 +268,7 @@ def check_model(cfg: TrainConfig, source: str | None = None) -> None:
         raise ConfigError("fp16 is not supported for GLM models: their activations overflow fp16 and the loss "
                           "becomes NaN", file=source, field="model.dtype",
                           fix="use dtype: bf16 (Ampere or newer GPUs) or fp32")
-    if cfg.method.name == "qlora" and cfg.model.dtype == "fp32":
+    if method_traits(cfg.method.name).quantized and cfg.model.dtype == "fp32":
         raise ConfigError("qlora computes in bf16 (nf4 weights, bf16 compute)", file=source,
                           field="model.dtype", fix="use dtype: bf16")
 

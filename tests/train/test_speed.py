@@ -30,9 +30,11 @@ def test_auto_on_cpu_falls_back_with_notes(make_cfg):
 
 def test_auto_on_gpu_turns_levers_on(make_cfg):
     plan = resolve_speed(make_cfg(**{"model.dtype": "bf16"}), **GPU)
-    assert (plan.packing, plan.varlen, plan.liger, plan.compile) == (True, True, "flce", True) and plan.notes == []
-    assert plan.summary() == ("speed: packing on (varlen FlashAttention), liger flce, compile on, adapters fp32, "
-                              "fused LoRA, CUDA graphs on (2048-token rows)")
+    assert (plan.packing, plan.varlen, plan.liger, plan.compile) == (True, True, "flce", True) and len(plan.notes) == 1
+    # the speed line names only what engaged; fp32 adapters on bf16 activations never run fused LoRA
+    assert plan.summary() == "speed: packed rows (varlen FlashAttention), liger flce, compiled blocks, CUDA graphs (2048-token rows)"
+    assert not plan.fused_lora and "speed.fused_lora auto -> off (adapters fp32, activations bf16" in plan.notes[0]
+    assert resolve_speed(make_cfg(), cuda=False, native=True).summary() == "speed: packed rows (model attention), fused LoRA"
     # without compile, liger also fuses RMSNorm and SwiGLU
     assert resolve_speed(make_cfg(**{"model.dtype": "bf16", "speed.compile": False}), **GPU).liger == "all"
     # fp32 weights: FlashAttention can't run, packed SDPA instead
@@ -43,9 +45,10 @@ def test_auto_on_gpu_turns_levers_on(make_cfg):
     assert eager.varlen is False and "model.attn_implementation is eager" in eager.notes[0]
     # liger missing: auto falls back
     nolig = resolve_speed(make_cfg(**{"model.dtype": "bf16"}), **{**GPU, "liger_problem": "liger-kernel is not installed"})
-    assert nolig.liger == "none" and nolig.notes == ["speed.liger auto -> none (liger-kernel is not installed)"]
+    assert nolig.liger == "none" and "speed.liger auto -> none (liger-kernel is not installed)" in nolig.notes
     adapters = resolve_speed(make_cfg(**{"model.dtype": "bf16", "speed.adapter_dtype": "model"}), **GPU)
-    assert adapters.adapter_fp32 is False
+    assert adapters.adapter_fp32 is False and adapters.fused_lora and adapters.notes == []
+    assert adapters.summary().endswith("adapters in the model dtype, fused LoRA, CUDA graphs (2048-token rows)")
     prefix = resolve_speed(make_cfg(**{"model.dtype": "bf16", "method.name": "prefix"}), **GPU)
     assert (prefix.packing, prefix.varlen, prefix.liger, prefix.compile) == (False, False, "none", False)
     assert resolve_speed(make_cfg(**{"method.name": "prefix", "speed.liger": "all"}), **GPU).liger == "all"
@@ -53,8 +56,15 @@ def test_auto_on_gpu_turns_levers_on(make_cfg):
 
 def test_fused_lora_and_cuda_graphs_resolution(make_cfg):
     bf16 = {"model.dtype": "bf16"}
-    on = resolve_speed(make_cfg(**bf16), **GPU)
+    on = resolve_speed(make_cfg(**bf16, **{"speed.adapter_dtype": "model"}), **GPU)
     assert (on.fused_lora, on.graphs, on.graph_tokens) == (True, True, 2048)
+    # decided once, with accelerate's processes: several processes, no graphs; FSDP, no fused LoRA
+    ddp = resolve_speed(make_cfg(**bf16, **{"speed.adapter_dtype": "model"}), **GPU, processes=2, distributed="MULTI_GPU")
+    assert ddp.fused_lora and not ddp.graphs and "2 processes (graphs run one)" in ddp.notes[-1]
+    fsdp = resolve_speed(make_cfg(**bf16, **{"speed.adapter_dtype": "model"}), **GPU, processes=2, distributed="FSDP")
+    assert not fsdp.fused_lora and "speed.fused_lora auto -> off (accelerate runs FSDP)" in fsdp.notes
+    with pytest.raises(ConfigError, match="speed.fused_lora=true cannot run here: adapters fp32, activations bf16"):
+        resolve_speed(make_cfg(**bf16, **{"speed.fused_lora": True}), **GPU)
     assert resolve_speed(make_cfg(**bf16, **{"data.cutoff_len": 3000}), **GPU).graph_tokens == 3072
     assert resolve_speed(make_cfg(**bf16, **{"speed.graph_tokens": 4096}), **GPU).graph_tokens == 4096
     with pytest.raises(ConfigError, match=r"speed.graph_tokens \(512\) must hold the longest conversation"):
