@@ -248,7 +248,8 @@ class SpeedLevers:
             counts = fuse_lora(model)
             self._undo.append(lambda: unfuse_lora(model))
             plan.fused_layers = (counts["fused"], counts["linear"])
-            if counts["fused"] == 0:  # nothing runs fused (dtypes, dropout, ...): say so, don't claim it
+            if counts["fused"] == 0:  # nothing would run fused (dtypes, ...): say so, don't claim it
+                self._undo.pop()()
                 plan.fused_lora = False
                 plan.notes.append(f"speed.fused_lora -> off (0 of {counts['linear']} LoRA layers can run fused)")
         if plan.compile:

@@ -199,6 +199,10 @@ def test_varlen_path_through_run_training_equals_unpacked(make_cfg, monkeypatch)
     b = [m["loss"] for m in packed.metrics if "loss" in m]
     assert len(a) == 2 and all(abs(x - y) / x < 1e-5 for x, y in zip(a, b)), (a, b)
     assert abs(packed.eval_loss - unpacked.eval_loss) / unpacked.eval_loss < 1e-5
+    # packed and padded batches count the same input (non-pad) and trained tokens
+    rows = [[(m["input_tokens"], m["trained_tokens"]) for m in r.metrics if "loss" in m] for r in (packed, unpacked)]
+    assert rows[0] == rows[1] and all(i > t > 0 for i, t in rows[0]), rows
+    assert all(m["input_tokens_per_s"] > m["trained_tokens_per_s"] > 0 for m in packed.metrics if "loss" in m)
     assert packed.model.get_base_model().config._attn_implementation == "sdpa"
     # 2 layers x (2 steps x 2 micro-batches of 4 conversations + 1 dev batch of 4): the kernel really ran
     assert calls == [4] * (2 * (2 * 2 + 1)), calls
