@@ -83,8 +83,9 @@ class ModelFolder:
 
     @property
     def remote_code(self) -> bool:
-        """Whether the folder ships its own modelling code (config.json `auto_map`)."""
-        return "auto_map" in self.config
+        """Whether AutoModelForCausalLM would run the folder's own modelling code (config.json `auto_map`
+        names it; transformers checks the same key) when trust_remote_code allows it."""
+        return "AutoModelForCausalLM" in (self.config.get("auto_map") or {})
 
     @cached_property
     def family(self) -> str | None:

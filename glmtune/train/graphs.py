@@ -25,7 +25,8 @@ from typing import Sequence
 
 import torch
 
-from glmtune.train.data import IGNORE_INDEX, token_loss_sum
+from glmtune.templates import IGNORE_INDEX
+from glmtune.train.data import token_loss_sum
 
 
 def padded_offsets(seq_lens: Sequence[int], tokens: int, max_segments: int) -> list[int]:

@@ -1,4 +1,5 @@
-"""The training recipe, top to bottom: config -> data -> model -> optimizer -> loop -> save.
+"""The training recipe, top to bottom: `run_training` = `setup` (config -> data -> model with its
+speed levers -> optimizer -> resume) -> `train_loop` (steps; log, eval, checkpoint) -> `finish` (save).
 
 A lean loop on accelerate (not TRL's SFTTrainer) because we need control of three things that a
 Trainer hides: (1) the loss is the mean over the trained tokens of a whole optimizer step across
@@ -16,13 +17,13 @@ from pathlib import Path
 
 import torch
 
+from glmtune.templates import IGNORE_INDEX
 from glmtune.train.checkpoint import (list_checkpoints, load_checkpoint, register_state_hooks, resolve_resume,
                                       save_checkpoint)
 from glmtune.train.config import TrainConfig, load_config, resolve_template, save_resolved
 from glmtune.train.data import (BatchStream, collate, encode_records, load_records, split_dev, token_loss_sum,
                                 total_steps)
 from glmtune.train.monitor import Monitor, progress_bar, read_metrics
-from glmtune.templates import IGNORE_INDEX
 from glmtune.train.speed import SpeedLevers, SpeedPlan, resolve_speed
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -183,7 +184,7 @@ def _graphed_step(graphed, micro_batches, accelerator, pad_id: int):
     is the summed token loss over the step divided by the step's trained-token count, as the eager
     path. Returns (summed loss, trained-token count, real tokens)."""
     from glmtune.train.graphs import fixed_row
-    from glmtune.train.data import IGNORE_INDEX, pack_rows_best_fit
+    from glmtune.train.data import pack_rows_best_fit
 
     dev = accelerator.device
     n = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for mb in micro_batches for e in mb)

@@ -49,7 +49,7 @@ def test_template_args_keep_the_folders_default_system_only_for_its_own_family(t
 
 
 def test_model_type_remote_code_and_meta(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "chatglm", "auto_map": {"AutoModel": "x.Y"}}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "chatglm", "auto_map": {"AutoModelForCausalLM": "x.Y"}}))
     write_glmtune_meta(tmp_path, template="chatglm3", method="lora")
     write_glmtune_meta(tmp_path, base_model="/m")    # entries are added, not replaced
     folder = read_model_folder(tmp_path)
