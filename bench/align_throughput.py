@@ -38,7 +38,7 @@ def build_model_dir(args) -> str:
     """The random GLM-4-9B-shape weights (benchlib) + GLM-4 tokenizer + glmtune.json: a glmtune model folder."""
     import benchlib
 
-    from glmtune.models.tiny import write_glmtune_meta
+    from glmtune.models.folder import write_glmtune_meta
     from glmtune.models.tokenizer import load_tokenizer
 
     cfg = benchlib.glm4_config(layers=args.layers, tiny=args.tiny)

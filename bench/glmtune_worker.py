@@ -14,7 +14,7 @@ per-step optimizer cost (LoRA: ~0.1 s of the step) is amortised over more tokens
 
 Rows mode (`--rows T`): the same stream packed best-fit (16-sequence lookahead) into rows of exactly T
 tokens (tail padded; padding is not counted as tokens), `--rows-per-step` rows per optimizer step,
-through glmtune.models.graphs.GraphedDecoder: the decoder blocks as CUDA graphs (`--graph`) or the
+through glmtune.train.graphs.GraphedDecoder: the decoder blocks as CUDA graphs (`--graph`) or the
 same code eagerly. `--fused-lora`: glmtune.models.fused_lora on every LoRA linear and the MLPs.
 
 Prints one JSON line (with "error" on failure, e.g. out of memory).
@@ -109,7 +109,7 @@ try:
         return sum(lens), total_loss
 
     if args.rows:
-        from glmtune.models.graphs import GraphedDecoder, fixed_row
+        from glmtune.train.graphs import GraphedDecoder, fixed_row
         from glmtune.train.data import pack_rows_best_fit
 
         t0 = time.time()

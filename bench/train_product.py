@@ -59,7 +59,7 @@ def write_model_folder(path: Path, layers: int, tiny: bool) -> Path:
     import torch
     from transformers import Glm4ForCausalLM
 
-    from glmtune.models.tiny import write_glmtune_meta
+    from glmtune.models.folder import write_glmtune_meta
     from glmtune.models.tokenizer import load_tokenizer
 
     if (path / "glmtune.json").exists():

@@ -108,7 +108,7 @@ def similarity_reward(ctx: RewardContext, model: str | None = None, cosine_weigh
                       jaccard_weight: float = 0.5, bad_weight: float = 1.0) -> RewardFn:
     """Similarity to the gold answers (`references`) minus bad_weight x similarity to `bad_answers`;
     similarity = cosine_weight x sentence-transformers cosine + jaccard_weight x word/char Jaccard."""
-    from glmtune.serve.rag import default_embedding_model
+    from glmtune.infer.rag import default_embedding_model
     state: dict = {}
 
     def encode(texts: list[str]):
@@ -136,7 +136,8 @@ def load_reward_model(path: str):
     from transformers import AutoModelForSequenceClassification
 
     from glmtune.models.tokenizer import load_tokenizer
-    from glmtune.templates import resolve_template
+    from glmtune.models.folder import read_model_folder
+    from glmtune.templates import get_template
 
     folder = Path(path)
     meta_path = folder / "glmtune.json"
@@ -151,7 +152,7 @@ def load_reward_model(path: str):
         model = PeftModel.from_pretrained(model, folder).merge_and_unload()
     tokenizer = load_tokenizer(folder)
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), tokenizer, resolve_template(meta.get("template"), base)
+    return model.eval(), tokenizer, get_template(**read_model_folder(base).template_args(meta.get("template")))
 
 
 def reward_model_reward(ctx: RewardContext, path: str | None = None, batch_size: int = 8) -> RewardFn:

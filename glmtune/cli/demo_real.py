@@ -50,13 +50,13 @@ def demo_data(data_dir: Path, model_dir: Path, console: Console) -> dict:
     from glmtune.cli.demo import clean_split_describe
     from glmtune.data.pipeline import convert_file
     from glmtune.data.sample import TOPIC_SYSTEM, write_chatterbot_topics
-    from glmtune.templates import template_for_model
+    from glmtune.models.folder import read_model_folder
 
     console.rule("[bold]1. data")
     raw = write_chatterbot_topics(data_dir / "topics.csv")
     conv = convert_file(raw, data_dir / "topics.jsonl", format="classification", system=TOPIC_SYSTEM)
     console.print(f"convert: {conv.records} records ({conv.labels} labelled) from chatterbot-corpus -> {conv.out}")
-    return clean_split_describe(conv.out, data_dir, ratios="7:1:2", template=template_for_model(model_dir).name,
+    return clean_split_describe(conv.out, data_dir, ratios="7:1:2", template=read_model_folder(model_dir).family,
                                 tokenizer=model_dir, cutoff=256, console=console)
 
 

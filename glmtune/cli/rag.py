@@ -22,7 +22,7 @@ def index_cmd(
     overlap: int = typer.Option(100, help="Characters shared by neighbouring chunks."),
 ) -> None:
     """Chunk, embed and store documents (re-indexing a file replaces its chunks)."""
-    from glmtune.serve.rag import build_index
+    from glmtune.infer.rag import build_index
 
     stats = build_index(docs, store, embedding_model=embedding_model, chunk_size=chunk_size, overlap=overlap)
     typer.echo(f"indexed {stats['documents']} document(s) as {stats['chunks']} chunk(s); "
@@ -39,7 +39,7 @@ def query_cmd(
     """Show the closest passages with their cosine similarity (1 = same direction)."""
     import json
 
-    from glmtune.serve.rag import Retriever
+    from glmtune.infer.rag import Retriever
 
     hits = Retriever(store).search(question, k=k)
     if json_out:

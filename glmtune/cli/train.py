@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,29 +12,6 @@ from rich.console import Console
 from glmtune.cli.main import app
 
 console = Console(stderr=True)
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-ACCELERATE_PRESETS = ("ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp")
-
-
-def accelerate_command(config: Path, sets: list[str], resume: str | None, nproc: int, accel: str | None) -> list[str]:
-    """The `accelerate launch` line for --nproc N: one glmtune process per device (or per CPU slot).
-
-    Without CUDA, accelerate's `--multi_gpu` launcher (torchrun) still starts N processes and they
-    join a gloo process group, which is how multi-process runs are tested on CPU.
-    """
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
-           "--num_machines", "1", "--main_process_port", os.environ.get("GLMTUNE_MASTER_PORT", "29517")]
-    if accel:
-        path = CONFIGS / "accelerate" / f"{accel}.yaml" if accel in ACCELERATE_PRESETS else Path(accel)
-        cmd += ["--config_file", str(path)]
-    else:
-        cmd += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd += ["-m", "glmtune.cli.main", "train", str(config)]
-    for s in sets:
-        cmd += ["--set", s]
-    if resume:
-        cmd += ["--resume", resume]
-    return cmd
 
 
 @app.command("train")
@@ -47,7 +23,7 @@ def train_cmd(
     nproc: int = typer.Option(1, help="Processes/GPUs: N>1 runs the same command under `accelerate launch`."),
     accelerate_config: Optional[str] = typer.Option(
         None, "--accelerate-config", help="With --nproc: ddp, deepspeed_zero2, deepspeed_zero3, fsdp "
-                                          "(configs/accelerate/) or a path to an accelerate YAML."),
+                                          "(shipped in glmtune/resources/accelerate/) or a path to an accelerate YAML."),
     explain: bool = typer.Option(False, help="Print every config key with its default and meaning, then exit."),
 ) -> None:
     """Fine-tune a model (lora, qlora, prefix = P-Tuning v2, full, freeze) as CONFIG says."""
@@ -63,6 +39,7 @@ def train_cmd(
     sets = list(set_ or [])
     load_config(config, sets)  # fail fast, before starting N processes
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from glmtune.train.launch import accelerate_command
         cmd = accelerate_command(config, sets, resume, nproc, accelerate_config)
         console.print(f"[cyan]·[/] {' '.join(cmd)}")
         raise typer.Exit(subprocess.call(cmd))

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from glmtune.errors import ConfigError, InputError
+from glmtune.templates import IGNORE_INDEX
 
 ON_OVERFLOW = ("truncate", "drop", "error")
 SIDES = ("left", "right")
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -99,11 +99,11 @@ def segment_pieces(template, tokenizer, messages: Sequence[dict], tools: list | 
                    train_on: str = "all_assistant", prompt: bool = False) -> list[Piece]:
     """The conversation's segments as pieces. ``prompt``: the generation prompt (evaluation, no answer);
     else the training encoding, labels from ``template.encode`` and the last answer protected whole."""
-    from glmtune.templates.base import _segment_ids
+    from glmtune.templates import segment_ids
 
     msgs = template._checked(messages, tools)
     segs = template.segments(msgs, tools, prompt, not prompt)
-    ids = [_segment_ids(tokenizer, s) for s in segs]
+    ids = [segment_ids(tokenizer, s) for s in segs]
     labels = [[IGNORE_INDEX] * len(i) for i in ids]
     if not prompt:
         enc = template.encode(tokenizer, msgs, tools=tools, train_on=train_on)
@@ -121,14 +121,14 @@ def segment_pieces(template, tokenizer, messages: Sequence[dict], tools: list | 
 def _fixed_ids(tokenizer, seg, msgs: list[dict], seg_ids: list[int]) -> int:
     """How many leading ids of a segment may not be cut: all, unless it carries dialogue text; then only
     its role header (e.g. ``user\\n``). Special tokens and the system prompt are always whole."""
-    from glmtune.templates.base import _segment_ids
+    from glmtune.templates import segment_ids
 
     msg = msgs[seg.turn] if 0 <= seg.turn < len(msgs) else None
     content = (msg or {}).get("content") or ""
     text = seg.text if seg.encode_as is None else seg.encode_as
     if seg.special or msg is None or msg.get("role") == "system" or not content or not text.endswith(content):
         return len(seg_ids)
-    header = _segment_ids(tokenizer, type(seg)(text=text[:len(text) - len(content)]))
+    header = segment_ids(tokenizer, type(seg)(text=text[:len(text) - len(content)]))
     return len(header) if seg_ids[:len(header)] == header else 0
 
 

@@ -138,8 +138,9 @@ def render_file(source: str | Path, *, template: str, tokenizer: str | Path, ind
 
 
 def _template_and_tokenizer(template: str, tokenizer: str | Path):
+    from glmtune.models.folder import read_model_folder
     from glmtune.models.tokenizer import load_tokenizer
-    from glmtune.templates import resolve_template
+    from glmtune.templates import get_template
 
     # The tokenizer argument is a model folder: its own details (a default system prompt) are kept.
-    return resolve_template(template, tokenizer), load_tokenizer(tokenizer)
+    return get_template(**read_model_folder(tokenizer).template_args(template)), load_tokenizer(tokenizer)

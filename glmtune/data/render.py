@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-IGNORE_INDEX = -100
+from glmtune.templates import IGNORE_INDEX
 
 
 @dataclass

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from glmtune.data.records import content_text
+from glmtune.templates import IGNORE_INDEX
 
 PERCENTILES = (50, 90, 99)
 
@@ -40,7 +41,7 @@ class DataStats:
     chars: LengthStats                     # characters per record (all messages)
     labels: dict[str, int] = field(default_factory=dict)   # most common first
     tokens: LengthStats | None = None      # token ids per record under the template
-    trained_tokens: int | None = None      # total trained (label != -100) tokens
+    trained_tokens: int | None = None      # total trained (label != IGNORE_INDEX) tokens
     template: str | None = None
     cutoff: int | None = None
     over_cutoff: int | None = None
@@ -92,5 +93,5 @@ def token_lengths(records: list[dict], template, tokenizer, train_on: str = "all
     for rec in records:
         enc = template.encode(tokenizer, rec["messages"], tools=rec.get("tools"), train_on=train_on)
         lengths.append(len(enc.input_ids))
-        trained += sum(lab != -100 for lab in enc.labels)
+        trained += sum(lab != IGNORE_INDEX for lab in enc.labels)
     return lengths, trained

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from glmtune.errors import InputError
-from glmtune.templates.base import IGNORE_INDEX
+from glmtune.templates import IGNORE_INDEX
 
 MODES = ("constrained", "generate")
 SIDES = ("left", "right")
@@ -210,8 +210,9 @@ def classify(predictor, records: Sequence[dict], label_set: LabelSet, mode: str 
         prompts.append(ids)
 
     backend = predictor.backend
-    model, device = backend.model, backend.device
-    pad = backend._pad_id(predictor.stop_ids)
+    if mode == "constrained" and not hasattr(backend, "scoring"):
+        raise InputError(f"the {backend.name} back-end cannot score labels (constrained mode runs the model's own "
+                         "forward passes)", field="--mode", fix="use --mode generate, or the hf back-end")
     t0 = time.perf_counter()
     raw_outputs = None
     # Batches of similar length waste little on padding; results go back to the input order.
@@ -219,10 +220,10 @@ def classify(predictor, records: Sequence[dict], label_set: LabelSet, mode: str 
     sorted_prompts = [prompts[i] for i in order]
     if mode == "constrained":
         from glmtune.evaluate.label_scoring import LabelScorer, common_prefix_len
-        with torch.inference_mode(), backend._adapter_scope(predictor.default_adapter):
+        with backend.scoring(predictor.default_adapter) as model:
             # The shared prefix (template prefix + system prompt) is computed once for all samples.
-            scorer = LabelScorer(model, device, ans, pad, prompts[0][:common_prefix_len(prompts)],
-                                 decisive=scoring == "decisive")
+            scorer = LabelScorer(model, backend.device, ans, backend.pad_id(predictor.stop_ids),
+                                 prompts[0][:common_prefix_len(prompts)], decisive=scoring == "decisive")
 
             def run(batch):
                 node_lp, label_lp = scorer.score(batch)

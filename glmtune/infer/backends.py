@@ -7,6 +7,7 @@ boundary: ``BACKENDS`` maps a name to a class. A prompt with images is a
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,14 +102,14 @@ class HFBackend:
         input_ids, attention = self._left_pad(prompts)
         criteria = _stopping_criteria(cancel, on_tokens, input_ids.shape[1])
         kwargs = dict(max_new_tokens=gen.max_new_tokens, eos_token_id=stop_ids,
-                      pad_token_id=self._pad_id(stop_ids), stopping_criteria=criteria,
+                      pad_token_id=self.pad_id(stop_ids), stopping_criteria=criteria,
                       repetition_penalty=gen.repetition_penalty)
         if gen.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
         kwargs.update(self._vision_inputs(prompts, input_ids.shape[1]))
-        with self._lock, torch.inference_mode(), self._adapter_scope(adapter):
+        with self._lock, torch.inference_mode(), self.adapter_scope(adapter):
             if gen.seed is not None:
                 torch.manual_seed(gen.seed)
             out = self.model.generate(input_ids=input_ids.to(self.device),
@@ -122,7 +123,7 @@ class HFBackend:
         import torch
 
         width = max(len(p) for p in prompts)
-        pad = self._pad_id([])
+        pad = self.pad_id([])
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
         return ids, mask
@@ -148,16 +149,23 @@ class HFBackend:
             out[key] = value.to(self.device, dtype=dtype) if value.is_floating_point() else value.to(self.device)
         return out
 
-    def _pad_id(self, stop_ids: list[int]) -> int:
+    def pad_id(self, stop_ids: list[int]) -> int:
         # Padding is masked out, so any id works; the tokenizer's pad, else a stop id, else 0.
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = stop_ids[0] if stop_ids else (self.tokenizer.eos_token_id or 0)
         return pad
 
-    def _adapter_scope(self, adapter: str | None):
-        import contextlib
+    @contextlib.contextmanager
+    def scoring(self, adapter: str | None):
+        """The torch model for forward passes of one's own (label scoring), with ``adapter`` active
+        and other calls held off until the block ends. Back-ends without it cannot score."""
+        import torch
 
+        with self._lock, torch.inference_mode(), self.adapter_scope(adapter):
+            yield self.model
+
+    def adapter_scope(self, adapter: str | None):
         if not self.adapters:
             if adapter not in (None, BASE):
                 raise InputError(f"no adapter named '{adapter}' is loaded (none are)", field="adapter")
@@ -178,14 +186,13 @@ def _apply_inference_kernels(model_dir: str | Path, kernels: str, device: str) -
     """liger-kernel's RMSNorm and SwiGLU (no fused loss: nothing is trained) patched into
     transformers before the model is built: +16% classification throughput on GLM-4-9B (bench/RESULTS.md).
     ``auto`` uses them on CUDA when liger-kernel can patch this model type; returns what was applied."""
-    import json
-
     from glmtune.models import speed
+    from glmtune.models.folder import read_model_folder
     if kernels not in KERNELS:
         raise InputError(f"unknown kernels '{kernels}'", field="kernels", fix="use none, auto or liger")
     if kernels == "none":
         return "none"
-    model_type = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type", "")
+    model_type = read_model_folder(model_dir).model_type or ""
     why_not = "it needs a CUDA device" if not str(device).startswith("cuda") else speed.liger_support(model_type)
     if why_not is not None:
         if kernels == "liger":

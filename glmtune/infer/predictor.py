@@ -35,7 +35,7 @@ class Predictor:
     ``adapter``: one folder (named after the folder), or ``{name: folder}`` for several; the first is
     the default for calls that name none, ``adapter="base"`` switches adapters off for that call.
     ``rag``: a store written by ``glmtune rag index``; a passage is added to the prompt only when its
-    cosine similarity to the question is at least ``rag_threshold`` (see :mod:`glmtune.serve.rag`).
+    cosine similarity to the question is at least ``rag_threshold`` (see :mod:`glmtune.infer.rag`).
     Message content is a string or a list of text/image parts; images need a vision-language model
     folder (its processor is loaded too) and are checked against ``image_limits``.
     """
@@ -45,13 +45,14 @@ class Predictor:
                  rag_top_k: int = 2, embedding_model: str | Path | None = None,
                  device: str | None = None, dtype: str = "auto", max_new_tokens: int = 512,
                  image_limits: ImageLimits | None = None, **backend_kwargs):
+        from glmtune.models.folder import read_model_folder
         from glmtune.models.loading import check_model_dir, is_vision_model
         from glmtune.models.tokenizer import load_tokenizer
-        from glmtune.templates import resolve_template
+        from glmtune.templates import get_template
 
         self.model_dir = check_model_dir(model)
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.template = resolve_template(template, self.model_dir)
+        self.template = get_template(**read_model_folder(self.model_dir).template_args(template))
         self.stop_ids = self.template.stop_token_ids(self.tokenizer)
         if not self.stop_ids:
             raise InputError(f"template '{self.template.name}' has no stop token in this tokenizer",
@@ -70,7 +71,7 @@ class Predictor:
         self.default_gen = {"max_new_tokens": max_new_tokens}
         self.retriever = None
         if rag is not None:
-            from glmtune.serve.rag import Retriever
+            from glmtune.infer.rag import Retriever
             self.retriever = Retriever(rag, embedding_model=embedding_model)
         self.rag_threshold, self.rag_top_k = rag_threshold, rag_top_k
         self.last_sources: list[dict] = []  # passages the last call put into its prompt

@@ -153,7 +153,8 @@ def native_config(cfg: dict, *, source: Path, stop_ids: list[int], dtype: str):
 
 def detect_source_family(src: Path, cfg: dict, requested: str) -> str:
     """glm4 / chatglm3 / chatglm2: `requested` unless auto; else the tokenizer file and names decide."""
-    from glmtune.models.tokenizer import _is_tiktoken_file, detect_family
+    from glmtune.models.folder import read_model_folder
+    from glmtune.models.tokenizer import _is_tiktoken_file
 
     if requested != "auto":
         if requested not in FAMILIES:
@@ -166,7 +167,7 @@ def detect_source_family(src: Path, cfg: dict, requested: str) -> str:
                          fix="copy the checkpoint's tokenizer files (tokenizer.model, tokenizer_config.json) too")
     if _is_tiktoken_file(model_file):
         return "glm4"
-    family = detect_family(src)
+    family = read_model_folder(src).family
     if family not in ("chatglm2", "chatglm3"):
         # ChatGLM2 and ChatGLM3 share tokenizer.model; only names tell them apart.
         name = str(cfg.get("_name_or_path", "")).lower()
@@ -374,7 +375,7 @@ def import_chatglm(src: str | Path, out_dir: str | Path, *, dtype: str = "bf16",
     Written under a temporary name beside `out_dir` and renamed at the end, so an interrupted
     import leaves no half-written model.
     """
-    from glmtune.models.tiny import write_glmtune_meta
+    from glmtune.models.folder import write_glmtune_meta
     from glmtune.models.tokenizer import load_tokenizer
     from glmtune.templates import get_template
 

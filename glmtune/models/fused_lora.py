@@ -200,19 +200,23 @@ def _patch(module, fn) -> None:
 def fuse_lora(model) -> dict:
     """Route a PEFT model's LoRA linears (and SiLU-gated MLPs) through the fused functions.
 
-    Returns counts {"linear": n, "mlp": m}. Idempotent; `unfuse_lora` restores PEFT's forwards. Must run
-    before torch.compile of the layers (compile traces whichever forward is in place).
+    Returns counts {"linear": n, "mlp": m, "fused": k}: patched LoRA linears and gated MLPs, and how many
+    of the LoRA linears take the fused path now (the others fall back to PEFT's forward per call: mixed
+    adapter / base dtypes, dropout in training mode, several active adapters). Idempotent;
+    `unfuse_lora` restores PEFT's forwards. Must run before torch.compile of the layers (compile
+    traces whichever forward is in place).
     """
-    counts = {"linear": 0, "mlp": 0}
+    counts = {"linear": 0, "mlp": 0, "fused": 0}
     for module in model.modules():
-        if hasattr(module, "_glmtune_peft_forward"):
-            continue
         if _is_lora_linear(module):
-            _patch(module, _fused_linear_forward)
             counts["linear"] += 1
+            counts["fused"] += _lora_parts(module) is not None
+            if not hasattr(module, "_glmtune_peft_forward"):
+                _patch(module, _fused_linear_forward)
         elif _is_silu_gated_mlp(module):
-            _patch(module, _fused_mlp_forward)
             counts["mlp"] += 1
+            if not hasattr(module, "_glmtune_peft_forward"):
+                _patch(module, _fused_mlp_forward)
     return counts
 
 

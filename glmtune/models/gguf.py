@@ -277,26 +277,19 @@ def default_system_prompt(tokenizer) -> str | None:
     return without[len(prefix):len(without) - len(suffix)]
 
 
-def _known_templates() -> list[str] | None:
-    """glmtune's template names, or None while the templates package is not importable."""
-    try:
-        from glmtune.templates import list_templates
-    except ImportError:
-        return None
-    return list(list_templates())
-
-
 def resolve_template(tokenizer, requested: str, source: Path) -> str:
-    known = _known_templates()
+    from glmtune.models.folder import FAMILIES
+
+    known = list(FAMILIES)
     if requested != "auto":
-        if known is not None and requested not in known:
+        if requested not in known:
             raise InputError(f"unknown template '{requested}'", field="--template",
                              fix=f"use auto or one of: {', '.join(known)}")
         return requested
     family = detect_template_family(tokenizer)
-    if family is None or (known is not None and family not in known):
+    if family is None or family not in known:
         raise InputError("cannot tell the chat template family from the GGUF's chat template", file=source,
-                         fix=f"pass --template with one of: {', '.join(known or [f for f, _ in _TEMPLATE_MARKERS])}")
+                         fix=f"pass --template with one of: {', '.join(known)}")
     return family
 
 
@@ -420,7 +413,7 @@ def import_gguf(paths: list[str | Path], out_dir: str | Path, *, dtype: str = "b
     interrupted import never leaves a half-written model behind.
     """
     from glmtune.io import atomic_dir
-    from glmtune.models.tiny import write_glmtune_meta
+    from glmtune.models.folder import write_glmtune_meta
 
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype '{dtype}'", field="--dtype", fix=f"use one of: {', '.join(DTYPES)}")

@@ -28,15 +28,14 @@ def check_model_dir(path: str | Path, *, trust_remote_code: bool = False) -> Pat
 
 
 def is_remote_chatglm(path: str | Path) -> bool:
-    """config.json says `model_type: chatglm`, or its auto_map points at modeling_chatglm."""
-    import json
+    """See :attr:`glmtune.models.folder.ModelFolder.is_remote_chatglm` (an unreadable config: False)."""
+    from glmtune.errors import InputError
+    from glmtune.models.folder import read_model_folder
 
     try:
-        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_model_folder(path).is_remote_chatglm
+    except InputError:
         return False
-    auto_map = cfg.get("auto_map") or {}
-    return cfg.get("model_type") == "chatglm" or any("modeling_chatglm" in str(v) for v in auto_map.values())
 
 
 def load_model(path: str | Path, *, dtype: str = "auto", attn_implementation: str | None = None,
@@ -59,16 +58,16 @@ def load_model(path: str | Path, *, dtype: str = "auto", attn_implementation: st
 
 def model_type(path: str | Path) -> str:
     """``model_type`` from a model folder's config.json ('' when absent)."""
-    import json
+    from glmtune.models.folder import read_model_folder
 
-    return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type", "")
+    return read_model_folder(path).model_type or ""
 
 
 def is_vision_model(path: str | Path) -> bool:
     """True for image-text-to-text architectures (Qwen2-VL, GLM-4V, LLaVA, ...): they take images."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    from glmtune.models.folder import read_model_folder
 
-    return model_type(path) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    return read_model_folder(path).is_vision
 
 
 def load_processor(path: str | Path):

@@ -2,11 +2,12 @@
 
 One function per concern: which modules get LoRA (per architecture), which blocks a `freeze` run
 trains, how QLoRA quantises. PEFT does the adapter work; this file only chooses its arguments.
+`METHODS` is the one table of what each method is (LoRA? quantized? updates the base? packs?).
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Callable
 
 from glmtune.errors import ConfigError, GlmtuneError
 
@@ -96,41 +97,86 @@ def setup_method(model, method, *, gradient_checkpointing: bool = False, adapter
     every adapted activation (speed.adapter_dtype: model); for qlora the non-quantized weights also stay
     in the model dtype instead of PEFT's fp32 upcast.
     """
-    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
-
+    traits = method_traits(method.name)
     gc_kwargs = {"use_reentrant": False}  # non-reentrant: works with frozen inputs and with DDP
-    name = method.name
-    if name == "qlora" and adapter_fp32:
-        from peft import prepare_model_for_kbit_training
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=gc_kwargs)
-    elif name == "qlora":
-        # PEFT's kbit preparation minus its fp32 upcast of every non-quantized weight (embeddings, norms,
-        # LM head: +2.3 GiB for GLM-4's 151,552 x 4096 head alone); non-reentrant checkpointing needs
-        # no input-grad hook.
-        model.requires_grad_(False)
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    if traits.quantized:
+        _prepare_quantized(model, gradient_checkpointing, gc_kwargs, upcast=adapter_fp32)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-        if name in ("lora", "prefix", "freeze"):
+        if traits.frozen_embeddings:
             # the embeddings are frozen, so checkpointed blocks would see inputs without grad
             model.enable_input_require_grads()
-    if name in ("lora", "qlora"):
-        cfg = LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout, bias="none",
-                         target_modules=lora_targets(model, method.target_modules), task_type="CAUSAL_LM")
-        return get_peft_model(model, cfg, autocast_adapter_dtype=adapter_fp32)
-    if name == "prefix":
-        cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.num_virtual_tokens,
-                                 prefix_projection=method.prefix_projection)
-        return get_peft_model(model, cfg)
-    if name == "full":
-        model.requires_grad_(True)
-        return model
-    if name == "freeze":
-        apply_freeze(model, method.trainable_layers)
-        return model
-    raise ConfigError(f"unknown method {name!r}", field="method.name")
+    return traits.apply(model, method, adapter_fp32)
+
+
+def _prepare_quantized(model, gradient_checkpointing: bool, gc_kwargs: dict, *, upcast: bool) -> None:
+    if upcast:
+        from peft import prepare_model_for_kbit_training
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                        gradient_checkpointing_kwargs=gc_kwargs)
+        return
+    # PEFT's kbit preparation minus its fp32 upcast of every non-quantized weight (embeddings, norms,
+    # LM head: +2.3 GiB for GLM-4's 151,552 x 4096 head alone); non-reentrant checkpointing needs
+    # no input-grad hook.
+    model.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+
+
+def _add_lora(model, method, adapter_fp32: bool):
+    from peft import LoraConfig, get_peft_model
+    cfg = LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout, bias="none",
+                     target_modules=lora_targets(model, method.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg, autocast_adapter_dtype=adapter_fp32)
+
+
+def _add_prefix(model, method, adapter_fp32: bool):
+    from peft import PrefixTuningConfig, get_peft_model
+    cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.num_virtual_tokens,
+                             prefix_projection=method.prefix_projection)
+    return get_peft_model(model, cfg)
+
+
+def _train_all(model, method, adapter_fp32: bool):
+    model.requires_grad_(True)
+    return model
+
+
+def _train_last_layers(model, method, adapter_fp32: bool):
+    apply_freeze(model, method.trainable_layers)
+    return model
+
+
+@dataclass(frozen=True)
+class MethodTraits:
+    """What the rest of glmtune needs to know about a training method: one row per method, so no
+    other module branches on the method's name."""
+
+    name: str
+    apply: Callable                 # (model, MethodSection, adapter_fp32) -> the model to train
+    lora: bool = False              # has LoRA layers: speed.fused_lora, CUDA graphs, speed.adapter_dtype
+    quantized: bool = False         # 4-bit nf4 base weights (bitsandbytes, CUDA), bf16 compute
+    updates_base: bool = False      # trains base weights: fp32 master weights, saved as a whole model
+    frozen_embeddings: bool = True  # gradient checkpointing then needs the input-grad hook
+    # prefix tuning feeds trained key/value prefixes as a KV cache: packed rows need an empty one, and
+    # compile / liger are not checked with it (their `auto` stays off)
+    packs: bool = True
+    kernels: bool = True
+
+
+METHODS: dict[str, MethodTraits] = {t.name: t for t in (
+    MethodTraits("lora", _add_lora, lora=True),
+    MethodTraits("qlora", _add_lora, lora=True, quantized=True),
+    MethodTraits("prefix", _add_prefix, packs=False, kernels=False),
+    MethodTraits("full", _train_all, updates_base=True, frozen_embeddings=False),
+    MethodTraits("freeze", _train_last_layers, updates_base=True),
+)}
+
+
+def method_traits(name: str) -> MethodTraits:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}", field="method.name", fix=f"use one of {', '.join(METHODS)}")
+    return METHODS[name]
 
 
 def count_params(model) -> tuple[int, int]:
@@ -163,8 +209,3 @@ def memory_estimate_gib(total: int, trainable: int, *, weight_bytes: float, toke
     logits = tokens_per_step * vocab * 4 * 2  # logits + their grad
     return {k: round(v / gib, 2) for k, v in dict(weights=weights, optimizer=optim, activations=acts,
                                                   logits=logits, total=weights + optim + acts + logits).items()}
-
-
-def read_meta(model_dir: str | Path) -> dict:
-    p = Path(model_dir) / "glmtune.json"
-    return json.loads(p.read_text()) if p.exists() else {}

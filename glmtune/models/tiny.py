@@ -5,8 +5,9 @@ architecture class, the same tokenizer and template, the same folder layout.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from glmtune.models.folder import write_glmtune_meta
 
 # Shapes are tiny but keep the family's quirks: GLM-4 has 2 KV heads (grouped-query attention),
 # half-dimension (partial) rotary embeddings and biased q/k/v projections.
@@ -37,14 +38,6 @@ def build_tiny_glm4(out_dir: str | Path, tokenizer_dir: str | Path, *, seed: int
     write_glmtune_meta(out_dir, template="glm4")
     return out_dir
 
-
-def write_glmtune_meta(model_dir: str | Path, **meta) -> None:
-    """`glmtune.json` tells every command which template a model folder uses."""
-    from glmtune.io import write_json_atomic
-
-    path = Path(model_dir) / "glmtune.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    write_json_atomic(path, {**old, **meta})
 
 
 # A LLaVA-architecture vision-language model with a Qwen2 (ChatML) language model and a SigLIP

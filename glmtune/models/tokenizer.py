@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
-import re
 from pathlib import Path
 
 from glmtune.errors import InputError, ModelNotFoundError
 from glmtune.io import cache_dir, write_text_atomic
-
-FAMILIES = ("glm4", "chatglm3", "chatglm2", "qwen", "llama3")
+from glmtune.models.folder import is_tiktoken_file, read_model_folder
 
 # ChatGLM4Tokenizer's pre-tokenizer pattern (the cl100k_base one) and special tokens, whose ids
 # start right after the last BPE rank (151329 for glm-4-9b-chat).
@@ -43,7 +40,18 @@ CHATGLM3_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 _CONVERTER_VERSION = "1"  # bump when the conversion changes, so stale caches are not reused
-_TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/=]+ \d+\s*$")
+
+
+PACKAGED_TOKENIZERS = Path(__file__).resolve().parents[1] / "resources" / "tokenizers"
+
+
+def packaged_tokenizer_dir(family: str) -> Path:
+    """A tokenizer folder that ships inside the package (glm4: GLM-4's, with its licence)."""
+    path = PACKAGED_TOKENIZERS / family
+    if not path.is_dir():
+        raise ModelNotFoundError(path, f"a packaged tokenizer (glmtune ships: "
+                                       f"{', '.join(sorted(p.name for p in PACKAGED_TOKENIZERS.iterdir()))})")
+    return path
 
 
 def load_tokenizer(path: str | Path, *, family: str | None = None):
@@ -60,68 +68,14 @@ def load_tokenizer(path: str | Path, *, family: str | None = None):
     model_file = path / "tokenizer.model"
     if not model_file.exists():
         raise ModelNotFoundError(path, "tokenizer.json or tokenizer.model")
-    if _is_tiktoken_file(model_file):
-        return _glm4_tokenizer(model_file, _read_json(path / "tokenizer_config.json"))
-    family = family or detect_family(path) or "chatglm3"
+    folder = read_model_folder(path)
+    if is_tiktoken_file(model_file):
+        return _glm4_tokenizer(model_file, folder.tokenizer_config)
+    family = family or folder.family or "chatglm3"
     if family not in ("chatglm2", "chatglm3"):
         raise InputError(f"tokenizer.model is a sentencepiece model but the family is '{family}'",
                          file=model_file, fix="pass family='chatglm2' or 'chatglm3'")
     return _chatglm_tokenizer(model_file, family)
-
-
-def detect_family(path: str | Path) -> str | None:
-    """Guess the template family of a model/tokenizer folder; None when nothing says.
-
-    Order: an explicit ``glmtune.json`` wins; then the chat template the tokenizer ships (it is
-    what the model was tuned with: SmolLM2 is a Llama model that speaks ChatML); then tokenizer
-    and model class names; then the file format of ``tokenizer.model``.
-    """
-    path = Path(path)
-    explicit = _read_json(path / "glmtune.json").get("template")
-    if explicit:
-        return str(explicit)
-    tok_cfg = _read_json(path / "tokenizer_config.json")
-    model_cfg = _read_json(path / "config.json")
-    by_template = _family_from_chat_template(read_chat_template(path))
-    if by_template:
-        return by_template
-    names = " ".join(str(d.get(k, "")) for d in (tok_cfg, model_cfg)
-                     for k in ("name_or_path", "_name_or_path", "tokenizer_class")).lower()
-    for key, fam in (("chatglm4", "glm4"), ("glm-4", "glm4"), ("chatglm3", "chatglm3"),
-                     ("chatglm2", "chatglm2"), ("qwen", "qwen"), ("llama-3", "llama3")):
-        if key in names:
-            return fam
-    model_type = str(model_cfg.get("model_type", "")).lower()
-    if model_type in ("glm", "glm4", "chatglm4"):
-        return "glm4"
-    if model_type.startswith("qwen"):
-        return "qwen"
-    if (path / "tokenizer.model").exists() and _is_tiktoken_file(path / "tokenizer.model"):
-        return "glm4"
-    return None
-
-
-def read_chat_template(path: str | Path):
-    """A folder's chat template: ``chat_template.jinja`` (transformers 5 saves it there) or the
-    ``chat_template`` entry of tokenizer_config.json (a string, or a list of named templates)."""
-    path = Path(path)
-    if (path / "chat_template.jinja").exists():
-        return (path / "chat_template.jinja").read_text(encoding="utf-8")
-    return _read_json(path / "tokenizer_config.json").get("chat_template")
-
-
-def _family_from_chat_template(template) -> str | None:
-    """Map the markers of a chat template to a family (a list of named templates: the default)."""
-    if isinstance(template, list):
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    if not isinstance(template, str):
-        return None
-    for marker, fam in (("[gMASK]<sop>", "glm4"), ("[gMASK]sop", "chatglm3"),
-                        ("<|im_start|>", "qwen"), ("<|start_header_id|>", "llama3"),
-                        ("[Round", "chatglm2")):
-        if marker in template:
-            return fam
-    return None
 
 
 def _load_hf_folder(path: Path):
@@ -133,24 +87,6 @@ def _load_hf_folder(path: Path):
                                              local_files_only=True)
     except (ValueError, OSError, ImportError, AttributeError, KeyError):
         return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-
-
-def _read_json(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"invalid JSON ({e.msg})", file=path, line=e.lineno,
-                         fix="restore the file from the model's original download") from None
-    return data if isinstance(data, dict) else {}
-
-
-def _is_tiktoken_file(path: Path) -> bool:
-    """tiktoken rank files are text lines ``<base64> <rank>``; sentencepiece files are protobuf."""
-    with open(path, "rb") as f:
-        first = f.readline(4096)
-    return bool(_TIKTOKEN_LINE.match(first))
 
 
 def _cache_dir() -> Path:

@@ -100,7 +100,7 @@ class Template:
         last = max((s.turn for s in segs if s.trained), default=None)
         ids, labels, spans = [], [], {}
         for seg in segs:
-            seg_ids = _segment_ids(tokenizer, seg)
+            seg_ids = segment_ids(tokenizer, seg)
             if seg.trained:
                 start, _ = spans.get(seg.turn, (len(ids), 0))
                 spans[seg.turn] = (start, len(ids) + len(seg_ids))
@@ -117,20 +117,26 @@ class Template:
         ``image_ids``: for vision-language models, the ids of each image's placeholder (already
         expanded by the model's processor), spliced in order where content holds ``IMAGE_MARK``.
         """
+        return [t for _, seg_ids in self.prompt_segments(tokenizer, messages, tools, image_ids) for t in seg_ids]
+
+    def prompt_segments(self, tokenizer, messages: Sequence[dict], tools: list | None = None,
+                        image_ids: Sequence[list[int]] | None = None) -> list[tuple[Segment, list[int]]]:
+        """The generation prompt as (segment, its ids) pairs, in order: what `encode_prompt` joins.
+        ``Segment.turn`` indexes ``messages`` (or is negative / past the end for template text)."""
         msgs = self._checked(messages, tools)
         if msgs[-1]["role"] == "assistant":
             raise InputError("the conversation ends with an assistant turn", field="messages",
                              fix="drop the last assistant message to build the prompt for it")
         images = iter(image_ids) if image_ids is not None else None
-        ids = []
+        pairs = []
         for seg in self.segments(msgs, tools, True, False):
             if images is not None and not seg.special and IMAGE_MARK in seg.text:
-                ids += _ids_with_images(tokenizer, seg, images)
+                pairs.append((seg, _ids_with_images(tokenizer, seg, images)))
             else:
-                ids += _segment_ids(tokenizer, seg)
+                pairs.append((seg, segment_ids(tokenizer, seg)))
         if images is not None and next(images, None) is not None:
             raise InputError("more images than image marks in the messages", field="messages")
-        return ids
+        return pairs
 
     def stop_token_ids(self, tokenizer) -> list[int]:
         """Ids that end generation: the template's end tokens present in this tokenizer."""
@@ -167,7 +173,8 @@ class Template:
         return out
 
 
-def _segment_ids(tokenizer, seg: Segment) -> list[int]:
+def segment_ids(tokenizer, seg: Segment) -> list[int]:
+    """The ids of one segment: a control token's id, or the text encoded without special tokens."""
     if seg.special:
         return [_special_id(tokenizer, seg.text)]
     text = seg.text if seg.encode_as is None else seg.encode_as
@@ -185,7 +192,7 @@ def _ids_with_images(tokenizer, seg: Segment, images) -> list[int]:
     ids: list[int] = []
     pieces = (seg.text if seg.encode_as is None else seg.encode_as).split(IMAGE_MARK)
     for i, piece in enumerate(pieces):
-        ids += _segment_ids(tokenizer, Segment(piece, turn=seg.turn))
+        ids += segment_ids(tokenizer, Segment(piece, turn=seg.turn))
         if i < len(pieces) - 1:
             placeholder = next(images, None)
             if placeholder is None:

@@ -13,7 +13,7 @@ class ChatMLTemplate(Template):
 
     ``default_system`` is the system message the model's own chat template inserts when a
     conversation has none (Qwen2.5: "You are Qwen, created by Alibaba Cloud. ..."); None inserts
-    nothing. ``template_for_model`` reads it from the model folder's chat template.
+    nothing. ``glmtune.models.folder.ModelFolder.default_system`` reads it from the model folder.
     """
 
     name = "qwen"

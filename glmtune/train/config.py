@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from glmtune.errors import ConfigError
+from glmtune.models.peft_setup import method_traits
 
 
 class _Section(BaseModel):
@@ -145,7 +146,7 @@ class SpeedSection(_Section):
                             "on bf16 models). auto: on for lora/qlora, single process or DDP.")
     cuda_graphs: Union[bool, Literal["auto"]] = Field(
         "auto", description="Train on packed rows of exactly speed.graph_tokens tokens and replay the decoder "
-                            "blocks' forward and backward as CUDA graphs (glmtune.models.graphs): no per-kernel "
+                            "blocks' forward and backward as CUDA graphs (glmtune.train.graphs): no per-kernel "
                             "CPU cost. Each micro-batch's conversations are packed best-fit into such rows (the "
                             "rest padded). Needs CUDA, varlen attention, lora/qlora with method.dropout 0, one "
                             "process, no offload_activations. auto: on where all of that holds. GLM-4-9B LoRA "
@@ -181,11 +182,12 @@ class TrainConfig(_Section):
     def _cross_checks(self) -> "TrainConfig":
         if self.data.dev and self.data.val_size:
             raise ValueError("data.dev and data.val_size are mutually exclusive")
-        if self.method.name == "prefix" and self.data.packing is True:
+        method = method_traits(self.method.name)
+        if not method.packs and self.data.packing is True:
             raise ValueError("data.packing does not work with method.name=prefix (prefix tuning feeds a KV "
                              "cache, and packed attention needs an empty one)")
         if self.speed.attention == "varlen":
-            if self.data.packing is False or self.method.name == "prefix":
+            if self.data.packing is False or not method.packs:
                 raise ValueError("speed.attention=varlen runs on packed rows: set data.packing: true (or auto), "
                                  "not with method prefix; or set speed.attention: auto")
             if self.model.dtype == "fp32":
@@ -194,7 +196,7 @@ class TrainConfig(_Section):
         if self.speed.graph_tokens is not None and self.speed.graph_tokens < self.data.cutoff_len:
             raise ValueError(f"speed.graph_tokens ({self.speed.graph_tokens}) must hold the longest conversation: "
                              f"set it >= data.cutoff_len ({self.data.cutoff_len})")
-        if self.speed.adapter_dtype == "model" and self.method.name not in ("lora", "qlora"):
+        if self.speed.adapter_dtype == "model" and not method.lora:
             raise ValueError("speed.adapter_dtype=model applies to method lora/qlora only")
         return self
 
@@ -271,31 +273,21 @@ def read_raw_config(path: str | Path | dict, overrides: list[str] | None = None)
     return raw, source
 
 
-GLM_MODEL_TYPES = {"glm", "glm4", "chatglm", "glm4_moe"}
-
-
-def model_family(model_dir: str | Path) -> str | None:
-    """model_type from config.json ('glm4', 'chatglm', 'qwen2', ...), or None when unreadable."""
-    try:
-        return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError):
-        return None
-
-
 def check_model(cfg: TrainConfig, source: str | None = None) -> None:
     """Checks that need the model folder: it exists, and fp16 is not asked of a GLM model."""
     from glmtune.errors import ModelNotFoundError
+    from glmtune.models.folder import read_model_folder
     from glmtune.models.loading import check_model_dir
 
     try:
         check_model_dir(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     except ModelNotFoundError as e:
         raise ConfigError(str(e).rstrip("."), file=source, field="model.path") from None
-    if cfg.model.dtype == "fp16" and model_family(cfg.model.path) in GLM_MODEL_TYPES:
+    if cfg.model.dtype == "fp16" and read_model_folder(cfg.model.path).is_glm:
         raise ConfigError("fp16 is not supported for GLM models: their activations overflow fp16 and the loss "
                           "becomes NaN", file=source, field="model.dtype",
                           fix="use dtype: bf16 (Ampere or newer GPUs) or fp32")
-    if cfg.method.name == "qlora" and cfg.model.dtype == "fp32":
+    if method_traits(cfg.method.name).quantized and cfg.model.dtype == "fp32":
         raise ConfigError("qlora computes in bf16 (nf4 weights, bf16 compute)", file=source,
                           field="model.dtype", fix="use dtype: bf16")
 
@@ -303,8 +295,9 @@ def check_model(cfg: TrainConfig, source: str | None = None) -> None:
 def resolve_template(cfg: TrainConfig):
     """The Template to train with: data.template, else the model folder's (glmtune.json, its chat
     template); the folder's own details (a default system prompt) are kept either way."""
-    from glmtune.templates import resolve_template as for_model
-    return for_model(cfg.data.template, cfg.model.path)
+    from glmtune.models.folder import read_model_folder
+    from glmtune.templates import get_template
+    return get_template(**read_model_folder(cfg.model.path).template_args(cfg.data.template))
 
 
 def save_resolved(cfg: TrainConfig, out_dir: str | Path) -> Path:

@@ -18,8 +18,7 @@ import torch
 
 from glmtune.data.cutoff import Example, fit_records  # noqa: F401  (Example is re-exported: one encoded conversation)
 from glmtune.errors import InputError
-
-IGNORE = -100  # label of a token that carries no loss (PyTorch cross_entropy's ignore_index)
+from glmtune.templates import IGNORE_INDEX
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,7 +69,7 @@ def pad_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example. Shapes: input_ids/attention_mask/labels (B, T)."""
     T = max(len(e) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.long)
     for i, e in enumerate(examples):
         ids[i, : len(e)] = torch.tensor(e.input_ids)
@@ -100,7 +99,7 @@ def block_causal_mask(lengths: list[int], dtype=torch.float32) -> torch.Tensor:
 def pack_batch(examples: list[Example], *, block_mask: bool = False, varlen: bool = False) -> dict:
     """Concatenate the examples into one row (1, sum T_i), padding-free.
 
-    The first label of every conversation is set to IGNORE: after the causal shift it would be
+    The first label of every conversation is set to IGNORE_INDEX: after the causal shift it would be
     predicted from the previous conversation's last token. (Templates never train the first token
     anyway, so this changes nothing for unpacked data, which keeps packed == unpacked.)
     `varlen=True` adds the FlashAttention-style kwargs of glmtune.models.speed's varlen attention:
@@ -108,7 +107,7 @@ def pack_batch(examples: list[Example], *, block_mask: bool = False, varlen: boo
     """
     lengths = [len(e) for e in examples]
     ids = torch.tensor([t for e in examples for t in e.input_ids])[None]
-    labels = torch.tensor([t for e in examples for t in [IGNORE] + e.labels[1:]])[None]
+    labels = torch.tensor([t for e in examples for t in [IGNORE_INDEX] + e.labels[1:]])[None]
     batch = {"input_ids": ids, "labels": labels, "position_ids": packed_position_ids(lengths)[None]}
     if block_mask:
         batch["attention_mask"] = block_causal_mask(lengths)
@@ -168,12 +167,12 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
-                                             shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    return loss, (shift_labels != IGNORE).sum()
+                                             shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (shift_labels != IGNORE_INDEX).sum()
 
 
 def trained_tokens(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 # --------------------------------------------------------------------------------------------------

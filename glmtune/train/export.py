@@ -5,7 +5,6 @@ The result (sharded safetensors + tokenizer + glmtune.json) loads with
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -13,11 +12,11 @@ from glmtune.errors import ConfigError, ModelNotFoundError
 
 
 def _adapter_base(adapter: Path) -> str | None:
-    meta = adapter / "glmtune.json"
-    if meta.exists():
-        return json.loads(meta.read_text()).get("base_model")
-    cfg = adapter / "adapter_config.json"
-    return json.loads(cfg.read_text()).get("base_model_name_or_path") if cfg.exists() else None
+    from glmtune.models.folder import META_FILE, read_json, read_model_folder
+
+    if (adapter / META_FILE).exists():
+        return read_model_folder(adapter).meta.get("base_model")
+    return read_json(adapter / "adapter_config.json").get("base_model_name_or_path")
 
 
 def export_merged(base: str | Path | None, adapter: str | Path, out: str | Path, *, shard_size: str = "2GB",
@@ -32,7 +31,7 @@ def export_merged(base: str | Path | None, adapter: str | Path, out: str | Path,
     from peft import PeftConfig, PeftModel
 
     from glmtune.models.loading import check_model_dir, load_model
-    from glmtune.models.tiny import write_glmtune_meta
+    from glmtune.models.folder import META_FILE, read_model_folder, write_glmtune_meta
     from glmtune.models.tokenizer import load_tokenizer
 
     adapter, out = Path(adapter), Path(out)
@@ -59,10 +58,10 @@ def export_merged(base: str | Path | None, adapter: str | Path, out: str | Path,
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size=shard_size, safe_serialization=True)
     load_tokenizer(tok_src).save_pretrained(tmp)
-    meta_src = adapter / "glmtune.json" if (adapter / "glmtune.json").exists() else (base / "glmtune.json" if base else None)
-    meta = json.loads(meta_src.read_text()) if meta_src and meta_src.exists() else {}
-    write_glmtune_meta(tmp, template=meta.get("template"), merged_from={"base": str(base) if base else None,
-                                                                        "adapter": str(adapter)})
+    meta_src = adapter if (adapter / META_FILE).exists() else base
+    meta = read_model_folder(meta_src).meta if meta_src else {}
+    kept = {k: meta[k] for k in ("template", "default_system") if k in meta}
+    write_glmtune_meta(tmp, **kept, merged_from={"base": str(base) if base else None, "adapter": str(adapter)})
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

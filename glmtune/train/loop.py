@@ -1,4 +1,5 @@
-"""The training recipe, top to bottom: config -> data -> model -> optimizer -> loop -> save.
+"""The training recipe, top to bottom: `run_training` = `setup` (config -> data -> model with its
+speed levers -> optimizer -> resume) -> `train_loop` (steps; log, eval, checkpoint) -> `finish` (save).
 
 A lean loop on accelerate (not TRL's SFTTrainer) because we need control of three things that a
 Trainer hides: (1) the loss is the mean over the trained tokens of a whole optimizer step across
@@ -9,7 +10,6 @@ step number, and accelerate restores optimizer, scheduler and RNG.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
+from glmtune.templates import IGNORE_INDEX
 from glmtune.train.checkpoint import (list_checkpoints, load_checkpoint, register_state_hooks, resolve_resume,
                                       save_checkpoint)
 from glmtune.train.config import TrainConfig, load_config, resolve_template, save_resolved
 from glmtune.train.data import (BatchStream, collate, encode_records, load_records, split_dev, token_loss_sum,
                                 total_steps)
 from glmtune.train.monitor import Monitor, progress_bar, read_metrics
-from glmtune.train.speed import SpeedPlan, apply_liger, resolve_speed, set_attention
+from glmtune.train.speed import SpeedLevers, SpeedPlan, resolve_speed
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -70,12 +71,12 @@ def build_model(cfg: TrainConfig, accelerator, plan: SpeedPlan | None = None):
     """Load the base in the right dtype, then apply the method (adapters, freezing, checkpointing).
     liger-kernel, when the plan uses it, must already be applied (it patches the classes built here)."""
     from glmtune.models.loading import load_model
-    from glmtune.models.peft_setup import qlora_quant_config, setup_method
+    from glmtune.models.peft_setup import method_traits, qlora_quant_config, setup_method
 
-    method = cfg.method.name
-    quant = qlora_quant_config() if method == "qlora" else None
+    method = method_traits(cfg.method.name)
+    quant = qlora_quant_config() if method.quantized else None
     # full/freeze update the base weights: keep fp32 masters (AdamW on bf16 weights loses small updates)
-    dtype = "float32" if method in ("full", "freeze") else DTYPES[cfg.model.dtype]
+    dtype = "float32" if method.updates_base else DTYPES[cfg.model.dtype]
     if cfg.model.dtype == "fp16":
         dtype = "float32"  # fp16 training = fp32 weights + autocast + loss scaling (accelerate's scaler)
     model = load_model(cfg.model.path, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
@@ -107,14 +108,14 @@ def make_optimizer(model, cfg: TrainConfig, *, fused: bool = False):
 
 
 def print_summary(console, cfg, model, stats, n_dev, steps, world) -> None:
-    from glmtune.models.peft_setup import count_params, memory_estimate_gib
+    from glmtune.models.peft_setup import count_params, memory_estimate_gib, method_traits
 
     total, trainable = count_params(model)
     mc = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     hidden = getattr(mc, "hidden_size", 0)
     layers = getattr(mc, "num_hidden_layers", getattr(mc, "num_layers", 0))
-    wbytes = 0.5 if cfg.method.name == "qlora" else (2 if cfg.model.dtype != "fp32" and cfg.method.name not in
-                                                     ("full", "freeze") else 4)
+    method = method_traits(cfg.method.name)
+    wbytes = 0.5 if method.quantized else (2 if cfg.model.dtype != "fp32" and not method.updates_base else 4)
     mem = memory_estimate_gib(total, trainable, weight_bytes=wbytes,
                               tokens_per_step=cfg.train.batch_size * cfg.data.cutoff_len, hidden=hidden,
                               layers=layers, vocab=getattr(mc, "vocab_size", getattr(mc, "padded_vocab_size", 0)),
@@ -149,50 +150,9 @@ def forward_loss_sum(model, batch: dict, *, fused: bool = False) -> tuple[torch.
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if fused:
         out = model(**inputs, labels=labels, num_items_in_batch=1, use_cache=False)
-        return out.loss.float(), (labels[:, 1:] != -100).sum()
+        return out.loss.float(), (labels[:, 1:] != IGNORE_INDEX).sum()
     logits = model(**inputs, use_cache=False).logits
     return token_loss_sum(logits, labels)
-
-
-def _fit_plan_to_processes(plan: SpeedPlan, cfg: TrainConfig, accelerator, console) -> SpeedPlan:
-    """Levers that depend on how accelerate runs the model: fused LoRA reads each layer's own weights
-    (not FSDP's / DeepSpeed's sharded ones); CUDA graphs run one process."""
-    from accelerate.utils import DistributedType
-
-    from glmtune.errors import ConfigError
-
-    if plan.fused_lora and accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU):
-        if cfg.speed.fused_lora is True:
-            raise ConfigError(f"speed.fused_lora=true cannot run under {accelerator.distributed_type}",
-                              field="speed.fused_lora", fix="set speed.fused_lora: auto")
-        plan.fused_lora = False
-        console.print(f"speed.fused_lora auto -> off ({accelerator.distributed_type})")
-    if plan.graphs and accelerator.num_processes > 1:
-        if cfg.speed.cuda_graphs is True:
-            raise ConfigError("speed.cuda_graphs=true runs one process", field="speed.cuda_graphs",
-                              fix="set speed.cuda_graphs: auto (off with several processes)")
-        plan.graphs = False
-        console.print("speed.cuda_graphs auto -> off (several processes)")
-    return plan
-
-
-def _graphed_decoder(plan: SpeedPlan, cfg: TrainConfig, model, train_ex, console):
-    """Capture the decoder blocks as CUDA graphs for rows of plan.graph_tokens tokens; None (auto) if
-    capture fails, with the reason printed."""
-    from glmtune.errors import ConfigError
-    from glmtune.models.graphs import GraphedDecoder
-
-    shortest = max(1, min(len(e) for e in train_ex))
-    max_segments = min(plan.graph_tokens // shortest + 1, 512)
-    try:
-        return GraphedDecoder(model, tokens=plan.graph_tokens, max_segments=max_segments, graph=True, varlen=True)
-    except Exception as e:  # noqa: BLE001 - any capture failure: auto falls back to the eager step
-        if cfg.speed.cuda_graphs is True:
-            raise ConfigError(f"speed.cuda_graphs: capture failed ({type(e).__name__}: {e})",
-                              field="speed.cuda_graphs", fix="set speed.cuda_graphs: auto or false") from e
-        plan.graphs = False
-        console.print(f"speed.cuda_graphs auto -> off (capture failed: {type(e).__name__}: {str(e)[:200]})")
-        return None
 
 
 def _eager_step(model, micro_batches, accelerator, plan: SpeedPlan, cfg: TrainConfig, *, pad_id: int,
@@ -202,7 +162,7 @@ def _eager_step(model, micro_batches, accelerator, plan: SpeedPlan, cfg: TrainCo
     world = accelerator.num_processes
     batches = [collate(mb, packing=plan.packing, pad_id=pad_id, block_mask=block_mask, varlen=plan.varlen)
                for mb in micro_batches]
-    n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     n_global = accelerator.reduce(torch.tensor(float(n_local), device=accelerator.device), "sum")
     loss_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     tokens = 0
@@ -224,11 +184,11 @@ def _graphed_step(graphed, micro_batches, accelerator, pad_id: int):
     Each micro-batch's conversations are packed best-fit into rows of graphed.tokens tokens; the loss
     is the summed token loss over the step divided by the step's trained-token count, as the eager
     path. Returns (summed loss, trained-token count, real tokens)."""
-    from glmtune.models.graphs import fixed_row
-    from glmtune.train.data import IGNORE, pack_rows_best_fit
+    from glmtune.train.graphs import fixed_row
+    from glmtune.train.data import pack_rows_best_fit
 
     dev = accelerator.device
-    n = sum(sum(1 for t in e.labels[1:] if t != IGNORE) for mb in micro_batches for e in mb)
+    n = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for mb in micro_batches for e in mb)
     n_global = torch.tensor(float(n), device=dev)
     loss_total = torch.zeros((), device=dev, dtype=torch.float64)
     tokens = 0
@@ -271,7 +231,58 @@ def evaluate(model, accelerator, examples, stream: BatchStream, *, packing, pad_
 
 
 # --------------------------------------------------------------------------------------------------
-# the recipe
+# the recipe: setup -> train_loop -> finish (torchtune's recipe shape)
+
+@dataclass
+class Run:
+    """Everything `setup` builds and `train_loop` / `finish` use."""
+    cfg: TrainConfig
+    accelerator: object
+    console: object
+    levers: SpeedLevers
+    out: Path
+    tokenizer: object
+    template_name: str
+    train_ex: list
+    dev_ex: list
+    stream: BatchStream
+    dev_stream: BatchStream | None
+    steps: int
+    pad_id: int
+    model: object = None
+    optimizer: object = None
+    scheduler: object = None
+    monitor: Monitor | None = None
+    graphed: object = None          # GraphedDecoder when speed.cuda_graphs engaged
+    model_dtype: object = None
+    step: int = 0
+    last_loss: float | None = None
+    last_eval: float | None = None
+
+    @property
+    def plan(self) -> SpeedPlan:
+        return self.levers.plan
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def eval_kwargs(self) -> dict:
+        plan = self.plan
+        return dict(packing=plan.packing, pad_id=self.pad_id, block_mask=plan.packing and not plan.native,
+                    dtype=self.model_dtype, varlen=plan.varlen, fused=plan.fused_loss)
+
+    def write_extras(self, folder: Path) -> None:
+        """Tokenizer files and glmtune.json next to every checkpoint, so each folder is self-describing."""
+        from glmtune.models.folder import write_glmtune_meta
+        self.tokenizer.save_pretrained(folder)
+        write_glmtune_meta(folder, template=self.template_name, method=self.cfg.method.name,
+                           base_model=str(Path(self.cfg.model.path).resolve()))
+
+    def save(self, **kw) -> Path:
+        state = {"step": self.step, "micro_batches": self.step * self.cfg.train.grad_accum}
+        return save_checkpoint(self.accelerator, self.model, self.out, self.step, self.write_extras, state, **kw)
+
 
 def run_training(config: TrainConfig | str | Path | dict, *, resume: str | None = None,
                  overrides: list[str] | None = None, console=None, return_model: bool = False) -> TrainResult:
@@ -279,30 +290,29 @@ def run_training(config: TrainConfig | str | Path | dict, *, resume: str | None 
     from rich.console import Console
 
     cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
-    plan = resolve_speed(cfg)  # before anything heavy: a lever named but unavailable fails here
     accelerator = make_accelerator(cfg)
-    main = accelerator.is_main_process
-    console = console or Console(stderr=True, quiet=not main)
+    # every lever decided here, before anything heavy: a lever named but unavailable fails now
+    plan = resolve_speed(cfg, processes=accelerator.num_processes, distributed=accelerator.distributed_type.value)
+    console = console or Console(stderr=True, quiet=not accelerator.is_main_process)
     for note in plan.notes:
         console.print(f"[yellow]·[/] {note}")
-    undo_liger = apply_liger(plan, cfg)  # patches transformers' classes: before the model is built
+    levers = SpeedLevers(plan, cfg, console)
     try:
-        return _train(cfg, plan, accelerator, console, resume=resume, return_model=return_model)
+        run = setup(cfg, accelerator, levers, console, resume=resume)
+        train_loop(run)
+        return finish(run, return_model=return_model)
     finally:
-        if undo_liger is not None:
-            undo_liger()
+        levers.undo()  # the returned model: eager blocks, PEFT's forwards, its own attention; liger unpatched
 
 
-def _train(cfg: TrainConfig, plan: SpeedPlan, accelerator, console, *, resume, return_model) -> TrainResult:
-    from accelerate.utils import DistributedType, set_seed
-    from transformers import get_scheduler
+def setup(cfg: TrainConfig, accelerator, levers: SpeedLevers, console, *, resume: str | None) -> Run:
+    """Output folder, data, model (with the speed levers), optimizer and schedule, resume state."""
+    from accelerate.utils import set_seed
 
-    from glmtune.models import speed as kernels
     from glmtune.models.tokenizer import load_tokenizer
 
-    main = accelerator.is_main_process
     out = Path(cfg.output.dir)
-    if main:
+    if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, out)
     set_seed(cfg.train.seed)
@@ -310,36 +320,49 @@ def _train(cfg: TrainConfig, plan: SpeedPlan, accelerator, console, *, resume, r
     # data
     tokenizer = load_tokenizer(cfg.model.path)
     template = resolve_template(cfg)
-    template_name = template.name
     train_ex, dev_ex, stats = build_datasets(cfg, tokenizer, template)
     world, rank = accelerator.num_processes, accelerator.process_index
     stream = BatchStream(len(train_ex), cfg.train.batch_size, seed=cfg.train.seed, rank=rank, world=world)
     dev_stream = (BatchStream(len(dev_ex), cfg.eval.batch_size or cfg.train.batch_size, seed=0, rank=rank,
                               world=world, shuffle=False) if dev_ex else None)
-    ga = cfg.train.grad_accum
-    steps = total_steps(stream.per_epoch, ga, cfg.train.epochs, cfg.train.max_steps)
+    steps = total_steps(stream.per_epoch, cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    run = Run(cfg=cfg, accelerator=accelerator, console=console, levers=levers, out=out, tokenizer=tokenizer,
+              template_name=template.name, train_ex=train_ex, dev_ex=dev_ex, stream=stream, dev_stream=dev_stream,
+              steps=steps, pad_id=pad_id)
 
-    # model, optimizer, schedule
-    model = build_model(cfg, accelerator, plan)
-    native = reads_packing_from_position_ids(model)
-    if native != plan.native:  # config.json's auto_map guessed wrong: decide again for what was loaded
-        plan = resolve_speed(cfg, native=native)
-    packing = plan.packing
-    block_mask = packing and not native
-    base_attn = set_attention(model, kernels.register_varlen_attention()) if plan.varlen else None
-    plan = _fit_plan_to_processes(plan, cfg, accelerator, console)
-    if plan.fused_lora:
-        from glmtune.models.fused_lora import fuse_lora
-        fuse_lora(model)  # before compile: compile traces the forward in place
-    if plan.compile:
-        try:
-            kernels.compile_decoder_layers(model, dynamic=not plan.graphs)  # graphed rows have one shape
-        except ValueError as e:
-            from glmtune.errors import ConfigError
-            raise ConfigError(f"speed.compile: {e}", field="speed.compile", fix="set speed.compile: false") from None
-    console.print(plan.summary())
+    # model: liger before it is built, the other levers on the loaded model
+    levers.before_model()
+    model = build_model(cfg, accelerator, levers.plan)
+    if reads_packing_from_position_ids(model) != levers.plan.native:
+        from glmtune.errors import GlmtuneError
+        raise GlmtuneError(f"{cfg.model.path}: config.json's auto_map said the model "
+                           f"{'runs' if levers.plan.native else 'does not run'} remote code, the loaded model disagrees")
+    model = levers.on_model(model)
+    console.print(levers.plan.summary())
     print_summary(console, cfg, model, stats, len(dev_ex), steps, world)
+
+    # optimizer, schedule, accelerate, checkpoint state
+    run.model, run.optimizer, run.scheduler = prepare_optimization(cfg, accelerator, model, steps)
+    run.model_dtype = next(p.dtype for p in accelerator.unwrap_model(run.model).parameters() if p.is_floating_point())
+    # train mode before any capture: a graph records what runs while it is captured, and transformers
+    # checkpoints a block only in training mode (captured in eval mode, checkpointing never ran)
+    run.model.train()
+    run.graphed = levers.graphed_decoder(accelerator.unwrap_model(run.model), [len(e) for e in train_ex])
+    ckpt = resolve_resume(resume, out)
+    if ckpt is not None:
+        run.step = load_checkpoint(accelerator, run.model, ckpt)["step"]
+        console.print(f"resumed from {ckpt} at step {run.step}")
+    run.monitor = Monitor(out, enabled=run.main, resume_step=run.step, tensorboard=cfg.output.tensorboard,
+                          plot=cfg.output.plot)
+    return run
+
+
+def prepare_optimization(cfg: TrainConfig, accelerator, model, steps: int):
+    """AdamW (fused on a single GPU or DDP), the schedule, accelerate.prepare; returns (model, optimizer, scheduler)."""
+    from accelerate.utils import DistributedType
+    from transformers import get_scheduler
+
     fused_adam = (accelerator.device.type == "cuda"
                   and accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU))
     optimizer = make_optimizer(model, cfg, fused=fused_adam)
@@ -350,87 +373,95 @@ def _train(cfg: TrainConfig, plan: SpeedPlan, accelerator, console, *, resume, r
     # per optimizer step here, and registered so save_state/load_state carry it.
     accelerator.register_for_checkpointing(scheduler)
     register_state_hooks(accelerator)
-    model_dtype = next(p.dtype for p in accelerator.unwrap_model(model).parameters() if p.is_floating_point())
-    # train mode before any capture: a graph records what runs while it is captured, and transformers
-    # checkpoints a block only in training mode (captured in eval mode, checkpointing never ran)
-    model.train()
-    graphed = _graphed_decoder(plan, cfg, accelerator.unwrap_model(model), train_ex, console) if plan.graphs else None
+    return model, optimizer, scheduler
 
-    def write_extras(folder: Path) -> None:
-        tokenizer.save_pretrained(folder)
-        meta = {"template": template_name, "method": cfg.method.name, "base_model": str(Path(cfg.model.path).resolve())}
-        (folder / "glmtune.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-    step = 0
-    ckpt = resolve_resume(resume, out)
-    if ckpt is not None:
-        step = load_checkpoint(accelerator, model, ckpt)["step"]
-        console.print(f"resumed from {ckpt} at step {step}")
-    monitor = Monitor(out, enabled=main, resume_step=step, tensorboard=cfg.output.tensorboard, plot=cfg.output.plot)
-    ev_kw = dict(packing=packing, pad_id=pad_id, block_mask=block_mask, dtype=model_dtype, varlen=plan.varlen,
-                 fused=plan.fused_loss)
+def train_loop(run: Run) -> None:
+    """Optimizer steps until run.steps: forward/backward, clip, step, then log / eval / checkpoint."""
+    cfg, accelerator, model = run.cfg, run.accelerator, run.model
+    ga = cfg.train.grad_accum
     params = [p for p in model.parameters() if p.requires_grad]
-
-    progress, task = progress_bar(main, steps, step)
-    last_loss = last_eval = None
-    window_tokens, window_t0 = 0, time.time()
+    window = LogWindow()
+    model.train()
+    progress = progress_bar(run.main, run.steps, run.step)
     with progress:
-        while step < steps:
+        while run.step < run.steps:
             # 1-2. this step's micro-batches, forward/backward; the loss denominator is the step's
             # trained-token count over all micro-batches and processes
-            micro = [[train_ex[i] for i in stream.indices(step * ga + j)] for j in range(ga)]
-            if graphed is not None:
-                loss_total, n_global, tokens = _graphed_step(graphed, micro, accelerator, pad_id)
+            micro = [[run.train_ex[i] for i in run.stream.indices(run.step * ga + j)] for j in range(ga)]
+            if run.graphed is not None:
+                loss_total, n_global, tokens = _graphed_step(run.graphed, micro, accelerator, run.pad_id)
             else:
-                loss_total, n_global, tokens = _eager_step(
-                    model, micro, accelerator, plan, cfg, pad_id=pad_id, block_mask=block_mask, dtype=model_dtype)
-            window_tokens += tokens
+                loss_total, n_global, tokens = _eager_step(model, micro, accelerator, run.plan, cfg, pad_id=run.pad_id,
+                                                           block_mask=run.plan.packing and not run.plan.native,
+                                                           dtype=run.model_dtype)
             # 3. clip, step, schedule
             grad_norm = (accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
                          if cfg.train.max_grad_norm > 0 else None)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            last_loss = float(accelerator.reduce(loss_total, "sum") / n_global.double().clamp(min=1))
-
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+            run.last_loss = float(accelerator.reduce(loss_total, "sum") / n_global.double().clamp(min=1))
+            window.add(run.last_loss, tokens, int(n_global))
             # 4. log, eval, checkpoint
-            lr = scheduler.get_last_lr()[0]
-            if step % cfg.train.log_every == 0 or step == steps:
-                dt = max(time.time() - window_t0, 1e-9)
-                tps = window_tokens * world / dt
-                monitor.log({"step": step, "epoch": round(stream.epoch_of(step * ga), 4), "loss": last_loss,
-                             "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-                             "trained_tokens": int(n_global), "tokens_per_s": round(tps, 1)})
-                progress.update(task, completed=step, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
-                window_tokens, window_t0 = 0, time.time()
-            if dev_stream and cfg.eval.every and step % cfg.eval.every == 0 and step < steps:
-                last_eval = evaluate(model, accelerator, dev_ex, dev_stream, **ev_kw)
-                monitor.log({"step": step, "eval_loss": last_eval})
-                monitor.refresh_plot()
-            if cfg.output.save_every and step % cfg.output.save_every == 0 and step < steps:
-                save_checkpoint(accelerator, model, out, step, write_extras,
-                                {"step": step, "micro_batches": step * ga}, cfg.output.keep_last)
+            if run.step % cfg.train.log_every == 0 or run.step == run.steps:
+                row = log_row(run, window, grad_norm)
+                run.monitor.log(row)
+                progress.update(run.step, row)
+                window = LogWindow()
+            if run.dev_stream and cfg.eval.every and run.step % cfg.eval.every == 0 and run.step < run.steps:
+                run.last_eval = evaluate(model, accelerator, run.dev_ex, run.dev_stream, **run.eval_kwargs())
+                run.monitor.log({"step": run.step, "eval_loss": run.last_eval})
+                run.monitor.refresh_plot()
+            if cfg.output.save_every and run.step % cfg.output.save_every == 0 and run.step < run.steps:
+                run.save(keep_last=cfg.output.keep_last)
 
-    if dev_stream:
-        last_eval = evaluate(model, accelerator, dev_ex, dev_stream, **ev_kw)
-        monitor.log({"step": step, "eval_loss": last_eval})
-    final = save_checkpoint(accelerator, model, out, step, write_extras, {"step": step, "micro_batches": step * ga},
-                            keep_last=None, with_state=False, name="final")
-    monitor.close()
+
+@dataclass
+class LogWindow:
+    """What happened since the last metrics line: step losses, input tokens here, trained tokens (all processes)."""
+    losses: list = field(default_factory=list)
+    input_tokens: int = 0
+    trained_tokens: int = 0
+    t0: float = field(default_factory=time.time)
+
+    def add(self, loss: float, input_tokens: int, trained_tokens: int) -> None:
+        self.losses.append(loss)
+        self.input_tokens += input_tokens
+        self.trained_tokens += trained_tokens
+
+
+def log_row(run: Run, window: LogWindow, grad_norm) -> dict:
+    """One metrics.jsonl line. `loss` is the mean over the logging window's steps; input tokens are every
+    non-pad token the model processed (all processes), trained tokens those that carry loss."""
+    accelerator = run.accelerator
+    dt = max(time.time() - window.t0, 1e-9)
+    n_input = int(accelerator.reduce(torch.tensor(float(window.input_tokens), device=accelerator.device), "sum"))
+    row = {"step": run.step, "epoch": round(run.stream.epoch_of(run.step * run.cfg.train.grad_accum), 4),
+           "loss": sum(window.losses) / len(window.losses), "lr": run.scheduler.get_last_lr()[0],
+           "grad_norm": None if grad_norm is None else float(grad_norm),
+           "trained_tokens": window.trained_tokens, "input_tokens": n_input,
+           "trained_tokens_per_s": round(window.trained_tokens / dt, 1), "input_tokens_per_s": round(n_input / dt, 1)}
+    if accelerator.device.type == "cuda":  # this process's peak since the start
+        row["peak_mem_allocated_gib"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 2)
+        row["peak_mem_reserved_gib"] = round(torch.cuda.max_memory_reserved(accelerator.device) / 2**30, 2)
+    return row
+
+
+def finish(run: Run, *, return_model: bool) -> TrainResult:
+    """Final dev loss, the final adapter/model folder, close the logs; the trained model unwrapped."""
+    accelerator = run.accelerator
+    if run.dev_stream:
+        run.last_eval = evaluate(run.model, accelerator, run.dev_ex, run.dev_stream, **run.eval_kwargs())
+        run.monitor.log({"step": run.step, "eval_loss": run.last_eval})
+    final = run.save(keep_last=None, with_state=False, name="final")
+    run.monitor.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    trained = accelerator.unwrap_model(model)
-    # the returned model generates like any other: eager blocks, the model's own attention
-    if plan.compile:
-        kernels.uncompile_decoder_layers(trained)
-    if plan.fused_lora:
-        from glmtune.models.fused_lora import unfuse_lora
-        unfuse_lora(trained)
-    if base_attn is not None:
-        set_attention(trained, base_attn)
-    return TrainResult(output_dir=out, adapter_path=final, steps=step, final_loss=last_loss, eval_loss=last_eval,
-                       metrics=read_metrics(out / "metrics.jsonl") if main else [],
+    trained = accelerator.unwrap_model(run.model)
+    return TrainResult(output_dir=run.out, adapter_path=final, steps=run.step, final_loss=run.last_loss,
+                       eval_loss=run.last_eval, metrics=read_metrics(run.out / "metrics.jsonl") if run.main else [],
                        model=trained.eval() if return_model else None)
 
 

@@ -18,7 +18,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_losses(rows: list[dict], out_png: str | Path) -> None:
-    """Train loss (per logged step) and eval loss (per eval) against the optimizer step."""
+    """Train loss (the mean over each logging window, plotted at the window's last step) and eval loss
+    (per eval) against the optimizer step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -29,7 +30,7 @@ def plot_losses(rows: list[dict], out_png: str | Path) -> None:
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
-        ax.plot(*zip(*train), label="train", lw=1.2)
+        ax.plot(*zip(*train), label="train (mean per logging window)", lw=1.2)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval", lw=1.5)
     ax.set_xlabel("optimizer step")
@@ -90,13 +91,42 @@ class Monitor:
             self.tb.close()
 
 
-def progress_bar(enabled: bool, total: int, completed: int):
-    """A rich bar showing step, loss, lr, tokens/s and ETA (a no-op object on other processes)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+class progress_bar:
+    """Training progress for the main process (a no-op elsewhere): a rich bar with step, loss, lr,
+    input tokens/s and ETA on a terminal; when stdout is not a terminal (a log file, CI, nohup) one
+    plain line per metrics line instead, since a live bar would print nothing until the end."""
 
-    progress = Progress(TextColumn("[bold]train[/] {task.completed}/{task.total}"), BarColumn(),
-                        TextColumn("loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[tps]} tok/s"),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                        disable=not enabled, transient=False)
-    task = progress.add_task("train", total=total, completed=completed, loss="-", lr="-", tps="-")
-    return progress, task
+    def __init__(self, enabled: bool, total: int, completed: int, *, stream=None):
+        import sys
+
+        self.enabled, self.total, self.t0, self.start = enabled, total, time.time(), completed
+        self.stream = stream or sys.stdout
+        self.bar = None
+        if enabled and self.stream.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            self.bar = Progress(TextColumn("[bold]train[/] {task.completed}/{task.total}"), BarColumn(),
+                                TextColumn("loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[tps]} "
+                                           "input tok/s"),
+                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+            self.task = self.bar.add_task("train", total=total, completed=completed, loss="-", lr="-", tps="-")
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc) if self.bar is not None else False
+
+    def update(self, step: int, row: dict) -> None:
+        """Show a metrics row (loss: the logging window's mean; input_tokens_per_s)."""
+        if not self.enabled:
+            return
+        loss, lr, tps = f"{row['loss']:.4f}", f"{row['lr']:.2e}", f"{row['input_tokens_per_s']:,.0f}"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=loss, lr=lr, tps=tps)
+            return
+        elapsed = time.time() - self.t0
+        eta = elapsed / max(step - self.start, 1) * (self.total - step)
+        print(f"train {step}/{self.total} loss {loss} lr {lr} {tps} input tok/s "
+              f"elapsed {elapsed:.0f}s ETA {eta:.0f}s", file=self.stream, flush=True)

@@ -201,3 +201,31 @@ def test_cli_writes_metrics(trained_cls_dir, test_file, tmp_path):
     assert m["mode"] == "constrained" and m["n_samples"] == 20 and m["invalid_count"] == 0
     assert set(m["labels"]) == {"办理开通", "办理取消", "办理缴费", "投诉费用", "投诉网络"}
     assert (out / "confusion_matrix.png").exists()
+
+
+def test_a_backend_that_cannot_score_is_named(glm4_tokenizer_dir):
+    """Constrained mode runs the model's own forward passes through the back-end's public `scoring`;
+    a back-end without it (vLLM's offline engine) gets a clear error, and generate mode still runs."""
+    from types import SimpleNamespace
+
+    from glmtune.errors import InputError
+    from glmtune.evaluate.classify import build_label_set, classify
+    from glmtune.infer.backends import Output
+    from glmtune.models.tokenizer import load_tokenizer
+    from glmtune.templates import get_template
+
+    class GenerateOnly:
+        name = "vllm"
+
+        def generate(self, prompts, adapter, stop_ids, gen):
+            return [Output(tok("意图：7", add_special_tokens=False)["input_ids"], "stop") for _ in prompts]
+
+    tok, tpl = load_tokenizer(glm4_tokenizer_dir), get_template("glm4")
+    predictor = SimpleNamespace(tokenizer=tok, template=tpl, backend=GenerateOnly(), default_adapter=None,
+                                stop_ids=tpl.stop_token_ids(tok), decode=lambda ids: tok.decode(ids))
+    records = _records()[:8]
+    labels = build_label_set(records)
+    with pytest.raises(InputError, match=r"the vllm back-end cannot score labels.*--mode generate"):
+        classify(predictor, records, labels, mode="constrained")
+    res = classify(predictor, records, labels, mode="generate")
+    assert len(res.y_pred) == 8 and res.probs is None

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from glmtune.models.tiny import build_tiny_glm4, write_glmtune_meta
+from glmtune.models.folder import write_glmtune_meta
+from glmtune.models.tiny import build_tiny_glm4
 from glmtune.models.tokenizer import load_tokenizer
 from glmtune.templates import get_template
 

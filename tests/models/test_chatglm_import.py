@@ -100,10 +100,11 @@ def test_template_renders_and_stop_ids_end_generation(imported, family):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from glmtune.models.tokenizer import load_tokenizer
-    from glmtune.templates import get_template, template_for_model
+    from glmtune.models.folder import read_model_folder
+    from glmtune.templates import get_template
 
     src, out, report = imported[family]
-    tpl = template_for_model(out)
+    tpl = get_template(**read_model_folder(out).template_args())
     tok = load_tokenizer(out)
     assert tpl.name == family
     # the imported tokenizer gives the ids the source tokenizer (converted as glmtune always does) gives

@@ -45,8 +45,10 @@ def test_fused_equals_peft_fp32(family):
     ref_loss, ref_grads = loss_and_grads(model, ids)
     counts = fuse_lora(model)
     n_linear = len(TARGETS[family]) * 2
-    assert counts == {"linear": n_linear, "mlp": 2}
-    assert fuse_lora(model) == {"linear": 0, "mlp": 0}  # idempotent
+    assert counts == {"linear": n_linear, "mlp": 2, "fused": n_linear}  # fp32 adapters on fp32: all fused
+    forwards = [m.forward for m in model.modules() if hasattr(m, "_glmtune_peft_forward")]
+    assert fuse_lora(model) == counts  # idempotent: counted again, patched once
+    assert forwards == [m.forward for m in model.modules() if hasattr(m, "_glmtune_peft_forward")]
     loss, grads = loss_and_grads(model, ids)
     assert abs(float(loss) - float(ref_loss)) < 1e-5
     assert grads.keys() == ref_grads.keys() and len(grads) == 2 * n_linear
@@ -125,7 +127,7 @@ def test_falls_back_to_peft_where_fusion_does_not_hold():
     base = Glm4ForCausalLM(Glm4Config(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
                                       head_dim=16, num_hidden_layers=1, vocab_size=64, pad_token_id=0)).to(torch.bfloat16)
     mixed = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
-    fuse_lora(mixed)
+    assert fuse_lora(mixed) == {"linear": 1, "mlp": 0, "fused": 0}  # counted as not running fused
     q = mixed.base_model.model.model.layers[0].self_attn.q_proj
     from glmtune.models.fused_lora import _lora_parts
     assert q.lora_A["default"].weight.dtype == torch.float32 and _lora_parts(q) is None

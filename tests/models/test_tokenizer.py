@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import base64
-import json
 import random
 
 import pytest
 
 from glmtune.errors import InputError, ModelNotFoundError
-from glmtune.models.tokenizer import GLM4_PATTERN, GLM4_SPECIALS, detect_family, load_tokenizer
+from glmtune.models.tokenizer import GLM4_PATTERN, GLM4_SPECIALS, load_tokenizer
 
 TEXTS = ["Hello, world!", "你好，世界。我是一个人工智能助手。", "  leading and  double  spaces ",
          "line1\nline2\n\n\tTabbed", "数字 12345 and émojis 😀", "don't we'll I'M", ""]
@@ -127,19 +126,3 @@ def test_hf_folder_round_trip(glm4, tmp_path):
     again = load_tokenizer(tmp_path)
     assert again("你好 world <|user|>", add_special_tokens=False)["input_ids"] == \
         glm4("你好 world <|user|>", add_special_tokens=False)["input_ids"]
-
-
-def test_detect_family(glm4_tokenizer_dir, chatglm3_tokenizer_dir, chatglm2_tokenizer_dir, tmp_path):
-    assert detect_family(glm4_tokenizer_dir) == "glm4"
-    assert detect_family(chatglm3_tokenizer_dir) == "chatglm3"
-    assert detect_family(chatglm2_tokenizer_dir) == "chatglm2"
-    assert detect_family(tmp_path) is None
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "<|im_start|>{{x}}"}))
-    assert detect_family(tmp_path) == "qwen"  # a Llama model speaking ChatML (SmolLM2)
-    (tmp_path / "glmtune.json").write_text(json.dumps({"template": "llama3"}))
-    assert detect_family(tmp_path) == "llama3"
-    (tmp_path / "tokenizer_config.json").write_text("{bad json")
-    (tmp_path / "glmtune.json").unlink()
-    with pytest.raises(InputError, match="tokenizer_config.json"):
-        detect_family(tmp_path)

@@ -25,13 +25,14 @@ TOPICS = {"trivia", "coding", "ai", "emotion", "psychology"}
 
 
 def test_export_writes_a_model_folder(topic_merged, read_meta):
-    from glmtune.templates import template_for_model
+    from glmtune.models.folder import read_model_folder
+    from glmtune.templates import get_template
 
     assert (topic_merged / "config.json").exists() and list(topic_merged.glob("*.safetensors"))
     assert not (topic_merged / "adapter_config.json").exists()
     assert read_meta(topic_merged)["template"] == "qwen"
     # the merged folder keeps the model's own chat template, so its default system prompt too
-    assert template_for_model(topic_merged).default_system.startswith("You are a helpful AI assistant named SmolLM")
+    assert get_template(**read_model_folder(topic_merged).template_args()).default_system.startswith("You are a helpful AI assistant named SmolLM")
 
 
 def test_predict_and_eval_generate(topic_merged, topic_run, smollm2_dir, topic_split, tmp_path):
@@ -146,7 +147,8 @@ def test_train_without_template_uses_the_models_default_system(smollm2_dir, tmp_
     from glmtune.io import write_jsonl_atomic
     from glmtune.models.loading import load_model
     from glmtune.models.tokenizer import load_tokenizer
-    from glmtune.templates import get_template, template_for_model
+    from glmtune.templates import get_template
+    from glmtune.models.folder import read_model_folder
     from glmtune.train import run_training
 
     messages = [{"role": "user", "content": "What is the capital of France?"},
@@ -165,6 +167,6 @@ def test_train_without_template_uses_the_models_default_system(smollm2_dir, tmp_
         with torch.no_grad():
             return float(model(input_ids=torch.tensor([enc.input_ids]), labels=labels).loss)
 
-    with_default, without = loss_with(template_for_model(smollm2_dir)), loss_with(get_template("qwen"))
+    with_default, without = loss_with(get_template(**read_model_folder(smollm2_dir).template_args())), loss_with(get_template("qwen"))
     assert with_default != pytest.approx(without, rel=1e-3)  # the system prompt does change the loss
     assert first_loss == pytest.approx(with_default, rel=1e-4), (first_loss, with_default, without)

@@ -29,9 +29,10 @@ def official_ids(tok, messages, **kw) -> list[int]:
 
 
 def test_template_for_model_is_qwen_with_the_models_default_system(model_dir, read_meta):
-    from glmtune.templates import template_for_model
+    from glmtune.models.folder import read_model_folder
+    from glmtune.templates import get_template
 
-    tpl = template_for_model(model_dir)
+    tpl = get_template(**read_model_folder(model_dir).template_args())
     assert tpl.name == "qwen"
     assert tpl.default_system == read_meta(model_dir)["default_system"]
 
@@ -41,12 +42,13 @@ def test_render_and_ids_match_official_template(model_dir, conv):
     from transformers import AutoTokenizer
 
     from glmtune.models.tokenizer import load_tokenizer
-    from glmtune.templates import template_for_model
+    from glmtune.models.folder import read_model_folder
+    from glmtune.templates import get_template
 
     messages = CONVERSATIONS[conv]
     official = AutoTokenizer.from_pretrained(model_dir)
     tok = load_tokenizer(model_dir)
-    tpl = template_for_model(model_dir)
+    tpl = get_template(**read_model_folder(model_dir).template_args())
     # text, with and without a generation prompt
     assert tpl.render(messages) == official.apply_chat_template(messages, tokenize=False)
     if messages[-1]["role"] != "assistant":
@@ -59,10 +61,11 @@ def test_render_and_ids_match_official_template(model_dir, conv):
 
 def test_stop_ids_are_the_models_end_of_turn(model_dir):
     from glmtune.models.tokenizer import load_tokenizer
-    from glmtune.templates import template_for_model
+    from glmtune.models.folder import read_model_folder
+    from glmtune.templates import get_template
 
     tok = load_tokenizer(model_dir)
-    stops = template_for_model(model_dir).stop_token_ids(tok)
+    stops = get_template(**read_model_folder(model_dir).template_args()).stop_token_ids(tok)
     assert tok.convert_tokens_to_ids("<|im_end|>") in stops
     assert tok.eos_token_id in stops
 
@@ -73,11 +76,12 @@ def test_special_token_text_in_content_stays_text(model_dir):
     from transformers import AutoTokenizer
 
     from glmtune.models.tokenizer import load_tokenizer
-    from glmtune.templates import template_for_model
+    from glmtune.models.folder import read_model_folder
+    from glmtune.templates import get_template
 
     official = AutoTokenizer.from_pretrained(model_dir)
     tok = load_tokenizer(model_dir)
-    tpl = template_for_model(model_dir)
+    tpl = get_template(**read_model_folder(model_dir).template_args())
     end = tok.convert_tokens_to_ids("<|im_end|>")
     ours = tpl.encode(tok, INJECTION).input_ids
     theirs = official_ids(official, INJECTION)

@@ -42,7 +42,11 @@ def llama3_tok(glm4_tokenizer_dir):
     return _with_specials(glm4_tokenizer_dir, LLAMA3_SPECIALS)
 
 
-@pytest.fixture(scope="session")
-def tokenizers_by_family(glm4_tok, chatglm3_tok, chatglm2_tok, chatml_tok, llama3_tok):
-    return {"glm4": glm4_tok, "chatglm3": chatglm3_tok, "chatglm2": chatglm2_tok,
-            "qwen": chatml_tok, "llama3": llama3_tok}
+TOKENIZER_FIXTURES = {"glm4": "glm4_tok", "chatglm3": "chatglm3_tok", "chatglm2": "chatglm2_tok",
+                      "qwen": "chatml_tok", "llama3": "llama3_tok"}
+
+
+@pytest.fixture
+def tokenizer_for(request):
+    """family -> its tokenizer, loaded on first use: a GLM-4 case never needs the ChatGLM files."""
+    return lambda family: request.getfixturevalue(TOKENIZER_FIXTURES[family])

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from glmtune.models.tokenizer import CHATGLM3_CHAT_TEMPLATE, GLM4_PATTERN, GLM4_SPECIALS
-from glmtune.templates import get_template, render_jinja, template_for_model
+from glmtune.models.folder import read_model_folder, render_jinja
+from glmtune.templates import get_template
 
 CONVERSATIONS = [
     [{"role": "user", "content": "你好"}],
@@ -138,11 +139,11 @@ PLAIN_CHATML_TEMPLATE = (
 
 @pytest.mark.parametrize("chat_template,default", [(QWEN25_TEMPLATE, "You are Qwen"), (PLAIN_CHATML_TEMPLATE, None)])
 def test_chatml_matches_tokenizer_chat_template(chat_template, default, chatml_tok, tmp_path):
-    """template_for_model reads the model's default system prompt, so apply_chat_template agrees."""
+    """read_model_folder reads the model's default system prompt, so apply_chat_template agrees."""
     chatml_tok.chat_template = chat_template
     chatml_tok.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
-    tpl = template_for_model(tmp_path)
+    tpl = get_template(**read_model_folder(tmp_path).template_args())
     assert tpl.name == "qwen"
     assert (tpl.default_system or "").startswith(default or "")
     for conv in CONVERSATIONS:

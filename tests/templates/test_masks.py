@@ -30,8 +30,8 @@ def test_registry_lists_all_families():
 
 
 @pytest.fixture(params=sorted(OUTPUT_FORM))
-def family(request, tokenizers_by_family):
-    return request.param, get_template(request.param), tokenizers_by_family[request.param]
+def family(request, tokenizer_for):
+    return request.param, get_template(request.param), tokenizer_for(request.param)
 
 
 def _trained_texts(tok, enc):
@@ -94,12 +94,15 @@ def test_special_strings_in_content_are_plain_text(family):
     assert counts == expected[:len(counts)]
 
 
-def test_stop_ids(tokenizers_by_family):
-    assert get_template("glm4").stop_token_ids(tokenizers_by_family["glm4"]) == [151329, 151336, 151338]
-    assert get_template("chatglm3").stop_token_ids(tokenizers_by_family["chatglm3"]) == [2, 64795, 64797]
-    assert get_template("chatglm2").stop_token_ids(tokenizers_by_family["chatglm2"]) == [2]
-    tok = tokenizers_by_family["qwen"]
+def test_stop_ids(glm4_tok, chatml_tok):
+    assert get_template("glm4").stop_token_ids(glm4_tok) == [151329, 151336, 151338]
+    tok = chatml_tok
     assert get_template("qwen").stop_token_ids(tok) == tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+
+
+def test_chatglm_stop_ids(chatglm3_tok, chatglm2_tok):
+    assert get_template("chatglm3").stop_token_ids(chatglm3_tok) == [2, 64795, 64797]
+    assert get_template("chatglm2").stop_token_ids(chatglm2_tok) == [2]
 
 
 def test_glm4_tool_call_turns(glm4_tok):

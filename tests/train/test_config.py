@@ -29,8 +29,8 @@ def test_presets_validate(preset):
 def test_preset_set_is_complete():
     names = {p.name for p in CONFIGS.glob("*.yaml")}
     assert len(names) >= 5
-    assert {"ddp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp.yaml"} <= {
-        p.name for p in (CONFIGS / "accelerate").glob("*.yaml")}
+    from glmtune.train.launch import ACCELERATE_PRESETS, accelerate_config_path
+    assert all(accelerate_config_path(name).is_file() for name in ACCELERATE_PRESETS)
 
 
 def test_unknown_key_is_named(tiny_model):
@@ -88,3 +88,12 @@ def test_resolved_config_and_explain(tiny_model, tmp_path):
     text = save_resolved(cfg, tmp_path).read_text()
     assert "warmup_ratio: 0.0" in text and load_config(__import__("yaml").safe_load(text)) == cfg
     assert "dropout: 0.0  # LoRA dropout" in explain()
+
+
+def test_method_names_are_the_method_table():
+    """The config's method names and glmtune.models.peft_setup.METHODS (the one table) agree."""
+    from typing import get_args
+
+    from glmtune.models.peft_setup import METHODS
+    from glmtune.train.config import MethodSection
+    assert set(get_args(MethodSection.model_fields["name"].annotation)) == set(METHODS)

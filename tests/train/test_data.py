@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import torch
 
-from glmtune.train.data import (IGNORE, BatchStream, Example, block_causal_mask, pack_batch, pad_batch,
+from glmtune.templates import IGNORE_INDEX
+from glmtune.train.data import (BatchStream, Example, block_causal_mask, pack_batch, pad_batch,
                                 packed_position_ids, token_loss_sum)
 
 
 def test_packed_positions_and_labels():
-    a, b = Example([1, 2, 3], [IGNORE, 2, 3]), Example([4, 5], [4, 5])
+    a, b = Example([1, 2, 3], [IGNORE_INDEX, 2, 3]), Example([4, 5], [4, 5])
     batch = pack_batch([a, b])
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
     # b's first label would be predicted from a's last token: never trained
-    assert batch["labels"].tolist() == [[IGNORE, 2, 3, IGNORE, 5]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5]]
     assert "attention_mask" not in batch
     assert packed_position_ids([1, 1]).tolist() == [0, 0]
 
@@ -25,16 +26,16 @@ def test_block_causal_mask():
 
 
 def test_pad_batch():
-    batch = pad_batch([Example([1, 2, 3], [IGNORE, 2, 3]), Example([4], [4])], pad_id=0)
+    batch = pad_batch([Example([1, 2, 3], [IGNORE_INDEX, 2, 3]), Example([4], [4])], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[IGNORE, 2, 3], [4, IGNORE, IGNORE]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3], [4, IGNORE_INDEX, IGNORE_INDEX]]
 
 
 def test_token_loss_sum_hand_value():
     # uniform logits over V=4: every trained token costs log 4; labels[1:] has 2 trained tokens
     logits = torch.zeros(1, 3, 4)
-    s, n = token_loss_sum(logits, torch.tensor([[IGNORE, 1, 2]]))
+    s, n = token_loss_sum(logits, torch.tensor([[IGNORE_INDEX, 1, 2]]))
     assert int(n) == 2 and abs(float(s) - 2 * torch.log(torch.tensor(4.0)).item()) < 1e-6
 
 
@@ -57,7 +58,7 @@ def test_packed_forward_equals_padded(tiny_model):
     exs = []
     for n in (7, 12, 5):
         ids = torch.randint(0, 150000, (n,), generator=g).tolist()
-        exs.append(Example(ids, [IGNORE] * 3 + ids[3:]))
+        exs.append(Example(ids, [IGNORE_INDEX] * 3 + ids[3:]))
 
     def loss(batch):
         labels = batch.pop("labels")

@@ -8,8 +8,9 @@ import shutil
 import pytest
 import torch
 
+from glmtune.templates import IGNORE_INDEX
 from glmtune.errors import ConfigError
-from glmtune.train.data import IGNORE, Example, pack_batch, pad_batch
+from glmtune.train.data import Example, pack_batch, pad_batch
 from glmtune.train.speed import resolve_speed
 
 GPU = dict(cuda=True, native=True, varlen_problem=None, liger_problem=None)  # a CUDA box with every kernel
@@ -29,9 +30,11 @@ def test_auto_on_cpu_falls_back_with_notes(make_cfg):
 
 def test_auto_on_gpu_turns_levers_on(make_cfg):
     plan = resolve_speed(make_cfg(**{"model.dtype": "bf16"}), **GPU)
-    assert (plan.packing, plan.varlen, plan.liger, plan.compile) == (True, True, "flce", True) and plan.notes == []
-    assert plan.summary() == ("speed: packing on (varlen FlashAttention), liger flce, compile on, adapters fp32, "
-                              "fused LoRA, CUDA graphs on (2048-token rows)")
+    assert (plan.packing, plan.varlen, plan.liger, plan.compile) == (True, True, "flce", True) and len(plan.notes) == 1
+    # the speed line names only what engaged; fp32 adapters on bf16 activations never run fused LoRA
+    assert plan.summary() == "speed: packed rows (varlen FlashAttention), liger flce, compiled blocks, CUDA graphs (2048-token rows)"
+    assert not plan.fused_lora and "speed.fused_lora auto -> off (adapters fp32, activations bf16" in plan.notes[0]
+    assert resolve_speed(make_cfg(), cuda=False, native=True).summary() == "speed: packed rows (model attention), fused LoRA"
     # without compile, liger also fuses RMSNorm and SwiGLU
     assert resolve_speed(make_cfg(**{"model.dtype": "bf16", "speed.compile": False}), **GPU).liger == "all"
     # fp32 weights: FlashAttention can't run, packed SDPA instead
@@ -42,9 +45,10 @@ def test_auto_on_gpu_turns_levers_on(make_cfg):
     assert eager.varlen is False and "model.attn_implementation is eager" in eager.notes[0]
     # liger missing: auto falls back
     nolig = resolve_speed(make_cfg(**{"model.dtype": "bf16"}), **{**GPU, "liger_problem": "liger-kernel is not installed"})
-    assert nolig.liger == "none" and nolig.notes == ["speed.liger auto -> none (liger-kernel is not installed)"]
+    assert nolig.liger == "none" and "speed.liger auto -> none (liger-kernel is not installed)" in nolig.notes
     adapters = resolve_speed(make_cfg(**{"model.dtype": "bf16", "speed.adapter_dtype": "model"}), **GPU)
-    assert adapters.adapter_fp32 is False
+    assert adapters.adapter_fp32 is False and adapters.fused_lora and adapters.notes == []
+    assert adapters.summary().endswith("adapters in the model dtype, fused LoRA, CUDA graphs (2048-token rows)")
     prefix = resolve_speed(make_cfg(**{"model.dtype": "bf16", "method.name": "prefix"}), **GPU)
     assert (prefix.packing, prefix.varlen, prefix.liger, prefix.compile) == (False, False, "none", False)
     assert resolve_speed(make_cfg(**{"method.name": "prefix", "speed.liger": "all"}), **GPU).liger == "all"
@@ -52,8 +56,15 @@ def test_auto_on_gpu_turns_levers_on(make_cfg):
 
 def test_fused_lora_and_cuda_graphs_resolution(make_cfg):
     bf16 = {"model.dtype": "bf16"}
-    on = resolve_speed(make_cfg(**bf16), **GPU)
+    on = resolve_speed(make_cfg(**bf16, **{"speed.adapter_dtype": "model"}), **GPU)
     assert (on.fused_lora, on.graphs, on.graph_tokens) == (True, True, 2048)
+    # decided once, with accelerate's processes: several processes, no graphs; FSDP, no fused LoRA
+    ddp = resolve_speed(make_cfg(**bf16, **{"speed.adapter_dtype": "model"}), **GPU, processes=2, distributed="MULTI_GPU")
+    assert ddp.fused_lora and not ddp.graphs and "2 processes (graphs run one)" in ddp.notes[-1]
+    fsdp = resolve_speed(make_cfg(**bf16, **{"speed.adapter_dtype": "model"}), **GPU, processes=2, distributed="FSDP")
+    assert not fsdp.fused_lora and "speed.fused_lora auto -> off (accelerate runs FSDP)" in fsdp.notes
+    with pytest.raises(ConfigError, match="speed.fused_lora=true cannot run here: adapters fp32, activations bf16"):
+        resolve_speed(make_cfg(**bf16, **{"speed.fused_lora": True}), **GPU)
     assert resolve_speed(make_cfg(**bf16, **{"data.cutoff_len": 3000}), **GPU).graph_tokens == 3072
     assert resolve_speed(make_cfg(**bf16, **{"speed.graph_tokens": 4096}), **GPU).graph_tokens == 4096
     with pytest.raises(ConfigError, match=r"speed.graph_tokens \(512\) must hold the longest conversation"):
@@ -119,7 +130,7 @@ def _examples():
     out = []
     for n in (9, 14, 6):
         ids = torch.randint(0, 150000, (n,), generator=g).tolist()
-        out.append(Example(ids, [IGNORE] * 3 + ids[3:]))
+        out.append(Example(ids, [IGNORE_INDEX] * 3 + ids[3:]))
     return out
 
 
@@ -188,6 +199,10 @@ def test_varlen_path_through_run_training_equals_unpacked(make_cfg, monkeypatch)
     b = [m["loss"] for m in packed.metrics if "loss" in m]
     assert len(a) == 2 and all(abs(x - y) / x < 1e-5 for x, y in zip(a, b)), (a, b)
     assert abs(packed.eval_loss - unpacked.eval_loss) / unpacked.eval_loss < 1e-5
+    # packed and padded batches count the same input (non-pad) and trained tokens
+    rows = [[(m["input_tokens"], m["trained_tokens"]) for m in r.metrics if "loss" in m] for r in (packed, unpacked)]
+    assert rows[0] == rows[1] and all(i > t > 0 for i, t in rows[0]), rows
+    assert all(m["input_tokens_per_s"] > m["trained_tokens_per_s"] > 0 for m in packed.metrics if "loss" in m)
     assert packed.model.get_base_model().config._attn_implementation == "sdpa"
     # 2 layers x (2 steps x 2 micro-batches of 4 conversations + 1 dev batch of 4): the kernel really ran
     assert calls == [4] * (2 * (2 * 2 + 1)), calls

@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from glmtune.train.data import IGNORE, Example, pack_batch, pad_batch
+from glmtune.templates import IGNORE_INDEX
+from glmtune.train.data import Example, pack_batch, pad_batch
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -38,7 +39,7 @@ def _examples(lengths=(37, 120, 64, 9)):
     out = []
     for n in lengths:
         ids = torch.randint(0, 150000, (n,), generator=g).tolist()
-        out.append(Example(ids, [IGNORE] * 3 + ids[3:]))
+        out.append(Example(ids, [IGNORE_INDEX] * 3 + ids[3:]))
     return out
 
 
@@ -162,8 +163,13 @@ def test_run_training_with_every_lever_on(make_cfg, gpu_model, liger, compile, a
     off = {"speed.attention": "model", "speed.liger": "none", "speed.compile": False, "data.packing": False}
     fast, log = _run(make_cfg, gpu_model, "on", **on)
     slow, _ = _run(make_cfg, gpu_model, "off", **off)
-    assert (f"speed: packing on (varlen FlashAttention), liger {liger}, compile {'on' if compile else 'off'}, "
-            f"adapters {'model dtype' if adapter == 'model' else 'fp32'}") in log
+    # the speed line names what engaged; fp32 adapters on bf16 never run fused LoRA, and say so
+    assert (f"speed: packed rows (varlen FlashAttention), liger {liger}{', compiled blocks' if compile else ''}"
+            f"{', adapters in the model dtype, fused LoRA (' if adapter == 'model' else ', CUDA graphs'}") in log
+    assert ("speed.fused_lora auto -> off (adapters fp32, activations bf16" in log) == (adapter == "fp32")
+    rows = [m for m in fast.metrics if "loss" in m]
+    assert all(m["input_tokens_per_s"] > m["trained_tokens_per_s"] > 0 and m["peak_mem_allocated_gib"] > 0
+               and m["peak_mem_reserved_gib"] >= m["peak_mem_allocated_gib"] for m in rows)
     a = [m["loss"] for m in fast.metrics if "loss" in m]
     b = [m["loss"] for m in slow.metrics if "loss" in m]
     assert len(a) == len(b) == 12
@@ -194,7 +200,7 @@ def test_run_training_cuda_graphs_match_eager(make_cfg, gpu_model):
               "train.gradient_checkpointing": False}
     graphed, log = _run(make_cfg, gpu_model, "graphs", **common, **{"speed.cuda_graphs": True})
     eager, elog = _run(make_cfg, gpu_model, "eager", **common, **{"speed.cuda_graphs": False})
-    assert "fused LoRA, CUDA graphs on (2048-token rows)" in log and "CUDA graphs" not in elog
+    assert "fused LoRA (" in log and "CUDA graphs (2048-token rows)" in log and "CUDA graphs (" not in elog
     a = [m["loss"] for m in graphed.metrics if "loss" in m]
     b = [m["loss"] for m in eager.metrics if "loss" in m]
     assert len(a) == len(b) == 12
@@ -212,7 +218,7 @@ def test_qlora_with_levers(make_cfg, gpu_model, adapter):
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("liger_kernel")
     res, log = _run(make_cfg, gpu_model, f"qlora-{adapter}", **{"method.name": "qlora", "speed.adapter_dtype": adapter})
-    assert "speed: packing on (varlen FlashAttention), liger flce, compile on" in log
+    assert "speed: packed rows (varlen FlashAttention), liger flce, compiled blocks" in log
     head = res.model.get_base_model().lm_head.weight
     assert head.dtype == (torch.bfloat16 if adapter == "model" else torch.float32)
     losses = [m["loss"] for m in res.metrics if "loss" in m]

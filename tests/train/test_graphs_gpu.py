@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glmtune.models.graphs import GraphedDecoder, fixed_row
+from glmtune.train.graphs import GraphedDecoder, fixed_row
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-IGNORE = -100
+from glmtune.templates import IGNORE_INDEX
 
 
 def _chunk_loss_and_grad(h, weight, bias, targets):
@@ -29,7 +29,7 @@ def _chunk_loss_and_grad(h, weight, bias, targets):
         logits = logits + bias
     z = logits.float()
     del logits
-    valid = targets != IGNORE
+    valid = targets != IGNORE_INDEX
     safe = targets.clamp(min=0)
     lse = torch.logsumexp(z, dim=-1)
     picked = z.gather(1, safe[:, None]).squeeze(1)
@@ -91,7 +91,7 @@ def _liger_function():
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                              bias: torch.Tensor | None = None, *, chunk_tokens: int = 256,
                              use_liger: bool | None = None) -> torch.Tensor:
-    """Summed next-token loss of `hidden` (N, H) against `targets` (N,) (IGNORE skipped), the logits
+    """Summed next-token loss of `hidden` (N, H) against `targets` (N,) (IGNORE_INDEX skipped), the logits
     computed `chunk_tokens` rows at a time. The LM head must be frozen (LoRA, QLoRA, prefix).
     `use_liger` None: liger's kernel on CUDA when installed (with chunk-size control), else torch."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
@@ -104,6 +104,6 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
         return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, int(chunk_tokens))
     h = hidden.reshape(-1, hidden.shape[-1])
     const = liger_chunk_budget(h.shape[0], h.shape[1], weight.shape[0], int(chunk_tokens))
-    out = fn.apply(h, weight, targets.reshape(-1), bias, None, IGNORE, 0.0, 0.0, "sum", None, False, None, False,
+    out = fn.apply(h, weight, targets.reshape(-1), bias, None, IGNORE_INDEX, 0.0, 0.0, "sum", None, False, None, False,
                    False, False, None, None, const)
     return out[0] if isinstance(out, tuple) else out

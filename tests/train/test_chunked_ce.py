@@ -1,9 +1,10 @@
-"""Chunked linear + cross-entropy (glmtune.models.chunked_ce) against logits + F.cross_entropy: summed
+"""Chunked linear + cross-entropy (glmtune.train.chunked_ce) against logits + F.cross_entropy: summed
 loss and gradient w.r.t. the hidden states (fp32, 1e-5), with ignored targets and a last partial chunk."""
 import pytest
 import torch
 
-from glmtune.models.chunked_ce import IGNORE, linear_cross_entropy_sum
+from glmtune.templates import IGNORE_INDEX
+from glmtune.train.chunked_ce import linear_cross_entropy_sum
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 7, 100])
@@ -12,8 +13,8 @@ def test_matches_logits_cross_entropy(chunk):
     h = torch.randn(23, 16, requires_grad=True)
     w, b = torch.randn(50, 16), torch.randn(50)
     t = torch.randint(0, 50, (23,))
-    t[[0, 5, 6, 22]] = IGNORE
-    ref = torch.nn.functional.cross_entropy(h @ w.t() + b, t, ignore_index=IGNORE, reduction="sum")
+    t[[0, 5, 6, 22]] = IGNORE_INDEX
+    ref = torch.nn.functional.cross_entropy(h @ w.t() + b, t, ignore_index=IGNORE_INDEX, reduction="sum")
     (ref_g,) = torch.autograd.grad(ref * 0.5, h)
     got = linear_cross_entropy_sum(h, w, t, b, chunk_tokens=chunk)
     (got_g,) = torch.autograd.grad(got * 0.5, h)

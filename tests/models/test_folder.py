@@ -1,0 +1,58 @@
+"""A model folder's facts (glmtune.models.folder): family, template arguments, default system, meta."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from glmtune.errors import InputError
+from glmtune.models.folder import FAMILIES, read_model_folder, write_glmtune_meta
+
+
+def family_of(path):
+    return read_model_folder(path).family
+
+
+def test_family_of(glm4_tokenizer_dir, chatglm3_tokenizer_dir, chatglm2_tokenizer_dir, tmp_path):
+    assert family_of(glm4_tokenizer_dir) == "glm4"
+    assert family_of(chatglm3_tokenizer_dir) == "chatglm3"
+    assert family_of(chatglm2_tokenizer_dir) == "chatglm2"
+    assert family_of(tmp_path) is None
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "<|im_start|>{{x}}"}))
+    assert family_of(tmp_path) == "qwen"  # a Llama model speaking ChatML (SmolLM2)
+    (tmp_path / "glmtune.json").write_text(json.dumps({"template": "llama3"}))
+    assert family_of(tmp_path) == "llama3"
+    (tmp_path / "tokenizer_config.json").write_text("{bad json")
+    (tmp_path / "glmtune.json").unlink()
+    with pytest.raises(InputError, match="tokenizer_config.json"):
+        family_of(tmp_path)
+
+
+def test_families_are_the_registered_templates():
+    from glmtune.templates import list_templates
+    assert sorted(FAMILIES) == list_templates()
+
+
+def test_template_args_keep_the_folders_default_system_only_for_its_own_family(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")}))
+    folder = read_model_folder(tmp_path)
+    assert folder.family == "qwen" and folder.default_system == "Be brief."
+    assert folder.template_args() == {"name": "qwen", "default_system": "Be brief."}
+    assert folder.template_args("llama3") == {"name": "llama3"}
+    write_glmtune_meta(tmp_path, default_system="Recorded.")   # GGUF import records it: that wins
+    assert read_model_folder(tmp_path).template_args("qwen")["default_system"] == "Recorded."
+    with pytest.raises(InputError, match="cannot tell which chat template"):
+        read_model_folder(tmp_path / "missing").template_args()
+
+
+def test_model_type_remote_code_and_meta(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "chatglm", "auto_map": {"AutoModelForCausalLM": "x.Y"}}))
+    write_glmtune_meta(tmp_path, template="chatglm3", method="lora")
+    write_glmtune_meta(tmp_path, base_model="/m")    # entries are added, not replaced
+    folder = read_model_folder(tmp_path)
+    assert (folder.model_type, folder.is_glm, folder.remote_code) == ("chatglm", True, True)
+    assert folder.meta == {"template": "chatglm3", "method": "lora", "base_model": "/m"}
+    assert folder.template_args() == {"name": "chatglm3"}

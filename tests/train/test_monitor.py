@@ -1,0 +1,51 @@
+"""What a user watches: the speed line names only levers that engaged (fused LoRA counts the layers
+that really run fused), the progress shows input tok/s and prints plain lines off a terminal."""
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import torch
+
+from glmtune.train.monitor import progress_bar
+from glmtune.train.speed import SpeedLevers, SpeedPlan
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+from test_fused_lora import tiny_peft  # noqa: E402
+
+
+def test_progress_prints_a_line_per_metrics_row_off_a_terminal():
+    out = io.StringIO()  # not a TTY, like a log file or CI
+    row = {"loss": 1.23456, "lr": 1e-4, "input_tokens_per_s": 12345.6}
+    with progress_bar(True, 10, 0, stream=out) as progress:
+        progress.update(5, row)
+        progress.update(10, {**row, "loss": 0.5})
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("train 5/10 loss 1.2346 lr 1.00e-04 12,346 input tok/s")
+    assert lines[1].startswith("train 10/10 loss 0.5000")
+    quiet = io.StringIO()
+    with progress_bar(False, 10, 0, stream=quiet) as progress:  # other processes print nothing
+        progress.update(5, row)
+    assert quiet.getvalue() == ""
+
+
+def test_fused_lora_counts_only_layers_that_run_fused(make_cfg):
+    cfg = make_cfg()
+    fp32 = tiny_peft("glm4")                       # adapters and base fp32: every LoRA layer fuses
+    levers = SpeedLevers(SpeedPlan(packing=True, fused_lora=True), cfg)
+    levers.on_model(fp32)
+    assert levers.plan.fused_layers == (12, 12) and levers.plan.summary() == (
+        "speed: packed rows (model attention), fused LoRA (12 of 12 LoRA layers)")
+    levers.undo()
+    assert not any(hasattr(m, "_glmtune_peft_forward") for m in fp32.modules())
+
+    mixed = tiny_peft("glm4", dtype=torch.bfloat16)   # bf16 base ...
+    for name, p in mixed.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()                  # ... fp32 adapters (PEFT's default autocast)
+    levers = SpeedLevers(SpeedPlan(packing=True, fused_lora=True), cfg)
+    levers.on_model(mixed)
+    assert not levers.plan.fused_lora and levers.plan.summary() == "speed: packed rows (model attention)"
+    assert levers.plan.notes == ["speed.fused_lora -> off (0 of 12 LoRA layers can run fused)"]
+    levers.undo()
