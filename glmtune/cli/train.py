@@ -17,6 +17,32 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ACCELERATE_PRESETS = ("ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp")
 
 
+def accelerate_config_path(accel: str) -> Path:
+    """A preset name or a YAML path -> the accelerate config file, checked before N processes start
+    (a missing file or an uninstalled DeepSpeed would otherwise fail in every process)."""
+    import importlib.util
+
+    import yaml
+
+    from glmtune.errors import ConfigError
+
+    path = CONFIGS / "accelerate" / f"{accel}.yaml" if accel in ACCELERATE_PRESETS else Path(accel)
+    if not path.is_file():
+        raise ConfigError(f"no accelerate config '{accel}'", field="--accelerate-config",
+                          fix=f"use one of {', '.join(ACCELERATE_PRESETS)} or a path to an accelerate YAML")
+    try:
+        conf = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"not a readable YAML file ({type(e).__name__})", file=path,
+                          field="--accelerate-config") from None
+    if not isinstance(conf, dict):
+        raise ConfigError("an accelerate config must be a YAML mapping", file=path, field="--accelerate-config")
+    if conf.get("distributed_type") == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("this accelerate config uses DeepSpeed, which is not installed", file=path,
+                          field="--accelerate-config", fix="pip install deepspeed (on the GPU machine), or use ddp / fsdp")
+    return path
+
+
 def accelerate_command(config: Path, sets: list[str], resume: str | None, nproc: int, accel: str | None) -> list[str]:
     """The `accelerate launch` line for --nproc N: one glmtune process per device (or per CPU slot).
 
@@ -26,8 +52,7 @@ def accelerate_command(config: Path, sets: list[str], resume: str | None, nproc:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
            "--num_machines", "1", "--main_process_port", os.environ.get("GLMTUNE_MASTER_PORT", "29517")]
     if accel:
-        path = CONFIGS / "accelerate" / f"{accel}.yaml" if accel in ACCELERATE_PRESETS else Path(accel)
-        cmd += ["--config_file", str(path)]
+        cmd += ["--config_file", str(accelerate_config_path(accel))]
     else:
         cmd += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
     cmd += ["-m", "glmtune.cli.main", "train", str(config)]
@@ -48,6 +73,8 @@ def train_cmd(
     accelerate_config: Optional[str] = typer.Option(
         None, "--accelerate-config", help="With --nproc: ddp, deepspeed_zero2, deepspeed_zero3, fsdp "
                                           "(configs/accelerate/) or a path to an accelerate YAML."),
+    overwrite: bool = typer.Option(False, help="Delete the previous run in a non-empty output.dir "
+                                               "(checkpoints, final, metrics) and start over."),
     explain: bool = typer.Option(False, help="Print every config key with its default and meaning, then exit."),
 ) -> None:
     """Fine-tune a model (lora, qlora, prefix = P-Tuning v2, full, freeze) as CONFIG says."""
@@ -61,7 +88,13 @@ def train_cmd(
     if config is None:
         raise ConfigError("no config file given", fix="glmtune train configs/<preset>.yaml (or --explain)")
     sets = list(set_ or [])
-    load_config(config, sets)  # fail fast, before starting N processes
+    cfg = load_config(config, sets)  # fail fast, before starting N processes
+    if "LOCAL_RANK" not in os.environ:  # the launching process decides; ranks find the folder ready
+        from glmtune.train.checkpoint import prepare_output_dir
+        if resume and overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other", field="--overwrite",
+                              fix="--resume to continue the run, --overwrite to start over")
+        prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         cmd = accelerate_command(config, sets, resume, nproc, accelerate_config)
         console.print(f"[cyan]·[/] {' '.join(cmd)}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from glmtune.errors import InputError
+from glmtune.io import jsonl_line, writable_target
 
 
 @dataclass
@@ -58,7 +59,7 @@ def done_indexes(out: str | Path) -> set[int]:
         with open(out, "r+b") as f:
             f.truncate(keep)
     done = set()
-    for lineno, line in enumerate(raw[:keep].decode("utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(raw[:keep].decode("utf-8").split("\n"), start=1):
         if line.strip():
             try:
                 done.add(int(json.loads(line)["index"]))
@@ -77,13 +78,14 @@ def predict_file(predictor, data: str | Path, out: str | Path, batch_size: int =
     todo = [ex for ex in examples if ex.index not in done]
     if on_progress:
         on_progress(len(examples) - len(todo), len(examples))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    out = writable_target(out)  # a folder / FIFO / device is refused; a symlink is appended through
+    out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as f:
         for batch in _batches(todo, batch_size):
             answers = predictor.batch([{"messages": ex.messages, "tools": ex.tools} for ex in batch],
                                       adapter=adapter,
                                       batch_size=batch_size, **gen)
-            f.write("".join(json.dumps(_row(ex, a), ensure_ascii=False) + "\n" for ex, a in zip(batch, answers)))
+            f.write("".join(jsonl_line(_row(ex, a), file=out) for ex, a in zip(batch, answers)))
             f.flush()
             os.fsync(f.fileno())
             done.update(ex.index for ex in batch)
