@@ -133,6 +133,29 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> int:
         return write_jsonl_lines(f, rows, file=path)
 
 
+def read_append_log(path: str | Path) -> list[tuple[int, Any]]:
+    """(line, row) of a JSONL file that is appended to as work is done (predictions), after cutting
+    off a last line half-written by a kill (the only line that can be). Missing file -> []."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    keep = raw.rfind(b"\n") + 1
+    if keep != len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    text = raw[:keep].decode("utf-8")
+    return [(n, loads_strict(line, file=path, line=n))
+            for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+
+
+def append_jsonl_synced(f, rows: Iterable[dict], *, file: str | Path | None = None) -> None:
+    """Append rows to an open append-log and fsync: a kill loses at most the rows in flight."""
+    f.write("".join(jsonl_line(r, file=file) for r in rows))
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def read_text_utf8(path: str | Path) -> str:
     """Read a text file as UTF-8 (BOM allowed), with a clear error for other encodings."""
     path = Path(path)
