@@ -77,16 +77,21 @@ def create_app(predictor, *, api_key: str | None = None, max_queue: int = 64, ti
     async def on_bug(request: Request, exc: Exception):
         return error(500, f"internal error: {type(exc).__name__}", "server_error")
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        # Middleware, not a dependency, so a wrong key gets 401 before the body is even parsed.
-        if api_key and request.url.path.startswith("/v1/"):
-            auth = request.headers.get("authorization", "")
-            given = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                return error(401, "Incorrect API key provided" if given else
-                             "Missing API key: send `Authorization: Bearer KEY`", code="invalid_api_key")
-        return await call_next(request)
+    def check_key(app_):
+        """Pure ASGI middleware, not a dependency, so a wrong key gets 401 before the body is even
+        parsed (and not Starlette's BaseHTTPMiddleware, which hides client disconnects from routes)."""
+        async def middleware(scope, receive, send):
+            if api_key and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+                auth = Request(scope).headers.get("authorization", "")
+                given = auth[7:] if auth.lower().startswith("bearer ") else ""
+                if not hmac.compare_digest(given.encode(), api_key.encode()):
+                    return await error(401, "Incorrect API key provided" if given else
+                                       "Missing API key: send `Authorization: Bearer KEY`",
+                                       code="invalid_api_key")(scope, receive, send)
+            return await app_(scope, receive, send)
+        return middleware
+
+    app.add_middleware(check_key)
 
     @app.get("/health")
     async def health():

@@ -237,12 +237,13 @@ class BatchingEngine:
                       if sample else GenerationConfig(do_sample=False, eos_token_id=stop_ids))
         gen_config.pad_token_id = self.backend._pad_id(stop_ids)
         on_gpu = str(self.backend.device).startswith("cuda")
-        # On a GPU transformers sizes the paged cache from free memory; on a CPU it would take a
-        # GPU-sized guess, so give it room for every allowed request at a chat-sized length.
-        cb_config = ContinuousBatchingConfig(
-            per_request_processors=sample, auto_switch_to_flash=on_gpu,
-            max_queue_size=0, **({} if on_gpu else {"num_blocks": max(16, self.max_queue * 4),
-                                                     "max_batch_tokens": 2048, "use_cuda_graph": False}))
+        # On a GPU transformers sizes the paged cache from free memory. On a CPU it would take a
+        # GPU-sized guess, and each step's attention mask spans the whole cache: give it 256 token
+        # slots per allowed request in 32-token pages (a longer answer takes the pages others leave).
+        cpu = {"page_size": 32, "num_blocks": max(64, self.max_queue * 8), "max_batch_tokens": 2048,
+               "use_cuda_graph": False}
+        cb_config = ContinuousBatchingConfig(per_request_processors=sample, auto_switch_to_flash=on_gpu,
+                                             max_queue_size=0, **({} if on_gpu else cpu))
         manager = model.init_continuous_batching(generation_config=gen_config, continuous_batching_config=cb_config)
         manager.start()
         return manager
