@@ -1,4 +1,8 @@
-"""Terminal chat: a read-answer loop with history, streaming output and slash commands."""
+"""Terminal chat: a read-answer loop with history, streaming output and slash commands.
+
+Ctrl-C while an answer streams stops that answer (the generation thread ends at its next token)
+and returns to the prompt; Ctrl-C at the prompt ends the chat (exit status 130).
+"""
 from __future__ import annotations
 
 import sys
@@ -37,12 +41,27 @@ def run_chat(predictor, system: str | None = None, *, read: Callable[[str], str]
             out.write(f"unknown command {line.split()[0]}. {HELP}\n")
             continue
         out.write(BOT_PREFIX)
-        answer = ""
-        for piece in predictor.stream(line, history=history, system=system, **gen):
-            answer += piece
-            out.write(piece)
-            out.flush()
+        answer = stream_answer(predictor, line, history, system, out, **gen)
         out.write("\n")
+        if answer is None:
+            out.write("(answer stopped; Ctrl-C again at the prompt to quit)\n")
+            continue  # a cut answer is not history the model should build on
         if predictor.last_sources:
             out.write(f"(sources: {', '.join(s['id'] for s in predictor.last_sources)})\n")
         history.append((line, answer))
+
+
+def stream_answer(predictor, line: str, history, system, out: TextIO, **gen) -> str | None:
+    """Write the answer as it streams; None when Ctrl-C stopped it (generation is stopped and its
+    thread finished before this returns, so the next question starts on an idle model)."""
+    answer = ""
+    stream = predictor.stream(line, history=history, system=system, **gen)
+    try:
+        for piece in stream:
+            answer += piece
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        stream.close()  # runs the stream's cleanup: cancel, then wait for the generation thread
+        return None
+    return answer
