@@ -57,12 +57,23 @@ class Job:
 
 
 def make_engine(predictor, max_queue: int = 64):
-    """BatchingEngine where the back-end is transformers (HF), else the one-worker Engine."""
+    """BatchingEngine where the back-end is transformers (HF) with continuous batching, else the
+    one-worker Engine."""
     from glmtune.infer.backends import HFBackend
 
-    if isinstance(getattr(predictor, "backend", None), HFBackend):
+    if isinstance(getattr(predictor, "backend", None), HFBackend) and _has_continuous_batching():
         return BatchingEngine(predictor, max_queue=max_queue)
+    log.warning("this back-end / transformers version cannot batch requests: serving one at a time")
     return Engine(predictor, max_queue=max_queue)
+
+
+def _has_continuous_batching() -> bool:
+    try:
+        from transformers.generation.continuous_batching import ContinuousBatchingManager
+    except ImportError:
+        return False
+    # the per-request result callbacks this engine relies on (transformers 5.x)
+    return hasattr(ContinuousBatchingManager, "register_result_handler")
 
 
 class Engine:
