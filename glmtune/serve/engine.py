@@ -143,7 +143,10 @@ class BatchingEngine:
         from glmtune.infer.backends import BASE
 
         adapter = BASE if job.adapter is None else job.adapter
-        self.backend._adapter_scope(adapter)  # an unknown adapter is a 400 now, not later
+        if adapter != BASE and adapter not in self.backend.adapters:  # a 400 now, not a failure later
+            from glmtune.errors import InputError
+            raise InputError(f"no adapter named '{adapter}' is loaded", field="model",
+                             fix=f"use one of {', '.join([BASE] + self.backend.adapters)}")
         with self._lock:
             if self.waiting >= self.max_queue:
                 raise QueueFull(f"the server is busy ({self.max_queue} requests in flight); retry later")
