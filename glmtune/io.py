@@ -1,10 +1,20 @@
 """File helpers shared by every stage: atomic writes (nothing half-written is ever left behind)
-and JSONL reading with file:line error positions."""
+and JSONL reading with file:line error positions.
+
+JSONL follows JSON's own line rules: a record ends at ``\n`` only. ``str.splitlines`` would also
+split at U+2028/U+2029/U+0085 (legal raw inside JSON strings), so readers split on ``\n`` and writers
+escape those three characters, which keeps the output readable by line-splitting tools too.
+NaN/Infinity (not JSON), duplicate keys (JSON leaves them undefined) and lone surrogates (not
+characters; no tokenizer takes them) are refused with the file and line.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -17,15 +27,53 @@ def cache_dir(kind: str) -> Path:
     return Path(os.environ.get("GLMTUNE_CACHE_DIR", Path.home() / ".cache" / "glmtune")) / kind
 
 
+def writable_target(path: str | Path) -> Path:
+    """The regular file that writing ``path`` should replace: a symlink is followed to its target
+    (written through, as shells do); a folder, device, FIFO or socket is refused."""
+    path = Path(path)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return target
+    except OSError as e:
+        raise _write_error(e, path) from None
+    if stat.S_ISDIR(mode):
+        raise InputError("the output path is a folder", file=path, fix="name a file inside it, e.g. DIR/out.jsonl")
+    if not stat.S_ISREG(mode):
+        kind = "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
+        raise InputError(f"the output path is a {kind}, not a regular file", file=path,
+                         fix="write to a regular file (glmtune replaces outputs atomically)")
+    return target
+
+
+def _write_error(e: OSError, path: Path) -> InputError:
+    """An OSError while writing ``path`` as one line a user can act on."""
+    if e.errno == errno.ENOSPC:
+        return InputError("disk full while writing (nothing was replaced)", file=path, fix="free space and rerun")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return InputError(f"cannot write here ({e.strerror})", file=path,
+                          fix="choose a folder you can write to, or fix its permissions")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return InputError("a parent of the output path is a file, not a folder", file=path,
+                          fix="choose another output path")
+    return InputError(f"cannot write ({e.strerror or e})", file=path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path next to ``path``; rename it over ``path`` only if the block succeeds.
 
-    The temp file lives in the same folder so the final ``os.replace`` is atomic on POSIX.
+    The temp file lives in the same folder so the final ``os.replace`` is atomic on POSIX. A symlink
+    is written through to its target; folders, devices and FIFOs are refused (see writable_target).
+    OS errors (disk full, permissions) become one-line InputErrors; the old file stays as it was.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    path = writable_target(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(e, path) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -35,6 +83,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             umask = os.umask(0); os.umask(umask)
             os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        raise _write_error(e, path) from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -73,14 +124,60 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
+# Characters legal raw inside a JSON string that line-based readers (Python's splitlines, JS) treat
+# as line ends: written as \\uXXXX escapes.
+_LINE_UNSAFE = re.compile("[\u2028\u2029\u0085]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def jsonl_line(obj: Any, *, file: str | Path | None = None, line: int | None = None) -> str:
+    """One JSONL line (with its ``\\n``): UTF-8 text, line-unsafe characters escaped, NaN refused."""
+    try:
+        text = json.dumps(obj, ensure_ascii=False, allow_nan=False)
+    except ValueError as e:  # NaN / Infinity: not JSON, other readers reject them
+        raise InputError(f"cannot write a non-finite number as JSON ({e})", file=file, line=line,
+                         fix="replace NaN/Infinity with null or a number") from None
+    if _SURROGATE.search(text):  # what the readers refuse is never written
+        raise InputError("a string holds a lone surrogate (half of a UTF-16 pair, not a character)",
+                         file=file, line=line, fix="drop or fix that character in the input") from None
+    return _LINE_UNSAFE.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text) + "\n"
+
+
+def write_jsonl_lines(f, rows: Iterable[dict], *, file: str | Path | None = None) -> int:
+    """Write rows to an open text file as JSONL lines; return how many."""
+    n = 0
+    for n, row in enumerate(rows, start=1):
+        f.write(jsonl_line(row, file=file, line=n))
+    return n
+
+
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> int:
     """Write rows as JSONL atomically; return how many were written."""
-    n = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    return n
+        return write_jsonl_lines(f, rows, file=path)
+
+
+def read_append_log(path: str | Path) -> list[tuple[int, Any]]:
+    """(line, row) of a JSONL file that is appended to as work is done (predictions), after cutting
+    off a last line half-written by a kill (the only line that can be). Missing file -> []."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    keep = raw.rfind(b"\n") + 1
+    if keep != len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    text = raw[:keep].decode("utf-8")
+    return [(n, loads_strict(line, file=path, line=n))
+            for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+
+
+def append_jsonl_synced(f, rows: Iterable[dict], *, file: str | Path | None = None) -> None:
+    """Append rows to an open append-log and fsync: a kill loses at most the rows in flight."""
+    f.write("".join(jsonl_line(r, file=file) for r in rows))
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def read_text_utf8(path: str | Path) -> str:
@@ -98,14 +195,78 @@ def read_text_utf8(path: str | Path) -> str:
                          fix="re-save the file as UTF-8 (e.g. `iconv -f GBK -t UTF-8 IN > OUT`)") from None
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dup!r}")
+    return obj
+
+
+_STRICT = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_WS = re.compile(r"[ \t\r\n]*")
+
+
+def _lone_surrogate(obj: Any) -> str | None:
+    """The first string in ``obj`` holding a surrogate that did not pair up, else None."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            if _SURROGATE.search(x):
+                return x
+        elif isinstance(x, dict):
+            stack += list(x.keys()) + list(x.values())
+        elif isinstance(x, list):
+            stack += x
+    return None
+
+
+def loads_strict(text: str, *, file: str | Path | None = None, line: int | None = None) -> Any:
+    """``json.loads`` that refuses NaN/Infinity, duplicate keys, lone surrogates and absurd nesting,
+    each as an InputError naming file:line (line = the line ``text`` starts on)."""
+    obj, end = decode_strict_at(text, 0, file=file, line=line)
+    if text[end:].strip():
+        raise InputError(f"invalid JSON (Extra data at column {end + 1})", file=file, line=line,
+                         fix="each line must be one complete JSON object")
+    return obj
+
+
+def decode_strict_at(text: str, pos: int, *, file: str | Path | None = None,
+                     line: int | None = None) -> tuple[Any, int]:
+    """Decode one JSON value starting at ``text[pos]`` (whitespace allowed) with the strict rules of
+    loads_strict; return (value, end offset)."""
+    start = _WS.match(text, pos).end()
+    try:
+        obj, end = _STRICT.raw_decode(text, start)
+    except json.JSONDecodeError as e:
+        at = (line or 1) + text.count("\n", start, e.pos)
+        raise InputError(f"invalid JSON ({e.msg} at column {e.colno})", file=file, line=at,
+                         fix="each line must be one complete JSON object") from None
+    except ValueError as e:  # from the hooks: duplicate key, NaN/Infinity
+        raise InputError(f"invalid JSON ({e})", file=file, line=line,
+                         fix="keep one value per key; write null instead of NaN/Infinity") from None
+    except RecursionError:
+        raise InputError("JSON nested too deeply to read", file=file, line=line,
+                         fix="records are flat objects: messages, label, meta") from None
+    if _SURROGATE_ESCAPE.search(text, start, end) and (bad := _lone_surrogate(obj)) is not None:
+        raise InputError(f"lone surrogate escape in {bad[:40]!r} (half of a UTF-16 pair, not a character)",
+                         file=file, line=line, fix="fix the escape or drop the character") from None
+    return obj, end
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line_number, parsed_object) for each non-blank line; bad JSON names file and line."""
+    """Yield (line_number, parsed_object) for each non-blank line; bad JSON names file and line.
+
+    Lines end at ``\\n`` only (JSON's rule; ``\\r\\n`` is fine), never at U+2028/U+2029/U+0085."""
     text = read_text_utf8(path)
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"invalid JSON ({e.msg} at column {e.colno})", file=path, line=lineno,
-                             fix="each line must be one complete JSON object") from None
+        yield lineno, loads_strict(line, file=path, line=lineno)

@@ -44,6 +44,9 @@ def convert_cmd(
     format: str = typer.Option("auto", "--format", "-f", help=FORMAT_HELP),
     text_col: Optional[str] = typer.Option(None, help="CSV column holding the user text."),
     label_col: Optional[str] = typer.Option(None, help="CSV column holding the label."),
+    response_col: Optional[str] = typer.Option(None, help="CSV column holding the assistant's answer "
+                                                          "(default: a `response` column if there is one, "
+                                                          "else the label name)."),
     label_map: Optional[Path] = typer.Option(None, help="Label map: JSON/YAML {raw: name}, a list, or a .txt."),
     system_file: Optional[Path] = typer.Option(None, help="System prompt for records that have none."),
     registry: Optional[Path] = REGISTRY_OPT,
@@ -53,7 +56,7 @@ def convert_cmd(
 
     with console.status(f"reading {source}"):
         s = convert_file(source, out, format=format, registry=registry, text_col=text_col, label_col=label_col,
-                         label_map=label_map, system_file=system_file)
+                         response_col=response_col, label_map=label_map, system_file=system_file)
     console.print(_table(f"converted {source}", {"records": s.records, "with label": s.labels, "written": s.out}))
 
 

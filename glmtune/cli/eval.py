@@ -82,6 +82,10 @@ def judge(data: Path = typer.Option(..., "--data", help='JSONL rows {"prediction
     if "qwk" in m:
         console.print(f"vs reference: MAE={m['mae']:.4f} MSE={m['mse']:.4f} pearson={m['pearson']} QWK={m['qwk']}")
     console.print(f"wrote {out}/metrics.json")
+    if m["n_samples"] and not m["n_scored"]:  # a run with no score at all failed, whatever was written
+        from glmtune.errors import GlmtuneError
+        raise GlmtuneError(f"every judgment failed ({m['n_failed']} of {m['n_samples']}); the reasons are in "
+                           f"{out}/failed_judgments.jsonl. Fix: check --url, --model and the judge's replies")
 
 
 @eval_app.command("classify")

@@ -31,7 +31,11 @@ def _register_all() -> None:
 def main(argv: list[str] | None = None) -> None:
     _register_all()
     try:
-        app(args=argv, standalone_mode=False)
+        # Non-standalone click *returns* a typer.Exit's code instead of exiting: pass it on, or a
+        # failed `--nproc N` run (exit code of `accelerate launch`) would end with status 0.
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
     except GlmtuneError as e:
         # escape: messages quote user text and fixes such as `pip install -e ".[real]"`, not rich markup
         err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
@@ -41,6 +45,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except SystemExit:
         raise
+    except OSError as e:  # the machine said no (disk full, permissions) where no stage caught it
+        err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(1)
     except Exception as e:  # click usage errors come through here in non-standalone mode
         import click
         if isinstance(e, click.exceptions.Abort):

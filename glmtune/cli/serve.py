@@ -19,9 +19,14 @@ def serve_cmd(
                                           help="Require `Authorization: Bearer KEY` on /v1 (env GLMTUNE_API_KEY)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; 127.0.0.1 keeps it on this machine."),
     port: int = typer.Option(8000, help="TCP port."),
-    max_queue: int = typer.Option(64, help="Requests allowed to wait; more get HTTP 429."),
+    max_queue: int = typer.Option(64, help="Requests allowed in the server at once (batched together on the "
+                                           "hf back-end); more get HTTP 429."),
     timeout: float = typer.Option(120.0, help="Seconds per request, queue wait included (then 504)."),
-    max_tokens: int = typer.Option(2048, help="Most new tokens a request may ask for."),
+    max_tokens: int = typer.Option(2048, help="Most new tokens a request may ask for (also capped by the "
+                                              "context the prompt leaves)."),
+    max_body: Optional[int] = typer.Option(None, help="Largest request body in bytes; larger ones get HTTP 413. "
+                                                     "Default: 1 MiB, or room for the image limits on a "
+                                                     "vision-language model (data: URIs are base64, 4/3 the bytes)."),
     model_name: Optional[str] = typer.Option(None, help="Model id to serve the base model as (default: folder name)."),
     template: Optional[str] = typer.Option(None, help="Template family; default: from the model folder."),
     rag: Optional[Path] = typer.Option(None, help="RAG store from `glmtune rag index` to answer from."),
@@ -48,7 +53,11 @@ def serve_cmd(
                          max_images=image_max_count)
     predictor = Predictor(model, adapter=adapter_option(adapter), backend=backend, template=template,
                           rag=rag, rag_threshold=rag_threshold, image_limits=limits)
+    if max_body is None:
+        max_body = 1 << 20
+        if predictor.vision is not None:
+            max_body += int(limits.max_bytes * limits.max_images * 4 / 3)
     # Requests name their adapter; with none named the server answers with the base model.
     predictor.default_adapter = None
     serve(predictor, host=host, port=port, api_key=api_key, max_queue=max_queue, timeout=timeout,
-          max_tokens=max_tokens, model_name=model_name, image_root=image_root)
+          max_tokens=max_tokens, model_name=model_name, image_root=image_root, max_body=max_body)

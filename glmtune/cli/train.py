@@ -24,6 +24,8 @@ def train_cmd(
     accelerate_config: Optional[str] = typer.Option(
         None, "--accelerate-config", help="With --nproc: ddp, deepspeed_zero2, deepspeed_zero3, fsdp "
                                           "(shipped in glmtune/resources/accelerate/) or a path to an accelerate YAML."),
+    overwrite: bool = typer.Option(False, help="Delete the previous run in a non-empty output.dir "
+                                               "(checkpoints, final, metrics) and start over."),
     explain: bool = typer.Option(False, help="Print every config key with its default and meaning, then exit."),
 ) -> None:
     """Fine-tune a model (lora, qlora, prefix = P-Tuning v2, full, freeze) as CONFIG says."""
@@ -37,7 +39,13 @@ def train_cmd(
     if config is None:
         raise ConfigError("no config file given", fix="glmtune train configs/<preset>.yaml (or --explain)")
     sets = list(set_ or [])
-    load_config(config, sets)  # fail fast, before starting N processes
+    cfg = load_config(config, sets)  # fail fast, before starting N processes
+    if "LOCAL_RANK" not in os.environ:  # the launching process decides; ranks find the folder ready
+        from glmtune.train.checkpoint import prepare_output_dir
+        if resume and overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other", field="--overwrite",
+                              fix="--resume to continue the run, --overwrite to start over")
+        prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         from glmtune.train.launch import accelerate_command
         cmd = accelerate_command(config, sets, resume, nproc, accelerate_config)

@@ -5,7 +5,6 @@ The CLI only parses arguments and calls these, so the demo and tests run the sam
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,7 +14,7 @@ from glmtune.data.dedupe import DedupeReport, dedupe_records
 from glmtune.data.registry import load_dataset
 from glmtune.data.split import SplitResult, split_records
 from glmtune.errors import InputError
-from glmtune.io import atomic_path, write_jsonl_atomic
+from glmtune.io import atomic_path, write_jsonl_atomic, write_jsonl_lines
 
 
 def _check_out(out: Path, sources: Sequence[Any]) -> None:
@@ -102,7 +101,7 @@ def split_file(source: str | Path, out_dir: str | Path, *, ratios: str | list[fl
         for name, rows in result.parts.items():
             tmp = stack.enter_context(atomic_path(paths[name]))
             with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+                write_jsonl_lines(f, rows, file=paths[name])
     return result, paths
 
 

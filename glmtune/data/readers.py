@@ -16,7 +16,7 @@ from glmtune.data.formats import CONTAINERS, RecordFormat, RowContext, detect_fo
 from glmtune.data.labels import load_label_map
 from glmtune.data.records import validate_record
 from glmtune.errors import InputError
-from glmtune.io import iter_jsonl, read_text_utf8
+from glmtune.io import decode_strict_at, iter_jsonl, loads_strict, read_text_utf8
 
 EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
 # Columns a table format cannot do without, checked against the CSV header (line 1) up front.
@@ -48,6 +48,8 @@ def read_records(path: str | Path, format: str = "auto", **options: Any) -> list
     if fmt is None:
         fmt = _detect(rows[0], path, options)
     if container == "csv":
+        if "response" in rows[0][1] and not options.get("response_col"):
+            options["response_col"] = "response"  # a `response` column is the answer, not noise
         _check_header(path, rows[0][1], fmt, options)
     return [_convert_row(row, fmt, RowContext(path, line, options)) for line, row in rows]
 
@@ -101,8 +103,12 @@ def _read_rows(path: Path, container: str, delimiter: str | None) -> Iterator[Ro
 def _csv_rows(path: Path, delimiter: str) -> Iterator[Row]:
     text = read_text_utf8(path)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = reader.fieldnames or []
     try:
+        header = reader.fieldnames or []
+        dup = next((h for i, h in enumerate(header) if h in header[:i]), None)
+        if dup is not None:
+            raise InputError(f"column '{dup}' appears twice in the header", file=path, line=1, field=dup,
+                             fix="rename one of the columns")
         for row in reader:
             line = reader.line_num
             if None in row:
@@ -118,7 +124,10 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[Row]:
 
 
 def _json_rows(path: Path) -> Iterator[Row]:
-    """Rows of a JSON file holding a list of objects (or one object), with each element's line."""
+    """Rows of a JSON file holding a list of objects (or one object), with each element's line.
+
+    The syntax is checked by ``json.loads`` first; each element is then decoded again with the strict
+    rules (no NaN, duplicate keys, lone surrogates) so a problem names the element's line."""
     text = read_text_utf8(path)
     try:
         data = json.loads(text)
@@ -127,27 +136,28 @@ def _json_rows(path: Path) -> Iterator[Row]:
             yield from ((ln, _as_object(o, path, ln)) for ln, o in iter_jsonl(path))
             return
         raise InputError(f"invalid JSON ({e.msg} at column {e.colno})", file=path, line=e.lineno) from None
+    except RecursionError:
+        raise InputError("JSON nested too deeply to read", file=path, line=1) from None
     if isinstance(data, dict):
-        yield 1, data
+        yield 1, loads_strict(text, file=path, line=1)
         return
     if not isinstance(data, list):
         raise InputError(f"expected a list of records, got {type(data).__name__}", file=path, line=1)
-    for (line, _), obj in zip(_element_lines(text), data):
+    for line, obj in _elements(text, path):
         yield line, _as_object(obj, path, line)
 
 
-def _element_lines(text: str) -> Iterator[tuple[int, int]]:
-    """(line, offset) where each top-level list element starts; raw_decode walks the list once."""
-    decoder = json.JSONDecoder()
+def _elements(text: str, path: Path) -> Iterator[tuple[int, Any]]:
+    """(line, value) of each top-level list element of a syntactically valid JSON list."""
     pos = text.index("[") + 1
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
         if pos >= len(text) or text[pos] == "]":
             return
-        _, end = decoder.raw_decode(text, pos)
-        yield text.count("\n", 0, pos) + 1, pos
-        pos = end
+        line = text.count("\n", 0, pos) + 1
+        obj, pos = decode_strict_at(text, pos, file=path, line=line)
+        yield line, obj
 
 
 def _as_object(obj: Any, path: Path, line: int) -> dict:

@@ -85,10 +85,12 @@ def top_k_summary(y_true: Sequence[str], probs: np.ndarray, labels: Sequence[str
     # sklearn requires `labels` sorted, with score columns in that order: permute columns to match.
     order = sorted(range(len(labels)), key=lambda i: labels[i])
     sorted_labels, sorted_probs = [labels[i] for i in order], probs[:, order]
+    # Two labels: sklearn reads the task as binary and wants one score column, the second label's.
+    scores = sorted_probs[:, 1] if len(labels) == 2 else sorted_probs
     out: dict[str, Any] = {}
     for k in ks:
         if k < len(labels):  # k >= n_labels is trivially 1.0
-            out[f"top_{k}_accuracy"] = float(top_k_accuracy_score(y_true, sorted_probs, k=k, labels=sorted_labels))
+            out[f"top_{k}_accuracy"] = float(top_k_accuracy_score(y_true, scores, k=k, labels=sorted_labels))
     out["mean_confidence"] = float(probs.max(axis=1).mean())
     return out
 
@@ -166,14 +168,15 @@ def classification_report_files(y_true: Sequence[str], y_pred: Sequence[Any], la
         raise InputError(f"{len(raw_outputs)} raw outputs for {len(y_true)} predictions")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = compute_classification_metrics(y_true, y_pred, labels, probs=probs)
-    for key, value in (extra or {}).items():
-        metrics[key] = _jsonable(value)
+    # Predictions first: a failure in the metrics or the plot must never lose them.
     probs_arr = None if probs is None else np.asarray(probs, dtype=float)
     rows = prediction_rows(y_true, y_pred, list(labels), probs_arr, samples, raw_outputs, k=top_k)
     write_jsonl_atomic(out_dir / "predictions.jsonl", rows)
     failed = [r for r in rows if not r["correct"]]
     write_jsonl_atomic(out_dir / "failed_predictions.jsonl", failed)
+    metrics = compute_classification_metrics(y_true, y_pred, labels, probs=probs)
+    for key, value in (extra or {}).items():
+        metrics[key] = _jsonable(value)
     plot_confusion_matrix(y_true, y_pred, list(labels), out_dir / "confusion_matrix.png", normalize=normalize)
     metrics["confusion_matrix_normalize"] = normalize
     write_json_atomic(out_dir / "metrics.json", metrics)

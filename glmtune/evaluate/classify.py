@@ -149,13 +149,6 @@ def _batched(fn, items: list, batch_size: int) -> list:
     return out
 
 
-def _unsort(values: list, order: list[int]) -> list:
-    out = [None] * len(values)
-    for value, i in zip(values, order):
-        out[i] = value
-    return out
-
-
 @dataclass
 class ClassifyResult:
     y_true: list[str]
@@ -165,18 +158,21 @@ class ClassifyResult:
     truncated: int
     seconds: float
     labels: list[str]
+    predicted: int = 0  # made in this call (the rest came from the prediction log of an earlier run)
 
 
 def classify(predictor, records: Sequence[dict], label_set: LabelSet, mode: str = "constrained",
              batch_size: int = 8, max_len: int | None = None, truncate_side: str = "left",
-             decision: str = "greedy", scoring: str = "decisive") -> ClassifyResult:
+             decision: str = "greedy", scoring: str = "decisive",
+             log: "PredictionLog | None" = None) -> ClassifyResult:
     """Predict a label for every record with a loaded :class:`glmtune.infer.Predictor`.
 
     ``decision`` (constrained mode): ``greedy`` follows the most likely token at each branch of the
     label trie (what greedy generation gives whenever it yields a valid label), ``likelihood`` takes
     the most likely label. ``scoring``: ``decisive`` scores each answer up to the token that sets it
     apart (``意图：7``), ``full`` the whole answer with its end token; probabilities are the softmax of
-    these log-likelihoods. Neither changes the greedy prediction."""
+    these log-likelihoods. Neither changes the greedy prediction. ``log``: a :class:`PredictionLog`
+    that receives every batch's rows as they are made and supplies those of an interrupted run."""
     import numpy as np
     import torch
     if mode not in MODES:
@@ -213,11 +209,16 @@ def classify(predictor, records: Sequence[dict], label_set: LabelSet, mode: str 
     if mode == "constrained" and not hasattr(backend, "scoring"):
         raise InputError(f"the {backend.name} back-end cannot score labels (constrained mode runs the model's own "
                          "forward passes)", field="--mode", fix="use --mode generate, or the hf back-end")
+    done = log.done if log is not None else {}
     t0 = time.perf_counter()
-    raw_outputs = None
-    # Batches of similar length waste little on padding; results go back to the input order.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    sorted_prompts = [prompts[i] for i in order]
+    # Batches of similar length waste little on padding; rows are keyed by the record's index.
+    todo = [i for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if i not in done]
+
+    def record(rows: list[dict]) -> list[dict]:
+        if log is not None:
+            log.add(rows)  # written as made: a crash or kill loses one batch at most
+        return rows
+
     if mode == "constrained":
         from glmtune.evaluate.label_scoring import LabelScorer, common_prefix_len
         with backend.scoring(predictor.default_adapter) as model:
@@ -226,29 +227,34 @@ def classify(predictor, records: Sequence[dict], label_set: LabelSet, mode: str 
                                  prompts[0][:common_prefix_len(prompts)], decisive=scoring == "decisive")
 
             def run(batch):
-                node_lp, label_lp = scorer.score(batch)
-                return list(zip(node_lp, label_lp))
-            rows = _unsort(_batched(run, sorted_prompts, batch_size), order)
-        scores = torch.stack([lab for _, lab in rows]).double()
+                node_lp, label_lp = scorer.score([prompts[i] for i in batch])
+                return record([{"index": i, "greedy": names[scorer.trie.greedy_label(node)],
+                                "scores": lab.double().tolist()} for i, node, lab in zip(batch, node_lp, label_lp)])
+            rows = {**done, **{r["index"]: r for r in _batched(run, todo, batch_size)}}
+        rows = [rows[i] for i in range(len(prompts))]
+        scores = torch.tensor([r["scores"] for r in rows], dtype=torch.float64)
         probs = torch.softmax(scores, dim=-1).numpy()
         if decision == "greedy":
-            y_pred = [names[scorer.trie.greedy_label(node)] for node, _ in rows]
+            y_pred = [r["greedy"] for r in rows]
         else:
             y_pred = [names[i] for i in probs.argmax(axis=1)]
+        raw_outputs = None
     else:
         from glmtune.infer.backends import GenConfig
         gen = GenConfig.from_kwargs(max_new_tokens=room + 8)
         by_answer = {label_set.answers[n].strip(): n for n in names}
 
         def run(batch):
-            outs = backend.generate(batch, predictor.default_adapter, predictor.stop_ids, gen)
-            return [predictor.decode(o.token_ids).strip() for o in outs]
-        raw_outputs = _unsort(_batched(run, sorted_prompts, batch_size), order)
+            outs = backend.generate([prompts[i] for i in batch], predictor.default_adapter, predictor.stop_ids, gen)
+            return record([{"index": i, "raw_output": predictor.decode(o.token_ids).strip()}
+                           for i, o in zip(batch, outs)])
+        rows = {**done, **{r["index"]: r for r in _batched(run, todo, batch_size)}}
+        raw_outputs = [rows[i]["raw_output"] for i in range(len(prompts))]
         y_pred = [parse_label(text, by_answer, names) for text in raw_outputs]
         probs = None
     seconds = time.perf_counter() - t0
     return ClassifyResult(y_true, y_pred, probs if probs is None else np.asarray(probs), raw_outputs,
-                          n_trunc, seconds, names)
+                          n_trunc, seconds, names, predicted=len(todo))
 
 
 def parse_label(text: str, by_answer: dict[str, str], names: Sequence[str]) -> str | None:
@@ -273,22 +279,66 @@ def classify_report(model: str | Path, data: str | Path, out: str | Path, *, ada
                     mode: str = "constrained", truncate_side: str = "left", max_len: int | None = None,
                     predictor=None, seed: int = 0, decision: str = "greedy",
                     scoring: str = "decisive", kernels: str = "none") -> dict:
-    """Load, classify, write the report folder; return metrics (what `glmtune eval classify` runs)."""
+    """Load, classify, write the report folder; return metrics (what `glmtune eval classify` runs).
+
+    Predictions go to OUT/predictions.partial.jsonl as they are made; a rerun with the same settings
+    continues from it, and it is removed once the report (with predictions.jsonl) is complete."""
     from glmtune.evaluate.classification import classification_report_files
     records = load_records(data)
     label_set = build_label_set(records, labels)
     if quick:
         records = quick_subset(records, quick, seed)
-    if predictor is None:
-        from glmtune.infer.predictor import Predictor
-        predictor = Predictor(model, adapter=adapter, kernels=kernels)
-    res = classify(predictor, records, label_set, mode, batch_size, max_len, truncate_side, decision, scoring)
+    run = {"model": str(model), "adapter": str(adapter) if adapter else None, "data": str(data),
+           "records": len(records), "labels": label_set.names, "quick": quick, "seed": seed, "mode": mode,
+           "scoring": scoring, "max_len": max_len, "truncate_side": truncate_side}
+    log = PredictionLog(out, run)
+    try:
+        if predictor is None:
+            from glmtune.infer.predictor import Predictor
+            predictor = Predictor(model, adapter=adapter, kernels=kernels)
+        res = classify(predictor, records, label_set, mode, batch_size, max_len, truncate_side, decision, scoring,
+                       log=log)
+    finally:
+        log.close()
     constrained = mode == "constrained"
     extra = {"mode": mode, "decision": decision if constrained else None, "scoring": scoring if constrained else None,
-             "samples_per_s": len(records) / res.seconds if res.seconds > 0 else None,
+             "samples_per_s": res.predicted / res.seconds if res.seconds > 0 and res.predicted else None,
+             "resumed": len(records) - res.predicted,
              "truncated": res.truncated, "truncate_side": truncate_side, "max_len": max_len,
              "model": str(model), "adapter": str(adapter) if adapter else None, "data": str(data)}
     samples = [{"id": r.get("id", i)} for i, r in enumerate(records)]
-    return classification_report_files(res.y_true, res.y_pred, label_set.names, out, probs=res.probs,
-                                       extra=extra, samples=samples, raw_outputs=res.raw_outputs,
-                                       title=f"Classification ({mode})")
+    metrics = classification_report_files(res.y_true, res.y_pred, label_set.names, out, probs=res.probs,
+                                          extra=extra, samples=samples, raw_outputs=res.raw_outputs,
+                                          title=f"Classification ({mode})")
+    log.path.unlink(missing_ok=True)  # everything it held is in predictions.jsonl now
+    return metrics
+
+
+class PredictionLog:
+    """``OUT/predictions.partial.jsonl``: line 1 the run's settings, then one row per prediction,
+    appended and fsynced batch by batch. A rerun with the same settings skips what it holds; a log
+    from other settings is refused rather than mixed in."""
+
+    NAME = "predictions.partial.jsonl"
+
+    def __init__(self, out_dir: str | Path, run: dict):
+        from glmtune.io import read_append_log, writable_target
+        self.path = writable_target(Path(out_dir) / self.NAME)
+        rows = read_append_log(self.path)
+        if rows and rows[0][1].get("run") != run:
+            theirs = rows[0][1].get("run") or {}
+            differ = [k for k in run if theirs.get(k) != run[k]] or ["format"]
+            raise InputError(f"holds predictions of another run (different {', '.join(differ)})", file=self.path,
+                             fix="rerun with the same settings to continue it, or delete it / use another --out")
+        self.done = {int(r["index"]): r for _, r in rows[1:]}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+        if not rows:
+            self.add([{"run": run}])
+
+    def add(self, rows: list[dict]) -> None:
+        from glmtune.io import append_jsonl_synced
+        append_jsonl_synced(self._f, rows, file=self.path)
+
+    def close(self) -> None:
+        self._f.close()

@@ -1,4 +1,8 @@
-"""Terminal chat: a read-answer loop with history, streaming output and slash commands."""
+"""Terminal chat: a read-answer loop with history, streaming output and slash commands.
+
+Ctrl-C while an answer streams stops that answer (the generation thread ends at its next token)
+and returns to the prompt; Ctrl-C at the prompt ends the chat (exit status 130).
+"""
 from __future__ import annotations
 
 import sys
@@ -51,16 +55,15 @@ def run_chat(predictor, system: str | None = None, *, read: Callable[[str], str]
         query = pending + [{"type": "text", "text": line}] if pending else line
         pending = []
         out.write(BOT_PREFIX)
-        answer = ""
         try:
-            for piece in predictor.stream(query, history=history, system=system, **gen):
-                answer += piece
-                out.write(piece)
-                out.flush()
+            answer = stream_answer(predictor, query, history, system, out, **gen)
         except GlmtuneError as e:  # e.g. a picture that became unreadable: say so, keep chatting
             out.write(f"\n(error: {e})\n")
             continue
         out.write("\n")
+        if answer is None:
+            out.write("(answer stopped; Ctrl-C again at the prompt to quit)\n")
+            continue  # a cut answer is not history the model should build on
         if predictor.last_sources:
             out.write(f"(sources: {', '.join(s['id'] for s in predictor.last_sources)})\n")
         history += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
@@ -78,3 +81,19 @@ def image_part(predictor, path: str) -> dict:
     predictor.check_images([{"role": "user", "content": [part]}])
     load_images([part], predictor.image_limits)
     return part
+
+
+def stream_answer(predictor, query, history, system, out: TextIO, **gen) -> str | None:
+    """Write the answer as it streams; None when Ctrl-C stopped it (generation is stopped and its
+    thread finished before this returns, so the next question starts on an idle model)."""
+    answer = ""
+    stream = predictor.stream(query, history=history, system=system, **gen)
+    try:
+        for piece in stream:
+            answer += piece
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        stream.close()  # runs the stream's cleanup: cancel, then wait for the generation thread
+        return None
+    return answer

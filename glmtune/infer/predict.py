@@ -10,14 +10,13 @@ cut off before appending.
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from glmtune.data.records import content_text
 from glmtune.errors import InputError
+from glmtune.io import append_jsonl_synced, read_append_log, writable_target
 
 
 @dataclass
@@ -51,22 +50,18 @@ def load_examples(data: str | Path) -> list[Example]:
 
 def done_indexes(out: str | Path) -> set[int]:
     """Indexes already written; repairs a last line cut off by a kill (the only line that can be)."""
-    out = Path(out)
-    if not out.exists():
-        return set()
-    raw = out.read_bytes()
-    keep = raw.rfind(b"\n") + 1 if not raw.endswith(b"\n") else len(raw)
-    if keep != len(raw):
-        with open(out, "r+b") as f:
-            f.truncate(keep)
     done = set()
-    for lineno, line in enumerate(raw[:keep].decode("utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                done.add(int(json.loads(line)["index"]))
-            except (ValueError, KeyError, TypeError):
-                raise InputError("not a glmtune predictions row", file=out, line=lineno,
-                                 fix="use a new --out file, or delete this one to start over") from None
+    try:
+        rows = read_append_log(out)
+    except InputError as e:
+        raise InputError(f"not a glmtune predictions file ({e.problem})", file=out, line=e.line,
+                         fix="use a new --out file, or delete this one to start over") from None
+    for lineno, row in rows:
+        try:
+            done.add(int(row["index"]))
+        except (ValueError, KeyError, TypeError):
+            raise InputError("not a glmtune predictions row", file=out, line=lineno,
+                             fix="use a new --out file, or delete this one to start over") from None
     return done
 
 
@@ -81,15 +76,14 @@ def predict_file(predictor, data: str | Path, out: str | Path, batch_size: int =
         predictor.check_images(ex.messages, file=data, line=ex.line)
     if on_progress:
         on_progress(len(examples) - len(todo), len(examples))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    out = writable_target(out)  # a folder / FIFO / device is refused; a symlink is appended through
+    out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as f:
         for batch in _batches(todo, batch_size):
             answers = predictor.batch([{"messages": ex.messages, "tools": ex.tools} for ex in batch],
                                       adapter=adapter,
                                       batch_size=batch_size, **gen)
-            f.write("".join(json.dumps(_row(ex, a), ensure_ascii=False) + "\n" for ex, a in zip(batch, answers)))
-            f.flush()
-            os.fsync(f.fileno())
+            append_jsonl_synced(f, [_row(ex, a) for ex, a in zip(batch, answers)], file=out)
             done.update(ex.index for ex in batch)
             if on_progress:
                 on_progress(len(done & {ex.index for ex in examples}), len(examples))

@@ -186,7 +186,8 @@ class Predictor:
             except BaseException as e:  # hand the error to the consuming thread
                 pieces.put(e)
 
-        threading.Thread(target=work, daemon=True, name="glmtune-stream").start()
+        worker = threading.Thread(target=work, daemon=True, name="glmtune-stream")
+        worker.start()
         try:
             while (item := pieces.get()) is not _DONE:
                 if isinstance(item, BaseException):
@@ -194,6 +195,8 @@ class Predictor:
                 yield item
         finally:
             cancel.set()  # the consumer stopped early: stop generating
+            # ... and wait for it: a process exiting while torch runs in a thread can abort
+            worker.join(timeout=30)
 
     def generate_stream(self, prompt_ids: list[int], on_text, adapter: str | None = None,
                         cancel: threading.Event | None = None, **gen) -> tuple[str, Output]:

@@ -2,7 +2,12 @@
 
 Errors always use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` so the
 official clients raise the right exception: bad input 400, bad key 401, unknown model 404,
-queue full 429, timeout 504. Bad input never yields 500.
+body too large 413, queue full 429, timeout 504. Bad input never yields 500.
+
+Limits are checked before any model work: the body size while it is received (413), the prompt's
+token count against the model's context (400, code ``context_length_exceeded``); ``max_tokens`` is
+capped to the context left. A request that times out or whose client disconnects (streaming or
+not) is stopped at the next token (see glmtune.serve.engine).
 """
 from __future__ import annotations
 
@@ -13,26 +18,30 @@ import json
 import time
 from pathlib import Path
 
+from starlette.requests import Request  # at module level: FastAPI resolves route annotations here
+
 from glmtune.errors import GlmtuneError, InputError
 from glmtune.infer.backends import BASE
 from glmtune.serve import schemas
-from glmtune.serve.engine import Engine, Job, QueueFull
+from glmtune.serve.engine import Job, QueueFull, make_engine
 
 
 def create_app(predictor, *, api_key: str | None = None, max_queue: int = 64, timeout: float = 120.0,
-               max_tokens: int = 2048, model_name: str | None = None, image_root: str | Path | None = None):
+               max_tokens: int = 2048, model_name: str | None = None, image_root: str | Path | None = None,
+               max_body: int = 1 << 20):
     """Build the FastAPI app around a loaded :class:`~glmtune.infer.predictor.Predictor`.
 
     ``timeout``: seconds from arrival to the last token (queue wait included); ``max_tokens``: the
     most new tokens one request may ask for; ``image_root``: the one folder whose pictures requests
-    may name by path (None: images only as data: URIs).
+    may name by path (None: images only as data: URIs); ``max_body``: the largest request body in bytes.
     """
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    engine = Engine(predictor, max_queue=max_queue)
+    engine = make_engine(predictor, max_queue=max_queue)
+    context = context_length(predictor)
     base_name = model_name or Path(predictor.model_dir).name
     # Which model ids select what: the base name (and "base") -> no adapter; each adapter by name.
     targets = {base_name: BASE, BASE: BASE, **{a: a for a in predictor.adapters}}
@@ -43,6 +52,7 @@ def create_app(predictor, *, api_key: str | None = None, max_queue: int = 64, ti
 
     app = FastAPI(title="glmtune", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.engine = engine
+    app.add_middleware(BodyLimit, max_body=max_body)
 
     def error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
         return JSONResponse(schemas.error_body(message, type_, param, code), status_code=status)
@@ -69,16 +79,21 @@ def create_app(predictor, *, api_key: str | None = None, max_queue: int = 64, ti
     async def on_bug(request: Request, exc: Exception):
         return error(500, f"internal error: {type(exc).__name__}", "server_error")
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        # Middleware, not a dependency, so a wrong key gets 401 before the body is even parsed.
-        if api_key and request.url.path.startswith("/v1/"):
-            auth = request.headers.get("authorization", "")
-            given = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                return error(401, "Incorrect API key provided" if given else
-                             "Missing API key: send `Authorization: Bearer KEY`", code="invalid_api_key")
-        return await call_next(request)
+    def check_key(app_):
+        """Pure ASGI middleware, not a dependency, so a wrong key gets 401 before the body is even
+        parsed (and not Starlette's BaseHTTPMiddleware, which hides client disconnects from routes)."""
+        async def middleware(scope, receive, send):
+            if api_key and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+                auth = Request(scope).headers.get("authorization", "")
+                given = auth[7:] if auth.lower().startswith("bearer ") else ""
+                if not hmac.compare_digest(given.encode(), api_key.encode()):
+                    return await error(401, "Incorrect API key provided" if given else
+                                       "Missing API key: send `Authorization: Bearer KEY`",
+                                       code="invalid_api_key")(scope, receive, send)
+            return await app_(scope, receive, send)
+        return middleware
+
+    app.add_middleware(check_key)
 
     @app.get("/health")
     async def health():
@@ -91,7 +106,7 @@ def create_app(predictor, *, api_key: str | None = None, max_queue: int = 64, ti
                                            for i in ids]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: schemas.ChatCompletionRequest):
+    async def chat_completions(req: schemas.ChatCompletionRequest, request: Request):
         if req.model not in targets:
             return error(404, f"The model '{req.model}' does not exist; this server has "
                               f"{', '.join([base_name] + predictor.adapters)}", param="model",
@@ -99,8 +114,15 @@ def create_app(predictor, *, api_key: str | None = None, max_queue: int = 64, ti
         messages = schemas.canonical_messages(req.messages, image_root)
         # Retrieval embeds the question: run it off the event loop.
         prompt_ids, _sources = await asyncio.to_thread(predictor.prepare, messages, req.tools)
+        cap = max_tokens
+        if context is not None:
+            if len(prompt_ids) >= context:
+                return error(400, f"the prompt is {len(prompt_ids)} tokens; this model's context is {context} "
+                                  f"tokens (prompt + answer): shorten the messages", param="messages",
+                             code="context_length_exceeded")
+            cap = min(cap, context - len(prompt_ids))  # the answer gets what the context has left
         loop = asyncio.get_running_loop()
-        job = Job(prompt_ids, targets[req.model], _gen(req, max_tokens), loop, asyncio.Queue(),
+        job = Job(prompt_ids, targets[req.model], _gen(req, cap), loop, asyncio.Queue(),
                   stream=req.stream)
         try:
             engine.submit(job)
@@ -114,9 +136,11 @@ def create_app(predictor, *, api_key: str | None = None, max_queue: int = 64, ti
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            kind, value = await _next_final(job, deadline)
+            kind, value = await _next_final(job, deadline, request)
         finally:
-            job.cancel.set()  # a disconnect or timeout stops generation; harmless when finished
+            job.stop()  # a disconnect or timeout stops generation; harmless when finished
+        if kind == "disconnected":
+            return error(499, "client closed the request", code="client_closed")
         if kind == "timeout":
             return error(504, f"generation took longer than {timeout:g} s", "timeout_error", code="timeout")
         if kind == "error":
@@ -143,10 +167,23 @@ def _error_for(exc: Exception, error):
     return error(500, f"generation failed: {type(exc).__name__}", "server_error")
 
 
-async def _next_final(job: Job, deadline: float):
-    """Wait for the job's result, skipping streamed text; ("timeout", None) past the deadline."""
+# How often a non-streaming request checks that its client is still there (seconds).
+DISCONNECT_POLL = 0.25
+
+
+async def _next_final(job: Job, deadline: float, request):
+    """Wait for the job's result, skipping streamed text; ("timeout", None) past the deadline,
+    ("disconnected", None) as soon as the client has gone (checked every DISCONNECT_POLL s)."""
+    loop = asyncio.get_running_loop()
     while True:
-        kind, value = await _next_event(job, deadline)
+        step = min(deadline, loop.time() + DISCONNECT_POLL)
+        kind, value = await _next_event(job, step)
+        if kind == "timeout":
+            if loop.time() >= deadline:
+                return kind, value
+            if await request.is_disconnected():
+                return "disconnected", None
+            continue
         if kind != "text":
             return kind, value
 
@@ -157,6 +194,68 @@ async def _next_event(job: Job, deadline: float):
         return await asyncio.wait_for(job.events.get(), timeout=max(remaining, 0.0))
     except asyncio.TimeoutError:
         return "timeout", None
+
+
+def context_length(predictor) -> int | None:
+    """Tokens the model can attend to (prompt + answer), from its config; None when unknown."""
+    model = getattr(getattr(predictor, "backend", None), "model", None)
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "seq_length", "n_positions"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_body`` bytes gets 413 before it is read further,
+    judged by Content-Length when given, else counted as it arrives (chunked uploads)."""
+
+    def __init__(self, app, max_body: int):
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return await self._reject(send)
+        seen, started, rejected = 0, False, False
+
+        async def counted_receive():
+            nonlocal seen, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body and not started:
+                    # Answer now; the app sees a client that went away, and whatever it sends is dropped.
+                    rejected = True
+                    await self._reject(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            if rejected:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, counted_receive, tracked_send)
+
+    async def _reject(self, send):
+        body = json.dumps(schemas.error_body(f"request body too large: the limit is {self.max_body} bytes "
+                                             f"(glmtune serve --max-body)", code="body_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
 
 
 async def _sse(job: Job, deadline: float, cid: str, model: str, prompt_tokens: int, include_usage: bool):
@@ -188,7 +287,7 @@ async def _sse(job: Job, deadline: float, cid: str, model: str, prompt_tokens: i
             break
         yield "data: [DONE]\n\n"
     finally:
-        job.cancel.set()  # client gone or stream over: the worker stops this job
+        job.stop()  # client gone or stream over: the engine stops this job
 
 
 def serve(predictor, host: str = "127.0.0.1", port: int = 8000, **app_kwargs) -> None:

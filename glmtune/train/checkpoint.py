@@ -18,6 +18,67 @@ from pathlib import Path
 from glmtune.errors import ConfigError
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+# What a run writes into output.dir (--overwrite removes these and nothing else).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "loss.png", "tensorboard", "final")
+# Keys that may change when a run is resumed: they decide what is logged and kept, not what is learnt.
+RESUMABLE_CHANGES = ("output.save_every", "output.keep_last", "output.plot", "output.tensorboard",
+                     "eval.every", "eval.batch_size")
+
+
+def _run_entries(out_dir: Path) -> list[Path]:
+    return sorted(p for p in out_dir.iterdir()
+                  if p.name in RUN_FILES or CKPT_RE.match(p.name) or p.name.startswith(".tmp-checkpoint-")
+                  or p.name == ".tmp-final")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        flat.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return flat
+
+
+def config_changes(saved: dict, new: dict) -> list[str]:
+    """Dotted keys whose value differs between a run's saved config.yaml and the new config."""
+    a, b = _flatten(saved), _flatten(new)
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
+
+
+def prepare_output_dir(cfg, *, resume: str | None, overwrite: bool) -> None:
+    """Decide, before anything loads, what may happen to ``output.dir``.
+
+    An empty or missing folder is used as is. A folder holding anything needs ``--resume`` (and the
+    saved config.yaml must match the new config, apart from RESUMABLE_CHANGES) or ``--overwrite``
+    (which deletes the previous run's files, never anything else): two runs are never mixed.
+    """
+    import yaml
+
+    out = Path(cfg.output.dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("output.dir is a file, not a folder", field="output.dir", file=out,
+                          fix="choose a folder path for output.dir")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if overwrite:
+        for entry in _run_entries(out):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        return
+    if not resume:
+        shown = ", ".join(p.name for p in sorted(out.iterdir())[:5])
+        raise ConfigError(f"output.dir {out} is not empty ({shown})", field="output.dir",
+                          fix="--resume latest to continue that run, --overwrite to replace it, "
+                              "or set another output.dir")
+    saved_path = out / "config.yaml"
+    if not saved_path.exists():
+        return  # resuming from a folder glmtune did not write: the checkpoint check says what is wrong
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    changed = config_changes(saved, cfg.model_dump(mode="json"))
+    if changed:
+        diff = "; ".join(f"{k}: {_flatten(saved).get(k)!r} -> {_flatten(cfg.model_dump(mode='json')).get(k)!r}"
+                         for k in changed[:6])
+        raise ConfigError(f"--resume continues the run in {out}, but the config differs from the one it was "
+                          f"started with ({diff})", field=changed[0], file=saved_path,
+                          fix="resume with the saved config, or use --overwrite / another output.dir to start a new run")
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:

@@ -218,7 +218,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not KEY=VALUE", fix="write e.g. --set train.lr=1e-4")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse the value {raw!r} ({getattr(e, 'problem', None) or 'invalid YAML'})",
+                          field=key.strip(), fix="write a YAML value: 1e-4, true, [a, b] or a quoted string") from None
     return key.strip(), value
 
 

@@ -16,11 +16,28 @@ ACCELERATE_PRESETS = ("ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp")
 
 
 def accelerate_config_path(name_or_path: str) -> Path:
-    """A preset name (ddp, deepspeed_zero2, deepspeed_zero3, fsdp) -> its packaged YAML; else a path."""
+    """A preset name (ddp, deepspeed_zero2, deepspeed_zero3, fsdp) -> its packaged YAML; else a path.
+
+    Checked before N processes start (a missing file or an uninstalled DeepSpeed would otherwise fail
+    in every process)."""
+    import importlib.util
+
+    import yaml
+
     path = ACCELERATE_DIR / f"{name_or_path}.yaml" if name_or_path in ACCELERATE_PRESETS else Path(name_or_path)
     if not path.is_file():
-        raise ConfigError(f"accelerate config {path} not found", field="--accelerate-config",
+        raise ConfigError(f"no accelerate config '{name_or_path}'", field="--accelerate-config",
                           fix=f"use one of {', '.join(ACCELERATE_PRESETS)} or a path to an accelerate YAML")
+    try:
+        conf = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"not a readable YAML file ({type(e).__name__})", file=path,
+                          field="--accelerate-config") from None
+    if not isinstance(conf, dict):
+        raise ConfigError("an accelerate config must be a YAML mapping", file=path, field="--accelerate-config")
+    if conf.get("distributed_type") == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("this accelerate config uses DeepSpeed, which is not installed", file=path,
+                          field="--accelerate-config", fix="pip install deepspeed (on the GPU machine), or use ddp / fsdp")
     return path
 
 

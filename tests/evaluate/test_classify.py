@@ -229,3 +229,39 @@ def test_a_backend_that_cannot_score_is_named(glm4_tokenizer_dir):
         classify(predictor, records, labels, mode="constrained")
     res = classify(predictor, records, labels, mode="generate")
     assert len(res.y_pred) == 8 and res.probs is None
+def test_two_labels_report_and_predictions_written_as_made(trained_cls_dir, test_file, tmp_path, monkeypatch):
+    """Binary sets are the commonest case: the report works (top-k only where k < 2 labels), and a
+    run that dies mid-way keeps its predictions and continues from them to the same result."""
+    from glmtune.evaluate import label_scoring
+    from glmtune.evaluate.classify import PredictionLog, classify_report
+    from glmtune.infer.predictor import Predictor
+    two = tmp_path / "two.jsonl"
+    rows = [r for r in map(json.loads, test_file.read_text(encoding="utf-8").splitlines()) if r["label"] in (7, 1)]
+    two.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    p = Predictor(trained_cls_dir)
+    ref = classify_report(trained_cls_dir, two, tmp_path / "ref", predictor=p, batch_size=8)
+    assert ref["n_labels"] == 2 and ref["n_samples"] == len(rows) == 40
+    assert set(ref["top_k"]) == {"top_1_accuracy", "mean_confidence"}
+    assert ref["top_k"]["top_1_accuracy"] == pytest.approx(ref["accuracy"])
+
+    real_score, calls = label_scoring.LabelScorer.score, []
+
+    def dies_on_third_batch(self, batch):
+        calls.append(len(batch))
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real_score(self, batch)
+    monkeypatch.setattr(label_scoring.LabelScorer, "score", dies_on_third_batch)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed"):
+        classify_report(trained_cls_dir, two, out, predictor=p, batch_size=8)
+    partial = (out / PredictionLog.NAME).read_text(encoding="utf-8").splitlines()
+    assert len(partial) == 1 + 16 and not (out / "metrics.json").exists()  # header + two batches
+    monkeypatch.setattr(label_scoring.LabelScorer, "score", real_score)
+    m = classify_report(trained_cls_dir, two, out, predictor=p, batch_size=8)
+    assert m["resumed"] == 16 and m["accuracy"] == ref["accuracy"]
+    assert (out / "predictions.jsonl").read_text() == (tmp_path / "ref" / "predictions.jsonl").read_text()
+    assert not (out / PredictionLog.NAME).exists()
+    (out / PredictionLog.NAME).write_text(json.dumps({"run": {"mode": "other"}}) + "\n")
+    with pytest.raises(Exception, match="predictions of another run"):
+        classify_report(trained_cls_dir, two, out, predictor=p, batch_size=8)

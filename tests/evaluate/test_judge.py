@@ -125,3 +125,16 @@ def test_regression_metrics_hand_checked():
     assert score_regression_metrics(t, p, lo=5.0, hi=8.0)["qwk"] == pytest.approx(1 - 2 / 34)
     assert m["exact_agreement"] == 0.5 and m["within_one_step"] == 1.0
     assert score_regression_metrics([6, 6], [6, 6])["qwk"] == 1.0
+
+
+def test_cli_judge_exits_nonzero_when_every_judgment_fails(tmp_path, judge_server, capsys):
+    from glmtune.cli.main import main
+    url, _, _ = judge_server
+    data = tmp_path / "essays.jsonl"
+    data.write_text(json.dumps({"prediction": "ESSAY-D"}) + "\n", encoding="utf-8")  # always malformed
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "judge", "--data", str(data), "--out", str(tmp_path / "o"), "--url", url,
+              "--model", "m", "--rubric", "ielts", "--retries", "0"])
+    assert exit_.value.code == 2
+    assert "every judgment failed (1 of 1)" in capsys.readouterr().err
+    assert (tmp_path / "o" / "failed_judgments.jsonl").exists()  # what was learnt is still written

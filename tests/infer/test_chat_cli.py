@@ -56,3 +56,29 @@ def test_chat_wrong_model_folder(tmp_path):
     out = child.before
     assert child.exitstatus == 2
     assert "model not found" in out and "Traceback" not in out
+
+
+def test_ctrl_c_stops_the_answer_then_quits_with_130(random_glm4_dir):
+    """A random model never hits a stop token: only Ctrl-C ends its 4000-token answer."""
+    import signal
+    import time
+    child = spawn(["chat", "--model", str(random_glm4_dir), "--max-new-tokens", "4000"])
+    try:
+        child.expect_exact(PROMPT)
+        child.sendline("hello")
+        child.expect_exact("glm> ")
+        time.sleep(1.0)  # let it stream a while
+        t0 = time.time()
+        child.kill(signal.SIGINT)
+        child.expect_exact("answer stopped")
+        child.expect_exact(PROMPT)
+        assert time.time() - t0 < 20
+        child.sendline("/reset")  # the chat goes on
+        child.expect_exact("conversation cleared")
+        child.expect_exact(PROMPT)
+        child.kill(signal.SIGINT)  # at the prompt: quit
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 130 and child.signalstatus is None
+    assert "Traceback" not in child.before and "Aborted" not in child.before
