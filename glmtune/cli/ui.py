@@ -17,6 +17,8 @@ def ui_cmd(
                                                                    "(uploads, data, configs, runs, reports)."),
     auth: Optional[str] = typer.Option(None, help="USER:PASSWORD login (default: $GLMTUNE_UI_AUTH)."),
     max_upload_mb: float = typer.Option(200, help="Largest file the page accepts, in MB."),
+    demo: bool = typer.Option(False, help="Put the built-in CMCC-34 sample and a tiny random GLM-4 model in the "
+                                          "workspace, so every tab works with its defaults on a CPU."),
 ) -> None:
     """Web UI: data -> config -> train (live loss curve) -> evaluate -> chat, in a browser page."""
     import importlib.util
@@ -26,4 +28,4 @@ def ui_cmd(
         raise InputError("the web UI needs gradio", field="ui", fix='pip install -e ".[ui]"')
     from glmtune.ui.app import launch
 
-    launch(workspace, host=host, port=port, auth=auth, max_upload_mb=max_upload_mb)
+    launch(workspace, host=host, port=port, auth=auth, max_upload_mb=max_upload_mb, demo=demo)

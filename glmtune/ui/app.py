@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 from pathlib import Path
 
 from glmtune.errors import InputError
@@ -38,7 +39,7 @@ def build_app(workspace: str | Path):
     ws = Workspace(workspace)
     optional = {title: [(w, c) for w, m in cmds if (c := cli_form.find_command(w, m)) is not None]
                 for title, cmds in OPTIONAL_TABS}
-    with gr.Blocks(title="glmtune") as demo:
+    with gr.Blocks(title="glmtune") as blocks:
         gr.Markdown(f"## glmtune · workspace `{ws.root}`")
         with gr.Tab("Data", elem_id="tab-data"):
             data.build(ws)
@@ -58,7 +59,22 @@ def build_app(workspace: str | Path):
             with gr.Tab("Align", elem_id="tab-align"):
                 for words, cmd in optional["Align"]:
                     cli_form.build_form(ws, words, cmd, JobSlot(" ".join(words)))
-    return demo
+    return blocks
+
+
+def prepare_demo(ws: Workspace) -> None:
+    """`glmtune ui --demo`: the built-in CMCC-34 sample in uploads/ and the tiny GLM-4 model the
+    Config tab's defaults point at, so every tab works with its default values."""
+    import shutil
+
+    from glmtune.data.sample import sample_path
+    from glmtune.ui.config import build_tiny_model
+    src = sample_path("cmcc34")
+    dest = ws.resolve(f"uploads/{src.name}")
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+    build_tiny_model(ws, "models/tiny-glm4")
 
 
 def parse_auth(auth: str | None) -> tuple[str, str] | None:
@@ -88,14 +104,27 @@ def check_bind(host: str, auth: tuple[str, str] | None) -> None:
                          fix=f"add --auth USER:PASSWORD (or set {AUTH_ENV}), or keep the default 127.0.0.1")
 
 
+def _signals_for_jobs() -> None:
+    """Stop sends SIGINT to a run. A server started in the background (`glmtune ui &`) has SIGINT
+    ignored, and children inherit an ignored signal; a handler is reset to the default on exec."""
+    import signal
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    # SIGTERM (a service manager, a test) exits through Python, so atexit stops the running jobs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def launch(workspace: str | Path, *, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
-           max_upload_mb: float = MAX_UPLOAD_MB, block: bool = True):
+           max_upload_mb: float = MAX_UPLOAD_MB, demo: bool = False, block: bool = True):
     """Start the server (blocking unless ``block=False``); returns gradio's (app, local url, share url)."""
     credentials = parse_auth(auth)
     check_bind(host, credentials)
+    _signals_for_jobs()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline box
-    demo = build_app(workspace)
-    demo.queue(default_concurrency_limit=4)
-    return demo.launch(server_name=host, server_port=port, auth=credentials, share=False, inbrowser=False,
+    if demo:
+        prepare_demo(Workspace(workspace))
+    blocks = build_app(workspace)
+    blocks.queue(default_concurrency_limit=4)
+    return blocks.launch(server_name=host, server_port=port, auth=credentials, share=False, inbrowser=False,
                        max_file_size=f"{max_upload_mb:g}mb", show_error=True, ssr_mode=False,
                        prevent_thread_lock=not block, css=CSS, footer_links=[], quiet=False)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from pathlib import Path
+import typing
+from pathlib import Path, PurePath
 
 from glmtune.errors import InputError
 from glmtune.ui.common import ok
@@ -51,12 +52,24 @@ def default_of(param):
     return value if isinstance(value, str) else str(value)
 
 
+def _is_option(param) -> bool:
+    return param.param_type_name == "option"
+
+
+def _is_path(param) -> bool:
+    """A Path-typed parameter (typer keeps the annotation; plain click has a click.Path type)."""
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    if annotation is not None:
+        kinds = typing.get_args(annotation) or (annotation,)
+        return any(isinstance(k, type) and issubclass(k, PurePath) for k in kinds)
+    return type(getattr(param, "type", None)).__name__ == "Path"
+
+
 def argv(ws: Workspace, words: tuple[str, ...], params: list, values: list) -> list[str]:
     """The command line the form describes; every path inside the workspace."""
-    import click
     args: list[str] = list(words)
     for param, value in zip(params, values):
-        name = param.opts[0] if isinstance(param, click.Option) else param.name.upper()
+        name = param.opts[0] if _is_option(param) else param.name.upper()
         if _is_flag(param):
             if param.secondary_opts:
                 args.append(param.opts[0] if value else param.secondary_opts[0])
@@ -68,9 +81,9 @@ def argv(ws: Workspace, words: tuple[str, ...], params: list, values: list) -> l
             if param.required:
                 raise InputError("required", field=name, fix="fill it in")
             continue
-        if isinstance(param.type, click.Path) or _names_a_path(ws, text):
+        if _is_path(param) or _names_a_path(ws, text):
             text = ws.relative(ws.resolve(text, field=name))
-        args += [text] if isinstance(param, click.Argument) else [param.opts[0], text]
+        args += [param.opts[0], text] if _is_option(param) else [text]
     return args
 
 

@@ -105,7 +105,9 @@ def build(ws: Workspace) -> None:
         up = gr.File(label="Upload raw data", file_types=[".csv", ".json", ".jsonl", ".tsv", ".txt"],
                      elem_id="data-upload", scale=1)
         with gr.Column(scale=2):
-            source = gr.Textbox(label="Input file (workspace path)", elem_id="data-input")
+            uploaded = ws.files() if (ws.root / "uploads").is_dir() else []
+            first = next((f for f in uploaded if f.startswith("uploads/")), "")
+            source = gr.Textbox(first, label="Input file (workspace path)", elem_id="data-input")
             with gr.Row():
                 fmt = gr.Dropdown(known_formats(), value="auto", label="Format", elem_id="data-format")
                 converted = gr.Textbox("data/all.jsonl", label="Converted file", elem_id="data-converted")

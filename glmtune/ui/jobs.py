@@ -7,6 +7,7 @@ remove their temp files, finished checkpoints stay loadable), then SIGKILL after
 """
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -66,6 +67,7 @@ class JobSlot:
         self.kind = kind
         self.job: Job | None = None
         self._lock = threading.Lock()
+        atexit.register(self.stop, 5.0)  # runs live in their own session: don't outlive the server
 
     def start(self, cmd: list[str], *, cwd: Path, log: Path, info: dict | None = None) -> Job:
         with self._lock:

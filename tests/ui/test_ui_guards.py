@@ -114,7 +114,7 @@ def test_one_job_at_a_time_and_stop_interrupts_it(ws):
 
     slot = JobSlot("training")
     # a child that writes a file atomically on Ctrl-C, as the CLI's KeyboardInterrupt path does
-    code = ("import time, pathlib\ntry:\n    print('working', flush=True); time.sleep(60)\n"
+    code = ("import time, pathlib\ntry:\n    print('wor' + 'king', flush=True); time.sleep(60)\n"
             "except KeyboardInterrupt:\n    pathlib.Path('interrupted').write_text('ok'); raise SystemExit(130)")
     job = slot.start([sys.executable, "-c", code], cwd=ws.root, log=ws.ui_path("logs", "t.log"))
     with pytest.raises(InputError, match="already running"):
@@ -177,3 +177,48 @@ def test_cli_without_gradio_still_works(monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["ui", "--workspace", str(tmp_path / "w")])
     assert e.value.code == 2 and 'pip install -e ".[ui]"' in capsys.readouterr().err
+
+
+def test_command_forms_come_from_the_command_and_keep_paths_inside(ws):
+    """Synthesize / Align tabs: a form per command from its own options; absent commands give no tab."""
+    import typer
+
+    from glmtune.ui.cli_form import argv, find_command, form_params
+
+    assert find_command(("data", "convert"), "glmtune.data.pipeline") is not None
+    assert find_command(("no-such-command",), "glmtune.data") is None
+    assert find_command(("data", "crawl"), "glmtune.no_such_module") is None
+
+    app = typer.Typer(add_completion=False)
+
+    @app.command()
+    def crawl(url: str = typer.Argument(...), out: Path = typer.Option(..., "--out"), depth: int = typer.Option(1),
+              same_domain: bool = typer.Option(True, "--same-domain/--any-domain"), llm: str = typer.Option("")):
+        pass
+
+    cmd = typer.main.get_command(app)
+    params = form_params(cmd)
+    assert [p.name for p in params] == ["url", "out", "depth", "same_domain", "llm"]
+    (ws.root / "models" / "m").mkdir(parents=True)
+    args = argv(ws, ("data", "crawl"), params, ["http://127.0.0.1:8000/", "pages", "2", False, "models/m"])
+    assert args == ["data", "crawl", "http://127.0.0.1:8000/", "--out", "pages", "--depth", "2", "--any-domain",
+                    "--llm", "models/m"]
+    with pytest.raises(InputError, match="outside the workspace"):
+        argv(ws, ("data", "crawl"), params, ["http://x/", "/tmp/elsewhere", "1", True, ""])
+    with pytest.raises(InputError, match="outside the workspace"):  # an existing path, even in a str option
+        argv(ws, ("data", "crawl"), params, ["http://x/", "pages", "1", True, "/etc"])
+    with pytest.raises(InputError, match="required"):
+        argv(ws, ("data", "crawl"), params, ["", "pages", "1", True, ""])
+    import gradio as gr
+
+    from glmtune.ui.cli_form import build_form
+    from glmtune.ui.jobs import JobSlot
+    with gr.Blocks():
+        build_form(ws, ("data", "crawl"), cmd, JobSlot("data crawl"))  # the tab renders from the command
+
+
+def test_the_whole_app_builds_with_its_tabs(ws):
+    from glmtune.ui.app import build_app
+    blocks = build_app(ws.root)
+    labels = [b.label for b in blocks.blocks.values() if type(b).__name__ == "Tab"]
+    assert labels[:1] == ["Data"] and {"Config", "Train", "Evaluate", "Chat"} <= set(labels)
