@@ -70,11 +70,15 @@ def reply(loaded: LoadedModel, message: str, history: list, system: str, tempera
     past = [{"role": m["role"], "content": text_of(m["content"])} for m in history or []]
     messages = ([{"role": "system", "content": system}] if system.strip() else []) + past + \
                [{"role": "user", "content": message}]
-    shown = past + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+    answer = ""
+
+    def shown() -> list:
+        return past + [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
+
     for piece in predictor.stream_chat(messages, temperature=float(temperature), max_new_tokens=int(max_new_tokens)):
-        shown[-1]["content"] += piece
-        yield shown, ""
-    yield shown, ""
+        answer += piece
+        yield shown(), ""  # a new list each time: gradio diffs what it sent last against this
+    yield shown(), ""
 
 
 def build(ws: Workspace, loaded: LoadedModel) -> None:

@@ -25,6 +25,12 @@ def glmtune_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "glmtune.cli.main", *args]
 
 
+def shown_command(cmd: list[str]) -> str:
+    """`glmtune train x.yaml` rather than `/path/to/python -m glmtune.cli.main train x.yaml`."""
+    prefix = glmtune_command()
+    return " ".join(["glmtune", *cmd[len(prefix):]] if cmd[:len(prefix)] == prefix else cmd)
+
+
 @dataclass
 class Job:
     name: str
@@ -73,10 +79,10 @@ class JobSlot:
         with self._lock:
             if self.job is not None and self.job.running:
                 raise InputError(f"a {self.kind} run is already running (pid {self.job.proc.pid})",
-                                 field=self.kind, fix="wait for it to finish or press Stop first")
+                                 fix="wait for it to finish or press Stop first")
             log.parent.mkdir(parents=True, exist_ok=True)
             with open(log, "wb") as out:
-                out.write(("$ " + " ".join(cmd[1:]) + "\n").encode())
+                out.write(("$ " + shown_command(cmd) + "\n").encode())
                 out.flush()
                 env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
                 # own process group: Stop reaches accelerate's worker processes too

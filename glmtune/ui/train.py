@@ -99,7 +99,7 @@ def poll(ws: Workspace, slot: JobSlot, shown_rows: int):
     image = loss_image(ws, rows) if rows and len(rows) != shown_rows else gr.skip()
     state = job.state()
     status = (f"**{state}** · pid {job.proc.pid} · output {md_escape(ws.relative(job.info['out']))}")
-    return status, image, progress_text(rows, job.info.get("total"), job), job.tail(), len(rows)
+    return status, image, progress_text(rows, job.info.get("total"), job), job.tail(16), len(rows)
 
 
 def loss_image(ws: Workspace, rows: list[dict]):
@@ -149,6 +149,11 @@ def build(ws: Workspace, slot: JobSlot) -> None:
         return gr.update(choices=choices, value=choices[-1] if len(choices) > 1 else FRESH)
 
     start_btn.click(on_start, [config, resume], [message, shown])
-    stop_btn.click(lambda: ok(slot.stop()) if slot.job is not None and slot.job.running else slot.stop(), None, message)
+    def on_stop():
+        running = slot.job is not None and slot.job.running
+        message_text = slot.stop()
+        return ok(message_text) if running else message_text
+
+    stop_btn.click(on_stop, None, message)
     refresh.click(on_refresh, config, resume)
     timer.tick(lambda n: poll(ws, slot, n), shown, [status, curve, progress, log, shown])

@@ -107,12 +107,18 @@ def click(pg, elem: str) -> None:
     pg.locator(f"#{elem}").click()
 
 
+def shown(pg, elem: str) -> str:
+    """What an element shows: a text box's value, or the element's text."""
+    box = pg.locator(f"#{elem} textarea")
+    return box.first.input_value() if box.count() else pg.locator(f"#{elem}").inner_text()
+
+
 def wait_text(pg, elem: str, *needles: str, timeout: float = 90) -> str:
     """Wait until element `elem` shows any of `needles`; return its text."""
     deadline = time.time() + timeout
     text = ""
     while time.time() < deadline:
-        text = pg.locator(f"#{elem}").inner_text()
+        text = shown(pg, elem)
         if any(n in text for n in needles):
             return text
         time.sleep(0.25)

@@ -222,3 +222,24 @@ def test_the_whole_app_builds_with_its_tabs(ws):
     blocks = build_app(ws.root)
     labels = [b.label for b in blocks.blocks.values() if type(b).__name__ == "Tab"]
     assert labels[:1] == ["Data"] and {"Config", "Train", "Evaluate", "Chat"} <= set(labels)
+
+
+def test_chat_reply_streams_each_piece_with_history():
+    from glmtune.ui.chat import LoadedModel, reply
+
+    class FakePredictor:
+        def stream_chat(self, messages, **gen):
+            self.messages, self.gen = messages, gen
+            yield from ["你", "好", "!"]
+
+    loaded = LoadedModel()
+    with pytest.raises(InputError, match="no model is loaded"):
+        next(reply(loaded, "hi", [], "", 0.0, 16))
+    loaded.predictor = FakePredictor()
+    history = [{"role": "user", "content": [{"type": "text", "text": "q1"}]}, {"role": "assistant", "content": "a1"}]
+    states = [shown[-1]["content"] for shown, cleared in reply(loaded, "q2", history, "be brief", 0.7, 16)]
+    assert states[:3] == ["你", "你好", "你好!"]
+    assert loaded.predictor.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q1"},
+                                         {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}]
+    assert loaded.predictor.gen == {"temperature": 0.7, "max_new_tokens": 16}
+    assert loaded.unload().startswith("**done:** unloaded") and loaded.predictor is None
