@@ -99,7 +99,7 @@ def poll(ws: Workspace, slot: JobSlot, shown_rows: int):
     image = loss_image(ws, rows) if rows and len(rows) != shown_rows else gr.skip()
     state = job.state()
     status = (f"**{state}** · pid {job.proc.pid} · output {md_escape(ws.relative(job.info['out']))}")
-    return status, image, progress_text(rows, job.info.get("total"), job), job.tail(16), len(rows)
+    return status, image, progress_text(rows, job.info.get("total"), job), job.tail(14), len(rows)
 
 
 def loss_image(ws: Workspace, rows: list[dict]):

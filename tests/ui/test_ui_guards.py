@@ -243,3 +243,15 @@ def test_chat_reply_streams_each_piece_with_history():
                                          {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}]
     assert loaded.predictor.gen == {"temperature": 0.7, "max_new_tokens": 16}
     assert loaded.unload().startswith("**done:** unloaded") and loaded.predictor is None
+
+
+def test_demo_workspace_holds_the_sample_and_the_tiny_model(ws, monkeypatch):
+    import glmtune.ui.config as config_tab
+    from glmtune.data.sample import sample_path
+    from glmtune.ui.app import prepare_demo
+
+    built = []
+    monkeypatch.setattr(config_tab, "build_tiny_model", lambda w, folder: built.append((w.root, folder)))
+    prepare_demo(ws)
+    assert (ws.root / "uploads" / "cmcc34_sample.csv").read_bytes() == sample_path("cmcc34").read_bytes()
+    assert built == [(ws.root, "models/tiny-glm4")]  # the path the Config tab's defaults use
