@@ -53,6 +53,15 @@ def split(ws: Workspace, source: str, ratios: str, stratify: str, seed: float, o
     return ok(f"split {source}: {parts}") + warnings
 
 
+def file_list(ws: Workspace) -> str:
+    """The workspace's data and config files, to pick from (type the path into a field)."""
+    # model folders, runs and reports hold many JSON files of their own: show only data and configs
+    files = ws.files(skip=("models", "runs", "eval"))
+    if not files:
+        return "_the workspace holds no data files yet: upload one_"
+    return "**workspace files:** " + " · ".join(f"`{f}`" for f in files)
+
+
 def tokenizer_dir(ws: Workspace, template: str, tokenizer: str) -> Path:
     """The tokenizer folder typed on the page, or glmtune's built-in GLM-4 tokenizer for glm4."""
     from glmtune.errors import InputError
@@ -123,6 +132,9 @@ def build(ws: Workspace) -> None:
         split_dir = gr.Textbox("data", label="Split folder", elem_id="data-split-dir")
         split_btn = gr.Button("Split", elem_id="data-split")
     status = gr.Markdown(elem_id="data-status")
+    with gr.Row():
+        files = gr.Markdown(file_list(ws), elem_id="data-files")
+        refresh = gr.Button("Refresh file list", size="sm", scale=0, min_width=160)
     gr.Markdown("### Inspect: statistics and one record as the model sees it")
     with gr.Row():
         inspect_file = gr.Textbox("data/train.jsonl", label="File to inspect", elem_id="data-inspect")
@@ -136,11 +148,14 @@ def build(ws: Workspace) -> None:
     stats_md = gr.Markdown(elem_id="data-stats-out")
     render_html = gr.HTML(elem_id="data-render")
 
-    up.upload(guarded(2)(lambda f: upload(ws, f)), up, [status, source])
-    convert_btn.click(guarded(1)(lambda s, f, o: convert(ws, s, f, o)), [source, fmt, converted], status)
-    clean_btn.click(guarded(1)(lambda s, o, d: clean(ws, s, o, d)), [converted, cleaned, dedupe], status)
+    refresh.click(lambda: file_list(ws), None, files)
+    up.upload(guarded(2)(lambda f: upload(ws, f)), up, [status, source]).then(lambda: file_list(ws), None, files)
+    convert_btn.click(guarded(1)(lambda s, f, o: convert(ws, s, f, o)), [source, fmt, converted], status) \
+        .then(lambda: file_list(ws), None, files)
+    clean_btn.click(guarded(1)(lambda s, o, d: clean(ws, s, o, d)), [converted, cleaned, dedupe], status) \
+        .then(lambda: file_list(ws), None, files)
     split_btn.click(guarded(1)(lambda s, r, st, sd, d: split(ws, s, r, st, sd, d)),
-                    [cleaned, ratios, stratify, seed, split_dir], status)
+                    [cleaned, ratios, stratify, seed, split_dir], status).then(lambda: file_list(ws), None, files)
     stats_btn.click(guarded(1)(lambda s, t, k, c: stats(ws, s, t, k, c)), [inspect_file, template, tokenizer, cutoff],
                     stats_md)
     preview_btn.click(guarded(1)(lambda s, t, k, i: preview(ws, s, t, k, i)),

@@ -50,11 +50,14 @@ class Workspace:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def files(self, suffixes: tuple[str, ...] = UPLOAD_SUFFIXES, limit: int = 200) -> list[str]:
-        """Workspace files with these suffixes (relative paths, sorted), skipping the UI's own folder."""
+    def files(self, suffixes: tuple[str, ...] = UPLOAD_SUFFIXES, limit: int = 200,
+              skip: tuple[str, ...] = ()) -> list[str]:
+        """Workspace files with these suffixes (relative paths, sorted), without hidden folders (the UI's
+        own) and the top-level folders in ``skip``."""
         found = []
         for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            top = dirpath == str(self.root)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not (top and d in skip))
             for name in sorted(filenames):
                 if name.endswith(suffixes) and not name.startswith("."):
                     found.append(self.relative(Path(dirpath) / name))

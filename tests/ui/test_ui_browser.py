@@ -175,6 +175,7 @@ def test_pipeline_through_the_page(page, server, artifacts):
     status = wait_text(pg, "data-status", "split")
     assert "train" in status and "test" in status
     assert all((ws / "data" / f"{n}.jsonl").exists() for n in ("train", "dev", "test"))
+    wait_text(pg, "data-files", "data/train.jsonl")  # the workspace file list follows each step
     click(pg, "data-stats")
     assert "over cutoff 1024" in wait_text(pg, "data-stats-out", "over cutoff")
     click(pg, "data-preview")

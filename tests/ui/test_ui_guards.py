@@ -52,6 +52,10 @@ def test_uploads_are_renamed_typed_and_size_limited(ws, tmp_path):
     with pytest.raises(InputError, match="unsupported file type"):
         ws.save_upload(exe)
     assert sorted(p.name for p in (ws.root / "uploads").iterdir()) == ["my_data.csv"]
+    (ws.root / "runs" / "r").mkdir(parents=True)
+    (ws.root / "runs" / "r" / "metrics.jsonl").write_text("")
+    assert ws.files() == ["runs/r/metrics.jsonl", "uploads/my_data.csv"]
+    assert ws.files(skip=("runs",)) == ["uploads/my_data.csv"]
 
 
 def test_config_form_round_trips_and_names_bad_keys(ws):
