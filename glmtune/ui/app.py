@@ -16,9 +16,11 @@ from glmtune.errors import InputError
 from glmtune.ui.workspace import MAX_UPLOAD_MB, Workspace
 
 AUTH_ENV = "GLMTUNE_UI_AUTH"
-# Highlight trained tokens in the Data tab's record preview; keep long renders scrollable.
+# Highlight trained tokens in the Data tab's record preview; keep long renders scrollable; logs in a
+# monospace font (rich's tables line up).
 CSS = """
 mark.trained { background: #c8f7c5; color: #05400a; border-radius: 2px; padding: 0 1px; }
+[id$="-log"] textarea { font-family: ui-monospace, "DejaVu Sans Mono", monospace !important; font-size: 0.8em; }
 pre.render { white-space: pre-wrap !important; max-height: 360px !important; overflow-y: auto !important; font-size: 0.85em; }
 """
 
