@@ -148,7 +148,7 @@ def check_workspace_paths(ws: Workspace, raw: dict, source: str | None):
     return cfg
 
 
-def save(ws: Workspace, values: list, name: str, base: dict | None = None) -> tuple[str, dict]:
+def save(ws: Workspace, values: list, name: str, base: dict | None = None) -> str:
     """Validate the form and write it as YAML (only keys that differ from the defaults)."""
     path = ws.resolve(name, field="config file")
     if path.suffix not in (".yaml", ".yml"):
@@ -158,10 +158,10 @@ def save(ws: Workspace, values: list, name: str, base: dict | None = None) -> tu
     from glmtune.io import write_text_atomic
     text = yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False, allow_unicode=True)
     write_text_atomic(path, text)
-    return ok(f"saved {ws.relative(path)} (valid; start it in the Train tab)"), raw
+    return ok(f"saved {ws.relative(path)} (valid; start it in the Train tab)")
 
 
-def load_yaml(ws: Workspace, path: Path, shown_name: str) -> dict:
+def load_yaml(path: Path, shown_name: str) -> dict:
     """Read a YAML config (a workspace file or an upload) as `glmtune train` does; errors name the line."""
     from glmtune.train.config import load_config
     try:
@@ -240,8 +240,7 @@ def build(ws: Workspace) -> dict:
 
     def on_save(name_text, base_raw, *values):
         try:
-            message, _ = save(ws, list(values), name_text, base_raw)
-            return (message, *section_messages(None))
+            return (save(ws, list(values), name_text, base_raw), *section_messages(None))
         except GlmtuneError as e:
             return (error(e), *section_messages(e))
 
@@ -251,7 +250,7 @@ def build(ws: Workspace) -> dict:
     def on_load(name_text):
         try:
             path = ws.resolve(name_text, field="config file", must_exist=True)
-            return fill(load_yaml(ws, path, name_text), ok(f"loaded {name_text}"))
+            return fill(load_yaml(path, name_text), ok(f"loaded {name_text}"))
         except GlmtuneError as e:
             return (error(e), *[gr.skip()] * (1 + len(inputs) + len(notes)))
 
@@ -263,7 +262,7 @@ def build(ws: Workspace) -> dict:
         try:
             from glmtune.ui.workspace import safe_name
             shown = safe_name(Path(file).name)
-            return fill(load_yaml(ws, Path(file), shown), ok(f"loaded upload {shown}; press Validate and save"))
+            return fill(load_yaml(Path(file), shown), ok(f"loaded upload {shown}; press Validate and save"))
         except GlmtuneError as e:
             return (error(e), *[gr.skip()] * (1 + len(inputs) + len(notes)))
 

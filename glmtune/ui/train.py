@@ -22,7 +22,7 @@ def run_config(ws: Workspace, config: str):
     """The config a run would use, validated with every path inside the workspace."""
     from glmtune.ui.config import check_workspace_paths, load_yaml
     path = ws.resolve(config, field="config file", must_exist=True)
-    return path, check_workspace_paths(ws, load_yaml(ws, path, config), config)
+    return path, check_workspace_paths(ws, load_yaml(path, config), config)
 
 
 def checkpoint_choices(ws: Workspace, config: str) -> list[str]:

@@ -85,8 +85,7 @@ def test_config_paths_must_stay_in_the_workspace(ws):
         (ws.root / "data" / f"{name}.jsonl").write_text("")
     values = form_values(STARTER)
     keys = [f"{s}.{k}" for s, k, _ in form_fields()]
-    message, _ = save(ws, values, "configs/lora.yaml")
-    assert "saved configs/lora.yaml" in message
+    assert "saved configs/lora.yaml" in save(ws, values, "configs/lora.yaml")
     saved = yaml.safe_load((ws.root / "configs" / "lora.yaml").read_text())
     assert saved["model"]["path"] == "models/tiny-glm4" and saved["train"]["max_steps"] == 30
     values[keys.index("output.dir")] = "/tmp/elsewhere"
@@ -99,18 +98,18 @@ def test_config_paths_must_stay_in_the_workspace(ws):
     assert yaml.safe_load((ws.root / "configs" / "lora.yaml").read_text()) == saved  # untouched
 
 
-def test_malformed_yaml_names_the_upload_and_line(ws, tmp_path):
+def test_malformed_yaml_names_the_upload_and_line(tmp_path):
     from glmtune.ui.config import load_yaml
 
     bad = tmp_path / "gradio-temp" / "bad.yaml"
     bad.parent.mkdir()
     bad.write_text("model:\n  path: x\n  dtype: [fp32\n")
     with pytest.raises(ConfigError, match=r"^bad\.yaml:\d+: invalid YAML"):
-        load_yaml(ws, bad, "bad.yaml")
+        load_yaml(bad, "bad.yaml")
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("model: {path: x}\ndata: {datasets: [a]}\noutput: {dir: o}\ntrain: {lr_rate: 1}\n")
     with pytest.raises(ConfigError, match="train.lr_rate.*unknown key"):
-        load_yaml(ws, unknown, "unknown.yaml")
+        load_yaml(unknown, "unknown.yaml")
 
 
 def test_one_job_at_a_time_and_stop_interrupts_it(ws):
