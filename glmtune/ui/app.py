@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import sys
 from pathlib import Path
 
 from glmtune.errors import InputError
@@ -112,8 +111,9 @@ def _signals_for_jobs() -> None:
     import signal
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    # SIGTERM (a service manager, a test) exits through Python, so atexit stops the running jobs
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # SIGTERM (a service manager, a test) = Ctrl-C: gradio closes its server, and the atexit hooks
+    # stop the running jobs
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def launch(workspace: str | Path, *, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,

@@ -258,3 +258,19 @@ def test_demo_workspace_holds_the_sample_and_the_tiny_model(ws, monkeypatch):
     prepare_demo(ws)
     assert (ws.root / "uploads" / "cmcc34_sample.csv").read_bytes() == sample_path("cmcc34").read_bytes()
     assert built == [(ws.root, "models/tiny-glm4")]  # the path the Config tab's defaults use
+
+
+def test_a_terminated_server_stops_its_running_jobs(tmp_path):
+    """SIGTERM to the UI process = Ctrl-C; on the way out the job slots stop their children."""
+    import signal
+    code = ("import sys, time\nfrom pathlib import Path\nfrom glmtune.ui.app import _signals_for_jobs\n"
+            "from glmtune.ui.jobs import JobSlot\n_signals_for_jobs()\n"
+            f"job = JobSlot('training').start([sys.executable, '-c', 'import time; time.sleep(120)'], "
+            f"cwd=Path({str(tmp_path)!r}), log=Path({str(tmp_path / 'job.log')!r}))\n"
+            "print(job.proc.pid, flush=True)\nwhile True:\n    time.sleep(0.1)\n")
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(server.stdout.readline())
+    server.send_signal(signal.SIGTERM)
+    server.wait(60)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
