@@ -9,13 +9,7 @@
 # the device lacks, e.g. openai, pexpect). Log: $OUT/gpu_tests.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-SITE=${GLMTUNE_SITE:-/tmp/site}
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-    >/dev/null 2>&1 || echo "warning: installing .whl/*.whl failed"
-fi
-export PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}
+source bench/device_env.sh
 if ! python3 -c "import pytest" 2>/dev/null && compgen -G ".whl/test/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/test/*.whl \
     >/dev/null 2>&1 || echo "warning: installing .whl/test/*.whl failed"

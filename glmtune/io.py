@@ -40,6 +40,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temp folder next to ``path``; it replaces ``path`` (an old folder there is removed)
+    only if the block succeeds, so an interrupted writer never leaves a half-written folder."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        # mkdtemp/mkstemp create owner-only entries; give the folder the usual umask modes
+        umask = os.umask(0); os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        for p in tmp.iterdir():
+            p.chmod(0o666 & ~umask)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -34,3 +34,11 @@ def chatglm3_tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def chatglm2_tokenizer_dir() -> Path:
     return shared_dir("chatglm2-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_dir(tmp_path_factory) -> Path:
+    """A tiny random vision-language folder (LLaVA: Qwen2 text + SigLIP 384 px, processor, tokenizer)."""
+    from glmtune.models.tiny import build_tiny_vl
+    return build_tiny_vl(tmp_path_factory.mktemp("vl") / "tiny-vl")
+

@@ -144,8 +144,11 @@ def stats_cmd(
     source: str = typer.Argument(..., metavar="IN", help=IN_HELP),
     template: Optional[str] = typer.Option(None, help="Template for token lengths (glm4, chatglm3, qwen, ...)."),
     tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer (or model) folder for token lengths."),
-    cutoff: Optional[int] = typer.Option(None, help="Count records longer than this many tokens."),
+    cutoff: Optional[int] = typer.Option(None, help="Count records longer than this many tokens and report what "
+                                                    "training at data.cutoff_len=CUTOFF does with them."),
     train_on: str = typer.Option("all_assistant", help="all_assistant | last_assistant | everything."),
+    on_overflow: str = typer.Option("truncate", help="As data.on_overflow: truncate | drop | error."),
+    truncate_side: str = typer.Option("left", help="As data.truncate_side: left | right (dialogue text cut first)."),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout."),
     registry: Optional[Path] = REGISTRY_OPT,
 ) -> None:
@@ -154,7 +157,7 @@ def stats_cmd(
 
     with console.status(f"measuring {source}"):
         stats = stats_file(source, template=template, tokenizer=tokenizer, cutoff=cutoff, train_on=train_on,
-                           registry=registry)
+                           registry=registry, on_overflow=on_overflow, truncate_side=truncate_side)
     if as_json:
         sys.stdout.write(json.dumps(stats.as_dict(), ensure_ascii=False) + "\n")
         return
@@ -181,6 +184,12 @@ def _stats_table(source: str, s) -> Table:
         if s.cutoff:
             style = "red" if s.over_cutoff else "green"
             rows[f"over cutoff {s.cutoff}"] = f"[{style}]{s.over_cutoff}[/]"
+        if s.after_cutoff is not None:
+            c = s.after_cutoff
+            rows[f"training at cutoff {s.cutoff}"] = (
+                f"{c['encoded']} trained ({c['truncated']} truncated), {c['dropped']} dropped "
+                f"({c['answer_too_long']} answer alone too long), {c['no_loss']} without trained tokens")
+            rows["trained tokens after cutoff"] = s.trained_tokens_after_cutoff
     return _table(f"stats of {source}", rows)
 
 
@@ -228,3 +237,102 @@ def _print_marked(spans, bracketed) -> None:
     for chunk, trained in spans:
         text.append(chunk, style="bold green" if trained else None)
     out.print(text)
+
+
+# ---------------------------------------------------------------- data you do not have yet: crawl, synthesize, augment
+
+LLM_HELP = ("OpenAI-compatible base URL (http://127.0.0.1:8000/v1; key from $GLMTUNE_LLM_API_KEY or $OPENAI_API_KEY) "
+            "or a local model folder.")
+
+
+@data_app.command("crawl")
+def crawl_cmd(
+    url: str = typer.Argument(..., help="Start URL."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for one .txt per page and manifest.jsonl."),
+    depth: int = typer.Option(1, help="Link levels to follow from the start page (0 = only that page)."),
+    max_pages: int = typer.Option(100, help="Stop after this many saved pages (earlier runs count)."),
+    delay: float = typer.Option(1.0, help="Seconds between requests (the site's Crawl-delay wins if larger)."),
+    same_domain: bool = typer.Option(True, "--same-domain/--any-domain", help="Follow links on the start host only."),
+    max_bytes: int = typer.Option(5_000_000, help="Skip pages larger than this (the download stops there)."),
+    timeout: float = typer.Option(15.0, help="Seconds per request."),
+) -> None:
+    """Crawl a site politely (robots.txt, rate limit) and keep each page's main text; reruns resume."""
+    from glmtune.data.crawl import crawl_site
+
+    with console.status(f"crawling {url}") as status:
+        s = crawl_site(url, out, depth=depth, max_pages=max_pages, delay=delay, same_domain=same_domain,
+                       max_bytes=max_bytes, timeout=timeout, progress=lambda u, why: status.update(f"{why}: {u}"))
+    rows = {"saved": len(s.saved), "already done (earlier runs)": s.already_done, "HTTP requests": s.requests,
+            "off-domain links not followed": len(s.off_domain), "manifest": out / "manifest.jsonl"}
+    console.print(_table(f"crawled {url} -> {out}: saved {len(s.saved)}", rows))
+    for reason, urls in s.skipped.items():
+        console.print(f"  [yellow]skipped[/] {len(urls)} {reason}: {', '.join(urls[:5])}"
+                      f"{' ...' if len(urls) > 5 else ''}", highlight=False)
+    if s.stopped_at_max_pages:
+        console.print(f"[yellow]stopped at --max-pages {max_pages}[/]; raise it and rerun to continue")
+
+
+@data_app.command("synthesize")
+def synthesize_cmd(
+    pages: Path = typer.Argument(..., help="Folder from `glmtune data crawl` (or a folder of .txt files)."),
+    out: Path = typer.Option(..., "--out", "-o", help="QA records (canonical JSONL) to write."),
+    llm: str = typer.Option(..., "--llm", help=LLM_HELP),
+    model: Optional[str] = typer.Option(None, help="Model name at the endpoint (default: its first model)."),
+    per_chunk: int = typer.Option(3, help="QA pairs to ask for per chunk."),
+    lang: str = typer.Option("zh", help="Prompt language: zh | en."),
+    chunk_tokens: int = typer.Option(512, help="Tokens per chunk."),
+    overlap: int = typer.Option(64, help="Tokens shared by neighbouring chunks."),
+    prompt: Optional[Path] = typer.Option(None, help="Your own prompt template ($text, $k, $title)."),
+    min_grounding: float = typer.Option(0.5, help="Minimum share of an answer's bigrams found in its chunk."),
+    batch_size: int = typer.Option(8, help="Chunks asked at once (threads for a URL, a batch for a folder)."),
+    system: Optional[str] = typer.Option(None, help="System prompt to put in every record."),
+) -> None:
+    """Have an LLM write grounded question/answer pairs from each chunk of the pages; reruns resume."""
+    from rich.progress import Progress
+
+    from glmtune.data.synthesize import Limits, synthesize_qa
+
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("chunks", total=None)
+        s = synthesize_qa(pages, out, llm=llm, model=model, per_chunk=per_chunk, lang=lang, chunk_tokens=chunk_tokens,
+                          overlap=overlap, prompt=prompt, batch_size=batch_size, system=system,
+                          limits=Limits(min_grounding=min_grounding),
+                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+    rows = {"pages": s.pages, "chunks": s.chunks, "chunks done before": s.chunks_done_before,
+            "LLM requests": s.requests, "pairs kept": s.pairs_kept,
+            **{f"dropped: {k}": v for k, v in sorted(s.dropped.items())}}
+    console.print(_table(f"synthesized {pages} -> {out}", rows))
+    for rec in s.samples:
+        console.print(f"  Q: {rec['messages'][-2]['content']}\n  A: {rec['messages'][-1]['content']}", highlight=False)
+
+
+@data_app.command("augment")
+def augment_cmd(
+    source: str = typer.Argument(..., metavar="IN", help=IN_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Input records plus paraphrases (JSONL) to write."),
+    min_per_class: int = typer.Option(..., "--min-per-class", help="Paraphrase classes under N until they reach N."),
+    llm: str = typer.Option(..., "--llm", help=LLM_HELP),
+    model: Optional[str] = typer.Option(None, help="Model name at the endpoint (default: its first model)."),
+    lang: str = typer.Option("zh", help="Prompt language: zh | en."),
+    label_field: str = typer.Option("label", help="Field (top level or meta) holding the class."),
+    per_request: int = typer.Option(3, help="Paraphrases asked for per request."),
+    max_rounds: int = typer.Option(4, help="Rounds of requests before giving up on a class."),
+    too_close: float = typer.Option(0.8, help="Drop a paraphrase this similar (3-gram Jaccard) to another record."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature (0 = greedy)."),
+    prompt: Optional[Path] = typer.Option(None, help="Your own prompt template ($text, $k)."),
+) -> None:
+    """Paraphrase dialogues of rare classes (label kept, marked meta.augmented so `split` keeps them in train)."""
+    from glmtune.data.augment import augment_classes
+
+    with console.status(f"augmenting {source}") as status:
+        s = augment_classes(source, out, min_per_class=min_per_class, llm=llm, model=model, lang=lang,
+                            label_field=label_field, per_request=per_request, max_rounds=max_rounds,
+                            too_close=too_close, temperature=temperature, prompt=prompt,
+                            progress=lambda done, total: status.update(f"round {done}/{total}"))
+    grown = {k: f"{s.before[k]} -> {s.after[k]}" for k in s.after if s.after[k] != s.before[k]}
+    rows = {"classes augmented": len(grown), "records added": s.augmented, "LLM requests": s.requests,
+            **{f"dropped: {k}": v for k, v in sorted(s.dropped.items())}, **grown}
+    console.print(_table(f"augmented {source} -> {out}", rows))
+    if s.short:
+        console.print(f"[yellow]still under {min_per_class}:[/] "
+                      + ", ".join(f"{k} ({n})" for k, n in s.short.items()), highlight=False)

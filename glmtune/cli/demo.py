@@ -1,7 +1,8 @@
 """`glmtune demo`: the whole pipeline on built-in data, on a CPU, in a few minutes.
 
-data (convert -> clean -> split -> stats -> render) -> train (LoRA on a tiny GLM-4-shaped model)
--> export (merged model folder) -> predict + generation metrics -> one chat answer.
+data (4 kinds of customer-service request: convert -> clean -> split -> stats -> render) -> train (full
+fine-tuning of a tiny GLM-4-shaped model that starts from random weights) -> export (model folder) -> held-out
+accuracy, base vs fine-tuned -> one chat answer that reproduces a trained answer.
 `--model smollm2` runs the same stages on a real pretrained model (glmtune/cli/demo_real.py).
 """
 from __future__ import annotations
@@ -18,17 +19,25 @@ BUILTIN_GLM4_TOKENIZER = Path(__file__).resolve().parents[1] / "resources" / "to
 
 
 DEMO_MODELS = ("tiny", "smollm2")
+# The tiny demo's recipe: the model starts from random weights, so there is nothing for LoRA to adapt
+# (LoRA at lr 1e-2 stayed at loss ~11 after 55 steps); full fine-tuning with a large step size learns the
+# 4 requests in ~50 steps of 8 (loss 0.02 at step 60 of a 100-step run). A step's cost is the
+# 151k-vocabulary logits of every position, so the prompts stay short.
+TINY_STEPS = 80
+TINY_LR = 1e-2
+TINY_METHOD = {"name": "full"}
+TINY_CUTOFF = 128
 
 
 @app.command("demo")
 def demo(out: Optional[Path] = typer.Option(None, "--out", help="Output folder for every stage "
                                                                 "(default: demo_out, or demo_out_smollm2)."),
-         steps: Optional[int] = typer.Option(None, help="Training steps (default: tiny 40, smollm2 30; on 2 CPU "
-                                                        "cores ~0.5 s and ~2 s each)."),
+         steps: Optional[int] = typer.Option(None, help=f"Training steps (default: tiny {TINY_STEPS}, smollm2 30)."),
          stages: str = typer.Option("data,train,eval,chat", help="Comma-separated stages to run."),
          model: str = typer.Option("tiny", "--model", help="tiny (random GLM-4-shaped, built in code) or smollm2 "
                                                            "(real SmolLM2-135M-Instruct, needs the real extra).")):
-    """Run the pipeline end to end on built-in data (tiny: CMCC-34-shaped sample; smollm2: English topics)."""
+    """Run the pipeline end to end on built-in data (tiny: a random GLM-4-shaped model learns 4 Chinese
+    customer-service requests; smollm2: a real model learns English topics)."""
     if model not in DEMO_MODELS:
         from glmtune.errors import InputError
         raise InputError(f"unknown demo model {model!r}", field="--model", fix=f"use one of: {', '.join(DEMO_MODELS)}")
@@ -37,10 +46,10 @@ def demo(out: Optional[Path] = typer.Option(None, "--out", help="Output folder f
         from glmtune.cli.demo_real import SMOLLM2_STEPS, run_smollm2_demo
         run_smollm2_demo(out or Path("demo_out_smollm2"), steps=steps or SMOLLM2_STEPS, stages=stage_list)
         return
-    run_demo(out or Path("demo_out"), steps=steps or 40, stages=stage_list)
+    run_demo(out or Path("demo_out"), steps=steps or TINY_STEPS, stages=stage_list)
 
 
-def run_demo(out: Path, *, steps: int = 40, stages=("data", "train", "eval", "chat"), console=None) -> dict:
+def run_demo(out: Path, *, steps: int = TINY_STEPS, stages=("data", "train", "eval", "chat"), console=None) -> dict:
     console = console or Console()
     out = Path(out)
     results: dict = {}
@@ -58,13 +67,15 @@ def run_demo(out: Path, *, steps: int = 40, stages=("data", "train", "eval", "ch
 
 def demo_data(data_dir: Path, console: Console) -> dict:
     from glmtune.data.pipeline import convert_file
-    from glmtune.data.sample import sample_path
+    from glmtune.data.sample import REQUEST_SYSTEM, service_request_rows, write_rows_csv
 
     console.rule("[bold]1. data")
-    conv = convert_file(sample_path("cmcc34"), data_dir / "cmcc34.jsonl", format="cmcc")
-    console.print(f"convert: {conv.records} records -> {conv.out}")
+    raw = write_rows_csv(service_request_rows(), data_dir / "requests.csv")
+    conv = convert_file(raw, data_dir / "requests.jsonl", format="classification", system=REQUEST_SYSTEM)
+    console.print(f"convert: {conv.records} customer-service requests ({conv.labels} labelled, 4 kinds) "
+                  f"-> {conv.out}")
     return clean_split_describe(conv.out, data_dir, ratios="8:1:1", template="glm4",
-                                tokenizer=BUILTIN_GLM4_TOKENIZER, cutoff=1024, console=console, render_tail=300)
+                                tokenizer=BUILTIN_GLM4_TOKENIZER, cutoff=TINY_CUTOFF, console=console)
 
 
 def clean_split_describe(converted: Path, data_dir: Path, *, ratios: str, template: str, tokenizer: Path,
@@ -80,7 +91,9 @@ def clean_split_describe(converted: Path, data_dir: Path, *, ratios: str, templa
     split, paths = split_file(cleaned, data_dir, ratios=ratios, stratify="label", seed=42)
     console.print("split: " + ", ".join(f"{k}={len(v)}" for k, v in split.parts.items()))
     stats = stats_file(paths["train"], template=template, tokenizer=tokenizer, cutoff=cutoff)
-    console.print(f"stats ({template} template): {stats}")
+    console.print(f"stats ({template} template): {stats.records} records, tokens p50/max "
+                  f"{stats.tokens.p50}/{stats.tokens.max}, {stats.trained_tokens} trained tokens; at cutoff "
+                  f"{cutoff}: {stats.after_cutoff}")
     view = render_file(paths["train"], template=template, tokenizer=tokenizer, index=0)
     console.print("render (trained tokens in [[...]]):")
     marked = "".join(f"[[{text}]]" if trained else text for text, trained in view.spans)
@@ -97,45 +110,80 @@ def demo_train(out: Path, steps: int, console: Console) -> dict:
     base = out / "base"
     if not (base / "config.json").exists():
         build_tiny_glm4(base, BUILTIN_GLM4_TOKENIZER)
+    console.print(f"model: {base} is a tiny GLM-4-shaped model (2 layers, hidden 64) with the real GLM-4 "
+                  "tokenizer, built in code from [bold]random weights[/]: before this step it knows nothing "
+                  "(see the base row in 4.)")
     config = {
         "model": {"path": str(base), "dtype": "fp32"},
         "data": {"datasets": [str(out / "data" / "train.jsonl")], "dev": str(out / "data" / "dev.jsonl"),
-                 "template": "glm4", "cutoff_len": 1024, "packing": False},
-        "method": {"name": "lora", "r": 16, "alpha": 32},
-        "train": {"max_steps": steps, "batch_size": 4, "lr": 5e-3, "scheduler": "cosine",
-                  "warmup_ratio": 0.1, "seed": 42},
-        "eval": {"every": max(steps // 4, 1)},
-        "output": {"dir": str(out / "train"), "save_every": max(steps // 2, 1), "keep_last": 2},
+                 "template": "glm4", "cutoff_len": TINY_CUTOFF},
+        "method": TINY_METHOD,
+        "train": {"max_steps": steps, "batch_size": 8, "lr": TINY_LR, "scheduler": "cosine",
+                  "warmup_ratio": 0.05, "seed": 42, "log_every": max(steps // 10, 1)},
+        "eval": {"every": max(steps // 2, 1)},
+        "output": {"dir": str(out / "train"), "save_every": max(steps // 2, 1), "keep_last": 2,
+                   "tensorboard": False},
     }
     result = run_training(config, console=console)
-    console.print(f"loss curve: {result.output_dir / 'loss.png'}")
+    losses = [m["loss"] for m in result.metrics if "loss" in m]
+    console.print(f"train loss: first logged {losses[0]:.4f} -> last {losses[-1]:.4f}; dev loss "
+                  f"{result.eval_loss:.4f}; curve: {result.output_dir / 'loss.png'}")
     console.rule("[bold]3. export")
     export_merged(base, result.adapter_path, out / "model")
     console.print(f"merged model: {out / 'model'}")
-    return {"final_loss": result.final_loss, "eval_loss": result.eval_loss, "model": str(out / "model")}
+    return {"first_loss": losses[0], "final_loss": losses[-1], "eval_loss": result.eval_loss,
+            "steps": result.steps, "model": str(out / "model")}
 
 
 def demo_eval(out: Path, console: Console) -> dict:
-    from glmtune.evaluate.generation import generation_report_files
-    from glmtune.infer.predict import predict_file
-    from glmtune.infer.predictor import Predictor
+    from glmtune.data.sample import SERVICE_REQUESTS
 
-    console.rule("[bold]4. evaluate")
-    predictor = Predictor(out / "model")
-    preds = out / "eval" / "predictions.jsonl"
-    predict_file(predictor, out / "data" / "test.jsonl", preds, batch_size=8, max_new_tokens=16)
-    metrics = generation_report_files(preds, out / "eval", metrics=["bleu", "rouge", "ter"], tokenize="char")
-    console.print({k: v for k, v in metrics.items() if k in ("bleu_4", "rouge_l", "ter")})
+    return held_out_eval(out, out / "base", list(SERVICE_REQUESTS), console, "held-out request classification")
+
+
+def held_out_eval(out: Path, base: Path, labels: list[str], console: Console, title: str) -> dict:
+    """Greedy answers on the held-out split, base model vs fine-tuned: exact-label accuracy, macro F1 and
+    how many answers are no label at all (both demos)."""
+    from rich.table import Table
+
+    console.rule("[bold]4. evaluate (held-out split)")
+    test = out / "data" / "test.jsonl"
+    metrics = {"base": evaluate_answers(base, test, out / "eval" / "base", labels, title),
+               "fine-tuned": evaluate_answers(out / "model", test, out / "eval" / "fine-tuned", labels, title)}
+    table = Table("model", "accuracy", "macro F1", "not a label", title=title)
+    for name, m in metrics.items():
+        table.add_row(name, f"{m['accuracy']:.3f}", f"{m['f1_macro']:.3f}", f"{m['invalid_count']}/{m['n_samples']}")
+    console.print(table)
+    console.print(f"reports: {out / 'eval'}")
     return metrics
 
 
-def demo_chat(out: Path, console: Console) -> str:
-    from glmtune.data.cmcc import cmcc_system_prompt
+def evaluate_answers(model_dir: Path, test: Path, out_dir: Path, labels: list[str], title: str) -> dict:
+    from glmtune.data.sample import topic_of
+    from glmtune.evaluate.classification import classification_report_files
+    from glmtune.infer.predict import predict_file
     from glmtune.infer.predictor import Predictor
+    from glmtune.io import iter_jsonl
+
+    preds = out_dir / "answers.jsonl"
+    preds.unlink(missing_ok=True)  # predict_file resumes; a re-run must not keep the last run's answers
+    predict_file(Predictor(model_dir), test, preds, batch_size=16, max_new_tokens=8)
+    rows = [row for _, row in iter_jsonl(preds)]
+    return classification_report_files([r["label"] for r in rows], [topic_of(r["prediction"]) for r in rows],
+                                       labels, out_dir, raw_outputs=[r["prediction"] for r in rows],
+                                       title=f"{title} (greedy answer)")
+
+
+def demo_chat(out: Path, console: Console) -> dict:
+    """One training request sent to the merged model: the reply should be the answer it was trained on."""
+    from glmtune.infer.predictor import Predictor
+    from glmtune.io import iter_jsonl
 
     console.rule("[bold]5. chat")
-    predictor = Predictor(out / "model")
-    query = "我想取消我的流量包[SEP]好的请问您要取消哪一个"
-    answer = predictor(query.replace("[SEP]", "\n"), system=cmcc_system_prompt(), max_new_tokens=16)
-    console.print(f"user: {query}\nassistant: {answer}", markup=False)
-    return answer
+    _, rec = next(iter(iter_jsonl(out / "data" / "train.jsonl")))
+    system, user, trained = (m["content"] for m in rec["messages"])
+    reply = Predictor(out / "model")(user, system=system, max_new_tokens=8)
+    same = reply.strip() == trained
+    console.print(f"system: {system}\nuser: {user}\nassistant: {reply}\n"
+                  f"trained answer: {trained} ({'reproduced' if same else 'not reproduced'})", markup=False)
+    return {"user": user, "reply": reply, "trained": trained, "reproduced": same}

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 # LoRA on every linear layer with a large step size: a 135M model learns the 5 topic names in a
 # few dozen steps (tests/real/test_real_finetune.py measures the same recipe on held-out data).
@@ -93,31 +92,10 @@ def demo_train(out: Path, model_dir: Path, steps: int, console: Console) -> dict
 
 def demo_eval(out: Path, base: Path, console: Console) -> dict:
     """Greedy answers on the held-out split, base model and fine-tuned: exact-topic accuracy, F1."""
-    console.rule("[bold]4. evaluate (held-out split)")
-    metrics = {"base": evaluate_model(base, out / "data" / "test.jsonl", out / "eval" / "base"),
-               "fine-tuned": evaluate_model(out / "model", out / "data" / "test.jsonl", out / "eval" / "fine-tuned")}
-    table = Table("model", "accuracy", "macro F1", "not a topic name", title="held-out topic classification")
-    for name, m in metrics.items():
-        table.add_row(name, f"{m['accuracy']:.3f}", f"{m['f1_macro']:.3f}", f"{m['invalid_count']}/{m['n_samples']}")
-    console.print(table)
-    console.print(f"reports: {out / 'eval'}")
-    return metrics
+    from glmtune.cli.demo import held_out_eval
+    from glmtune.data.sample import CHATTERBOT_TOPICS
 
-
-def evaluate_model(model_dir: Path, test: Path, out_dir: Path) -> dict:
-    from glmtune.data.sample import CHATTERBOT_TOPICS, topic_of
-    from glmtune.evaluate.classification import classification_report_files
-    from glmtune.infer.predict import predict_file
-    from glmtune.infer.predictor import Predictor
-    from glmtune.io import iter_jsonl
-
-    preds = out_dir / "answers.jsonl"
-    preds.unlink(missing_ok=True)  # predict_file resumes; a re-run must not keep the last run's answers
-    predict_file(Predictor(model_dir), test, preds, batch_size=16, max_new_tokens=8)
-    rows = [row for _, row in iter_jsonl(preds)]
-    return classification_report_files([r["label"] for r in rows], [topic_of(r["prediction"]) for r in rows],
-                                       list(CHATTERBOT_TOPICS.values()), out_dir,
-                                       raw_outputs=[r["prediction"] for r in rows], title="Topic (greedy answer)")
+    return held_out_eval(out, base, list(CHATTERBOT_TOPICS.values()), console, "held-out topic classification")
 
 
 def demo_chat(out: Path, console: Console) -> str:

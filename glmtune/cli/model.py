@@ -10,7 +10,7 @@ from rich.table import Table
 
 from glmtune.cli.main import app
 
-model_app = typer.Typer(no_args_is_help=True, help="Import model weights (GGUF) into glmtune model folders.")
+model_app = typer.Typer(no_args_is_help=True, help="Import model weights (GGUF, remote-code ChatGLM) into glmtune model folders.")
 app.add_typer(model_app, name="model")
 console = Console(stderr=True)
 
@@ -40,6 +40,34 @@ def import_gguf_cmd(
     report = import_gguf(paths, out, dtype=dtype, template=template, verify=verify, overwrite=overwrite,
                          on_step=lambda msg: console.print(f"[cyan]·[/] {msg}"))
     console.print(_summary(report))
+
+
+@model_app.command("import-chatglm")
+def import_chatglm_cmd(
+    src: Path = typer.Argument(..., help="A ChatGLM2-6B / ChatGLM3-6B / glm-4-9b-chat folder (config.json, weight "
+                                         "shards, tokenizer.model); its Python files are never run."),
+    out: Path = typer.Option(..., "--out", "-o", help="Model folder to write (native GlmForCausalLM + glmtune.json)."),
+    dtype: str = typer.Option("bf16", help="Weight dtype of the folder: bf16 or fp32."),
+    template: str = typer.Option("auto", help="chatglm2, chatglm3 or glm4; auto reads it from the tokenizer "
+                                              "and the configs' names."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out folder."),
+) -> None:
+    """Convert a remote-code ChatGLM checkpoint into a native transformers folder (no remote code)."""
+    from glmtune.models.chatglm_import import import_chatglm
+
+    report = import_chatglm(src, out, dtype=dtype, template=template, overwrite=overwrite,
+                            on_step=lambda msg: console.print(f"[cyan]·[/] {msg}"))
+    table = Table(title=f"imported {report.out_dir}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in (("source", str(report.source)), ("architecture", "GlmForCausalLM"),
+                       ("template", report.family), ("parameters", f"{report.num_parameters / 1e6:.1f} M"),
+                       ("dtype", report.dtype), ("rope_theta", f"{report.rope_theta:g}"),
+                       ("stop ids", ", ".join(map(str, report.stop_ids))),
+                       ("source tensors", f"{len(report.used)}, each used once"),
+                       ("weights", ", ".join(report.weight_files)), ("time", f"{report.seconds:.0f} s")):
+        table.add_row(key, value)
+    console.print(table)
 
 
 def _summary(report) -> Table:

@@ -27,15 +27,28 @@ def serve_cmd(
     rag: Optional[Path] = typer.Option(None, help="RAG store from `glmtune rag index` to answer from."),
     rag_threshold: float = typer.Option(0.3, help="Least cosine similarity for a passage to be used."),
     backend: str = typer.Option("hf", help="hf or vllm."),
+    image_root: Optional[Path] = typer.Option(
+        None, help="Folder whose pictures requests may name by path (image_url: a path or file://); "
+                   "without it, images come only as data: URIs. Paths outside it are refused."),
+    image_max_mb: float = typer.Option(20.0, help="Largest image file / decoded data: URI, in MiB (else 400)."),
+    image_max_pixels: int = typer.Option(40_000_000, help="Most pixels (width x height) of a picture as sent."),
+    image_max_count: int = typer.Option(8, help="Most images in one request."),
 ) -> None:
     """Serve /v1/chat/completions (JSON and streaming), /v1/models and /health."""
     from glmtune.cli.infer import adapter_option
     from glmtune.infer.predictor import Predictor
+    from glmtune.infer.vision import ImageLimits
     from glmtune.serve.app import serve
 
+    if image_root is not None and not image_root.is_dir():
+        from glmtune.errors import InputError
+        raise InputError(f"image folder not found: {image_root}", field="--image-root",
+                         fix="pass an existing folder, or leave --image-root out (data: URIs only)")
+    limits = ImageLimits(max_bytes=int(image_max_mb * 2**20), max_pixels=image_max_pixels,
+                         max_images=image_max_count)
     predictor = Predictor(model, adapter=adapter_option(adapter), backend=backend, template=template,
-                          rag=rag, rag_threshold=rag_threshold)
+                          rag=rag, rag_threshold=rag_threshold, image_limits=limits)
     # Requests name their adapter; with none named the server answers with the base model.
     predictor.default_adapter = None
     serve(predictor, host=host, port=port, api_key=api_key, max_queue=max_queue, timeout=timeout,
-          max_tokens=max_tokens, model_name=model_name)
+          max_tokens=max_tokens, model_name=model_name, image_root=image_root)

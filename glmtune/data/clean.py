@@ -11,7 +11,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from glmtune.data.records import record_position
+from glmtune.data.records import content_images, content_text, record_position
 from glmtune.errors import InputError
 
 RULES = ("control", "emoji", "self_intro", "whitespace")
@@ -102,8 +102,15 @@ def clean_records(records: list[dict], *, rules: tuple[str, ...] = RULES,
     for rec in records:
         new = copy.deepcopy(rec)
         for msg in new["messages"]:
-            msg["content"] = cleaner.clean_text(msg["content"], msg["role"], report)
-        empty = [i for i, m in enumerate(new["messages"]) if not m["content"].strip() and not m.get("tool_calls")]
+            if isinstance(msg["content"], list):  # content parts: clean the text ones, keep images
+                for part in msg["content"]:
+                    if part["type"] == "text":
+                        part["text"] = cleaner.clean_text(part["text"], msg["role"], report)
+            else:
+                msg["content"] = cleaner.clean_text(msg["content"], msg["role"], report)
+        empty = [i for i, m in enumerate(new["messages"])
+                 if not content_text(m["content"]).strip() and not content_images(m["content"])
+                 and not m.get("tool_calls")]
         if empty:
             file, line = record_position(rec)
             report.dropped.append(f"{file}:{line}: messages[{empty[0]}] is empty after cleaning")

@@ -45,6 +45,7 @@ class RecordFormat:
     detect: tuple[frozenset[str], ...]   # the row matches if it has every key of any one set
     container: str | None = None          # "csv" when the format only comes as a table
     description: str = ""
+    priority: int = 0                     # detection tries higher priorities first, then registration order
 
     def matches(self, keys: set[str]) -> bool:
         return any(ks <= keys for ks in self.detect)
@@ -55,11 +56,11 @@ CONTAINERS = ("csv", "json", "jsonl")
 
 
 def register_format(name: str, *, detect: tuple[tuple[str, ...], ...] = (), container: str | None = None,
-                    description: str = "") -> Callable[[Converter], Converter]:
+                    description: str = "", priority: int = 0) -> Callable[[Converter], Converter]:
     """Register a converter under ``name``; ``detect`` lists key sets that identify the format."""
     def wrap(fn: Converter) -> Converter:
         FORMATS[name] = RecordFormat(name, fn, tuple(frozenset(k) for k in detect), container,
-                                     description or (fn.__doc__ or "").strip().splitlines()[0])
+                                     description or (fn.__doc__ or "").strip().splitlines()[0], priority)
         return fn
     return wrap
 
@@ -73,10 +74,10 @@ def get_format(name: str, *, file: str | Path | None = None) -> RecordFormat:
 
 
 def detect_format(row: dict, *, file: Path, line: int) -> RecordFormat:
-    """The first registered format whose keys the row has (registration order = priority)."""
+    """The first registered format whose keys the row has (higher `priority` first, then registration order)."""
     _load_builtin_formats()
     keys = set(row)
-    for fmt in FORMATS.values():
+    for fmt in sorted(FORMATS.values(), key=lambda f: -f.priority):
         if fmt.detect and fmt.matches(keys):
             return fmt
     shown = ", ".join(sorted(keys)[:12]) or "none"
@@ -92,4 +93,4 @@ def known_formats() -> list[str]:
 
 def _load_builtin_formats() -> None:
     # Imported lazily: the built-in converters register themselves on import.
-    from glmtune.data import formats_chat, formats_table  # noqa: F401
+    from glmtune.data import formats_chat, formats_pref, formats_table  # noqa: F401

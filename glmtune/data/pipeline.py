@@ -108,7 +108,7 @@ def split_file(source: str | Path, out_dir: str | Path, *, ratios: str | list[fl
 
 def stats_file(source: str | Path, *, template: str | None = None, tokenizer: str | Path | None = None,
                cutoff: int | None = None, train_on: str = "all_assistant", registry: str | Path | None = None,
-               format: str = "auto"):
+               format: str = "auto", on_overflow: str = "truncate", truncate_side: str = "left"):
     """DataStats of a file; token lengths when both a template and a tokenizer folder are given."""
     from glmtune.data.stats import compute_stats
 
@@ -117,7 +117,8 @@ def stats_file(source: str | Path, *, template: str | None = None, tokenizer: st
                          if tokenizer is None else "template")
     records = load_dataset(source, registry=registry, format=format)
     tpl, tok = _template_and_tokenizer(template, tokenizer) if template else (None, None)
-    return compute_stats(records, template=tpl, tokenizer=tok, cutoff=cutoff, train_on=train_on)
+    return compute_stats(records, template=tpl, tokenizer=tok, cutoff=cutoff, train_on=train_on,
+                         on_overflow=on_overflow, truncate_side=truncate_side)
 
 
 def render_file(source: str | Path, *, template: str, tokenizer: str | Path, index: int = 0,

@@ -2,6 +2,9 @@
 
 A record is one JSON object per line (docs/ARCHITECTURE.md):
 ``{"messages": [{"role", "content", "tool_calls"?, "metadata"?}], "tools"?, "label"?, "meta"?}``.
+``content`` is a string, or a list of parts for vision-language models:
+``{"type": "text", "text": ...}`` and ``{"type": "image", "image": PATH | file://... | data:...;base64,...}``
+with optional sizing ``min_pixels``/``max_pixels`` or ``resized_height``/``resized_width``.
 Every reader ends in :func:`validate_record`, so later stages (templates, training) can trust the
 shape and never re-check it.
 """
@@ -14,6 +17,10 @@ from glmtune.errors import InputError
 
 ROLES = ("system", "user", "assistant", "observation", "tool")
 TOOL_RESULT_ROLES = ("observation", "tool")
+# Per-image sizing options (the names Qwen2-VL's starter code uses); all are pixel counts / sizes.
+IMAGE_SIZE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
+# Images are read from local files or inline data only: glmtune never fetches from the network.
+IMAGE_SCHEMES_REFUSED = ("http://", "https://", "ftp://")
 
 
 def validate_record(rec: Any, *, file: str | Path | None = None, line: int | None = None,
@@ -33,7 +40,9 @@ def validate_record(rec: Any, *, file: str | Path | None = None, line: int | Non
                          fix="each record needs at least a user and an assistant turn")
     for i, msg in enumerate(messages):
         _check_message_shape(msg, i, where)
-    _check_role_order(messages, where, require_assistant)
+    alignment = _check_alignment_fields(rec, where)
+    # an alignment record's messages are the prompt: the answers are chosen/rejected/references
+    _check_role_order(messages, where, require_assistant and not alignment)
     _check_optional_fields(rec, where)
     return rec
 
@@ -47,15 +56,58 @@ def _check_message_shape(msg: Any, i: int, where: dict) -> None:
         raise InputError(f"unknown role {role!r}", field=f"{field}.role", **where,
                          fix=f"use one of {', '.join(ROLES)}")
     content = msg.get("content")
-    if not isinstance(content, str):
-        raise InputError(f"content must be a string, got {type(content).__name__}",
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            _check_part(part, f"{field}.content[{j}]", where)
+    elif not isinstance(content, str):
+        raise InputError(f"content must be a string or a list of parts, got {type(content).__name__}",
                          field=f"{field}.content", **where)
     # An assistant turn that only calls a tool may have no visible text.
-    if not content.strip() and not msg.get("tool_calls"):
+    if not content_text(content).strip() and not content_images(content) and not msg.get("tool_calls"):
         raise InputError(f"empty {role} turn", field=f"{field}.content", **where,
                          fix="remove the empty turn or fill in its text")
     if "tool_calls" in msg and not isinstance(msg["tool_calls"], list):
         raise InputError("tool_calls must be a list", field=f"{field}.tool_calls", **where)
+
+
+def _check_part(part: Any, field: str, where: dict) -> None:
+    """One content part: ``{"type": "text", "text"}`` or ``{"type": "image", "image", sizing?}``."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise InputError("a text part needs a string 'text'", field=f"{field}.text", **where)
+        return
+    if kind != "image":
+        raise InputError(f"unknown content part {kind!r}", field=f"{field}.type", **where,
+                         fix='use {"type": "text", "text": ...} or {"type": "image", "image": PATH}')
+    src = part.get("image")
+    if not isinstance(src, str) or not src.strip():
+        raise InputError("an image part needs 'image': a file path, file:// or data: URI",
+                         field=f"{field}.image", **where)
+    if src.lower().startswith(IMAGE_SCHEMES_REFUSED):
+        raise InputError("image URLs are never fetched", field=f"{field}.image", **where,
+                         fix="download the picture and give its local path, or a data: URI")
+    for key in IMAGE_SIZE_KEYS:
+        value = part.get(key)
+        if key in part and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise InputError(f"{key} must be a positive integer, got {value!r}", field=f"{field}.{key}", **where)
+    if ("resized_height" in part) != ("resized_width" in part):
+        raise InputError("resized_height and resized_width go together", field=field, **where,
+                         fix="give both, or use min_pixels/max_pixels")
+
+
+def content_text(content: str | list | None) -> str:
+    """The text of a message's content: the string itself, or its text parts joined."""
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content or ""
+
+
+def content_images(content: str | list | None) -> list[dict]:
+    """The image parts of a message's content (none for a string)."""
+    if isinstance(content, list):
+        return [p for p in content if isinstance(p, dict) and p.get("type") == "image"]
+    return []
 
 
 def _calls_tool(msg: dict) -> bool:
@@ -105,6 +157,36 @@ def _check_optional_fields(rec: dict, where: dict) -> None:
         raise InputError("meta must be an object", field="meta", **where)
 
 
+def _check_alignment_fields(rec: dict, where: dict) -> bool:
+    """Preference pairs (chosen/rejected) and gold/bad answers (references/bad_answers): the prompt ends
+    with a user turn, answers are non-empty text, a pair differs, a gold list is not empty."""
+    keys = [k for k in ("chosen", "rejected", "references", "bad_answers") if k in rec]
+    if not keys:
+        return False
+    if ("chosen" in rec) != ("rejected" in rec):
+        missing = "rejected" if "chosen" in rec else "chosen"
+        raise InputError(f"missing field '{missing}'", field=missing, **where,
+                         fix="a preference pair needs both chosen and rejected")
+    for key in ("chosen", "rejected"):
+        if key in rec and (not isinstance(rec[key], str) or not rec[key].strip()):
+            raise InputError(f"{key} must be non-empty text", field=key, **where)
+    if "chosen" in rec and rec["chosen"].strip() == rec["rejected"].strip():
+        raise InputError("chosen and rejected are identical", field="rejected", **where,
+                         fix="drop the pair: it teaches no preference")
+    for key in ("references", "bad_answers"):
+        if key in rec:
+            items = rec[key]
+            if not isinstance(items, list) or not all(isinstance(t, str) and t.strip() for t in items):
+                raise InputError(f"{key} must be a list of non-empty texts", field=key, **where)
+    if "references" in rec and not rec["references"]:
+        raise InputError("empty gold answer list", field="references", **where,
+                         fix="give at least one gold answer, or drop the record")
+    if rec["messages"][-1]["role"] != "user":
+        raise InputError("the prompt of an alignment record must end with a user turn", field="messages", **where,
+                         fix="put the answers in chosen/rejected or references, not in messages")
+    return True
+
+
 def record_position(rec: dict) -> tuple[str | None, int | None]:
     """(source file, line) a record came from, from its meta; used to point errors at the raw input."""
     meta = rec.get("meta") or {}
@@ -113,4 +195,4 @@ def record_position(rec: dict) -> tuple[str | None, int | None]:
 
 def record_text(rec: dict, include_system: bool = False) -> str:
     """The record's visible text, turns joined by newlines (for dedupe and length checks)."""
-    return "\n".join(m["content"] for m in rec["messages"] if include_system or m["role"] != "system")
+    return "\n".join(content_text(m["content"]) for m in rec["messages"] if include_system or m["role"] != "system")

@@ -7,8 +7,9 @@ cmcc_train:
   columns: {text: review, label: sentiment} # canonical key -> column/key in the file
   options: {label_map: labels.json, system_file: system.txt}
 ```
-Every data command accepts a registered name wherever it accepts a path: an existing path wins,
-otherwise the name is looked up in ``--registry`` or ``./datasets.yaml``.
+Every data command (and `glmtune train`'s data.datasets / data.dev) accepts a registered name wherever
+it accepts a path: an existing path wins, otherwise the name is looked up in ``--registry`` or
+``./datasets.yaml``. ``SPEC:FORMAT`` (``raw.json:alpaca``) names the format of a path or a name.
 """
 from __future__ import annotations
 
@@ -109,6 +110,8 @@ def resolve_source(source: str | Path, registry: str | Path | None = None) -> Da
     reg_path = Path(registry) if registry else Path(DEFAULT_REGISTRY)
     if registry and not reg_path.exists():
         raise InputError("registry file not found", file=reg_path, field="registry", fix="check --registry")
+    if _looks_like_path(path):
+        raise InputError("file not found", file=path, field="path", fix="check the path")
     if not reg_path.exists():
         raise InputError("file not found (and no datasets.yaml here to look it up as a name)", file=path,
                          field="path", fix="check the path, or register it in datasets.yaml")
@@ -120,13 +123,31 @@ def resolve_source(source: str | Path, registry: str | Path | None = None) -> Da
     return entries[str(source)]
 
 
+def split_format(source: str | Path) -> tuple[str | Path, str]:
+    """``data.csv:alpaca`` / ``my_set:sharegpt`` -> (source, format); a spec without a known format suffix
+    (or an existing path that contains a colon) -> (source, "auto")."""
+    text = str(source)
+    if Path(text).exists() or ":" not in text:
+        return source, "auto"
+    head, fmt = text.rsplit(":", 1)
+    from glmtune.data.formats import known_formats
+    return (head, fmt) if head and fmt in known_formats() else (source, "auto")
+
+
+def _looks_like_path(path: Path) -> bool:
+    """A folder part or a data-file extension: a missing file, not a registry name (`data/train.jsonl`)."""
+    from glmtune.data.readers import EXTENSIONS
+    return len(path.parts) > 1 or path.suffix.lower() in EXTENSIONS
+
+
 def load_dataset(source: str | Path, *, registry: str | Path | None = None, format: str = "auto",
                  **options: Any) -> list[dict]:
     """Records of a path or registered name; explicit arguments override the registry entry's."""
     from glmtune.data.readers import read_records
 
+    source, spec_format = split_format(source)
     ds = resolve_source(source, registry)
-    fmt = format if format != "auto" else ds.format
+    fmt = next((f for f in (format, spec_format) if f != "auto"), ds.format)
     merged = {**ds.options, **{k: v for k, v in options.items() if v is not None}}
     records: list[dict] = []
     for f in ds.files:

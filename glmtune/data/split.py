@@ -4,6 +4,9 @@ Stratification needs every class in every part. Classes with fewer records than 
 cannot be spread, so they go to train whole (a model should at least see them) and are listed in
 the warnings; if a later cut is still too small to stratify (fewer rows than classes), that cut
 falls back to a seeded random split, also with a warning. Nothing is silently unbalanced.
+
+Records marked ``meta.augmented`` (paraphrases from `glmtune data augment`) go to train only and
+the ratios apply to the rest: a paraphrase of a dev/test record would otherwise leak it into training.
 """
 from __future__ import annotations
 
@@ -51,12 +54,18 @@ def split_records(records: list[dict], ratios: list[float] | str, *, stratify: s
     if isinstance(ratios, str):
         ratios = parse_ratios(ratios)
     names = SPLIT_NAMES[:len(ratios)]
+    augmented = [r for r in records if (r.get("meta") or {}).get("augmented")]
+    records = [r for r in records if not (r.get("meta") or {}).get("augmented")]
     if len(records) < len([r for r in ratios if r > 0]):
         raise InputError(f"{len(records)} records cannot fill {len(ratios)} parts", field="records")
     warnings: list[str] = []
     labels = _labels(records, stratify) if stratify else None
     parts = _cut(list(range(len(records))), labels, list(ratios), seed, warnings)
-    return SplitResult({n: [records[i] for i in idx] for n, idx in zip(names, parts)}, warnings)
+    result = SplitResult({n: [records[i] for i in idx] for n, idx in zip(names, parts)}, warnings)
+    if augmented:
+        result.parts["train"] += augmented
+        warnings.append(f"{len(augmented)} augmented records (meta.augmented) kept in train only")
+    return result
 
 
 def _labels(records: list[dict], key: str) -> list:

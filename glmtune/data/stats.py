@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from glmtune.data.records import content_text
+
 PERCENTILES = (50, 90, 99)
 
 
@@ -42,6 +44,10 @@ class DataStats:
     template: str | None = None
     cutoff: int | None = None
     over_cutoff: int | None = None
+    # with a cutoff: what training does at data.cutoff_len (glmtune.data.cutoff.fit_records, the function
+    # `glmtune train` encodes with): {"encoded", "truncated", "dropped", "answer_too_long", "no_loss"}
+    after_cutoff: dict | None = None
+    trained_tokens_after_cutoff: int | None = None
 
     def as_dict(self) -> dict:
         out = {k: (vars(v) if isinstance(v, LengthStats) else v) for k, v in vars(self).items()}
@@ -49,8 +55,10 @@ class DataStats:
 
 
 def compute_stats(records: list[dict], *, template=None, tokenizer=None, cutoff: int | None = None,
-                  train_on: str = "all_assistant") -> DataStats:
-    """Counts and distributions; token lengths when a template and tokenizer are given."""
+                  train_on: str = "all_assistant", on_overflow: str = "truncate",
+                  truncate_side: str = "left") -> DataStats:
+    """Counts and distributions; token lengths when a template and tokenizer are given; with a cutoff, the
+    counts training reports at that data.cutoff_len / on_overflow / truncate_side."""
     roles = Counter(m["role"] for r in records for m in r["messages"])
     labels = Counter(str(r["label"]) for r in records if "label" in r)
     stats = DataStats(
@@ -58,7 +66,7 @@ def compute_stats(records: list[dict], *, template=None, tokenizer=None, cutoff:
         with_system=sum(bool(r["messages"]) and r["messages"][0]["role"] == "system" for r in records),
         with_tools=sum(bool(r.get("tools")) for r in records),
         turns=LengthStats.of([sum(m["role"] == "assistant" for m in r["messages"]) for r in records]),
-        chars=LengthStats.of([sum(len(m["content"]) for m in r["messages"]) for r in records]),
+        chars=LengthStats.of([sum(len(content_text(m["content"])) for m in r["messages"]) for r in records]),
         labels=dict(labels.most_common()), cutoff=cutoff)
     if template is not None and tokenizer is not None:
         lengths, trained = token_lengths(records, template, tokenizer, train_on)
@@ -66,7 +74,15 @@ def compute_stats(records: list[dict], *, template=None, tokenizer=None, cutoff:
         stats.tokens = LengthStats.of(lengths)
         stats.trained_tokens = trained
         if cutoff:
+            from glmtune.data.cutoff import fit_records
+
             stats.over_cutoff = sum(n > cutoff for n in lengths)
+            if on_overflow == "error":  # training stops at the first of the over_cutoff records
+                return stats
+            _, report = fit_records(records, template, tokenizer, cutoff, train_on=train_on,
+                                    on_overflow=on_overflow, side=truncate_side)
+            stats.after_cutoff = report.counts()
+            stats.trained_tokens_after_cutoff = report.trained_tokens
     return stats
 
 

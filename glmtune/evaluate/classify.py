@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from glmtune.errors import InputError
-from glmtune.templates.base import IGNORE_INDEX, _segment_ids
+from glmtune.templates.base import IGNORE_INDEX
 
 MODES = ("constrained", "generate")
 SIDES = ("left", "right")
@@ -110,42 +110,12 @@ def truncate_prompt(tpl, tokenizer, messages: list[dict], ids: list[int], max_le
                     side: str = "left") -> tuple[list[int], bool]:
     """Cut a prompt to ``max_len`` ids by removing dialogue text only: the template's control tokens,
     role headers and the system prompt (the intent list) stay. ``left`` drops the oldest dialogue
-    tokens (keeps the end, where the final intent usually is), ``right`` the newest."""
+    tokens (keeps the end, where the final intent usually is), ``right`` the newest. The same policy
+    as training's (glmtune.data.cutoff), so a model is evaluated on prompts cut as it was trained."""
     if not max_len or len(ids) <= max_len:
         return ids, False
-    msgs = tpl._checked(messages, None)
-    pieces = [_piece(tokenizer, s, msgs) for s in tpl.segments(msgs, None, True, False)]
-    if [t for seg_ids, _ in pieces for t in seg_ids] != list(ids):
-        raise InputError("the prompt ids do not match the template's segments", field="template")
-    excess = len(ids) - max_len
-    order = range(len(pieces)) if side == "left" else range(len(pieces) - 1, -1, -1)
-    for j in order:
-        seg_ids, keep = pieces[j]
-        cut = min(excess, len(seg_ids) - keep)
-        if cut <= 0:
-            continue
-        pieces[j] = (seg_ids[:keep] + seg_ids[keep + cut:] if side == "left" else seg_ids[:len(seg_ids) - cut],
-                     keep)
-        excess -= cut
-        if excess == 0:
-            break
-    if excess > 0:
-        raise InputError(f"--max-len {max_len} is shorter than the prompt's fixed part (template tokens, "
-                         f"role headers, system prompt)", field="--max-len", fix="raise --max-len")
-    return [t for seg_ids, _ in pieces for t in seg_ids], True
-
-
-def _piece(tokenizer, seg, msgs: list[dict]) -> tuple[list[int], int]:
-    """A segment's ids and how many of them may not be cut (all, unless it carries dialogue text;
-    then only its role header, e.g. ``user\\n``)."""
-    seg_ids = _segment_ids(tokenizer, seg)
-    msg = msgs[seg.turn] if 0 <= seg.turn < len(msgs) else None
-    content = (msg or {}).get("content") or ""
-    text = seg.text if seg.encode_as is None else seg.encode_as
-    if seg.special or msg is None or msg.get("role") == "system" or not content or not text.endswith(content):
-        return seg_ids, len(seg_ids)
-    header = _segment_ids(tokenizer, type(seg)(text=text[:len(text) - len(content)]))
-    return seg_ids, len(header) if seg_ids[:len(header)] == header else 0
+    from glmtune.data.cutoff import truncate_prompt_ids
+    return truncate_prompt_ids(tpl, tokenizer, messages, max_len, side)
 
 
 def answer_ids(tpl, tokenizer, prompt_msgs: list[dict], prompt_ids: list[int], answer: str) -> list[int]:

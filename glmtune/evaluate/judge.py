@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from glmtune.errors import GlmtuneError, InputError
+from glmtune.infer.llm import OpenAIChatClient
 from glmtune.io import iter_jsonl, read_text_utf8, write_json_atomic, write_jsonl_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -87,30 +88,13 @@ def build_messages(template: str, row: dict, scale: Scale) -> list[dict]:
         reference_block=f"\nREFERENCE:\n{ref}\n" if ref else "", lo=scale.lo, hi=scale.hi, step=scale.step)}]
 
 
-class OpenAIChatJudge:
+class OpenAIChatJudge(OpenAIChatClient):
     """POST {url}/chat/completions on an OpenAI-compatible server (temperature 0 for repeatability)."""
 
     def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 60.0,
                  temperature: float = 0.0, max_tokens: int = 256):
-        import httpx
-        self.endpoint = url.rstrip("/") if url.rstrip("/").endswith("/chat/completions") \
-            else url.rstrip("/") + "/chat/completions"
-        self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(timeout=timeout, headers=headers)
-
-    def __call__(self, messages: list[dict]) -> str:
-        resp = self.client.post(self.endpoint, json={"model": self.model, "messages": messages,
-                                                     "temperature": self.temperature, "max_tokens": self.max_tokens})
-        if resp.status_code in (401, 403, 404):
-            # Every later request would fail the same way: stop now with what to fix.
-            raise GlmtuneError(f"judge endpoint {self.endpoint} answered HTTP {resp.status_code}: "
-                               f"{resp.text[:200]}. Fix: check --url (it should end in /v1), --model and the API key")
-        resp.raise_for_status()
-        return resp.json()["choices"][0]["message"]["content"] or ""
-
-    def close(self) -> None:
-        self.client.close()
+        super().__init__(url, model, api_key=api_key, timeout=timeout, temperature=temperature,
+                         max_tokens=max_tokens)
 
 
 def judge_one(judge: JudgeFn, messages: list[dict], scale: Scale, retries: int) -> dict:

@@ -2,7 +2,8 @@
 
 A back-end receives finished prompt ids (built by the template in :mod:`glmtune.infer.predictor`)
 and the stop ids, so HF and vLLM see exactly the prompt training saw. Back-ends are a plugin
-boundary: ``BACKENDS`` maps a name to a class.
+boundary: ``BACKENDS`` maps a name to a class. A prompt with images is a
+:class:`~glmtune.infer.vision.VisionPrompt`: its ids plus the processor's tensors and pictures.
 """
 from __future__ import annotations
 
@@ -106,6 +107,7 @@ class HFBackend:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
+        kwargs.update(self._vision_inputs(prompts, input_ids.shape[1]))
         with self._lock, torch.inference_mode(), self._adapter_scope(adapter):
             if gen.seed is not None:
                 torch.manual_seed(gen.seed)
@@ -124,6 +126,27 @@ class HFBackend:
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
         return ids, mask
+
+    def _vision_inputs(self, prompts: list[list[int]], width: int) -> dict:
+        """The batch's image tensors for ``generate``: per-image rows (pixel values, grids) joined in
+        prompt order; per-token ones (modality ids) left-padded like the ids (padding = text, 0)."""
+        import torch
+
+        from glmtune.infer.vision import PER_TOKEN_KEYS
+
+        parts = [getattr(p, "inputs", None) or {} for p in prompts]
+        keys = dict.fromkeys(k for part in parts for k in part)
+        dtype = self.model.dtype  # pixel values in the model's dtype (bf16 models want bf16 pixels)
+        out = {}
+        for key in keys:
+            if key in PER_TOKEN_KEYS:
+                rows = [torch.zeros(len(p), dtype=torch.long) if key not in part else part[key]
+                        for p, part in zip(prompts, parts)]
+                value = torch.stack([torch.cat([r.new_zeros(width - len(r)), r]) for r in rows])
+            else:
+                value = torch.cat([part[key] for part in parts if key in part])
+            out[key] = value.to(self.device, dtype=dtype) if value.is_floating_point() else value.to(self.device)
+        return out
 
     def _pad_id(self, stop_ids: list[int]) -> int:
         # Padding is masked out, so any id works; the tokenizer's pad, else a stop id, else 0.
@@ -230,11 +253,14 @@ class VLLMBackend:
             raise GlmtuneError("backend 'vllm' needs vLLM, which is not installed. Fix: "
                                "`pip install 'glmtune[vllm]'` on a machine with a CUDA GPU, "
                                "or use backend='hf'.") from None
-        from glmtune.models.loading import check_model_dir
+        from glmtune.models.loading import check_model_dir, is_vision_model
 
         self.tokenizer = tokenizer
         self.adapters = list(adapters)
         self._adapter_paths = {n: str(p) for n, p in adapters.items()}
+        if is_vision_model(model_dir):  # vLLM allows one image per prompt unless told otherwise
+            from glmtune.infer.vision import ImageLimits
+            engine_kwargs.setdefault("limit_mm_per_prompt", {"image": ImageLimits.max_images})
         self.llm = LLM(model=str(check_model_dir(model_dir)), dtype=dtype,
                        enable_lora=bool(adapters), **engine_kwargs)
         self._lock = threading.Lock()
@@ -247,7 +273,7 @@ class VLLMBackend:
                                 repetition_penalty=gen.repetition_penalty, stop_token_ids=stop_ids,
                                 skip_special_tokens=False)
         with self._lock:
-            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+            outs = self.llm.generate([_vllm_prompt(p) for p in prompts], params,
                                      lora_request=self._lora_request(adapter), use_tqdm=False)
         results = [_cut_at_stop(list(o.outputs[0].token_ids), stop_ids, False) for o in outs]
         if on_tokens is not None:
@@ -264,6 +290,15 @@ class VLLMBackend:
 
         # vLLM wants a positive integer id per adapter; its position is stable for this engine.
         return LoRARequest(adapter, self.adapters.index(adapter) + 1, self._adapter_paths[adapter])
+
+
+def _vllm_prompt(prompt: list[int]) -> dict:
+    """vLLM's token prompt; with images, ``multi_modal_data`` holds the sized pictures and the ids
+    keep one placeholder per image, which vLLM's processor expands (as for its text prompts)."""
+    images = getattr(prompt, "images", None)
+    if not images:
+        return {"prompt_token_ids": list(prompt)}
+    return {"prompt_token_ids": list(prompt.unexpanded_ids), "multi_modal_data": {"image": images}}
 
 
 BACKENDS = {"hf": HFBackend, "vllm": VLLMBackend}

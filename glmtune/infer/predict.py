@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from glmtune.data.records import content_text
 from glmtune.errors import InputError
 
 
@@ -26,6 +27,7 @@ class Example:
     references: list[str]
     tools: list | None = None
     label: object = None
+    line: int | None = None  # where the record sits in its file, for error messages
 
 
 def load_examples(data: str | Path) -> list[Example]:
@@ -43,7 +45,7 @@ def load_examples(data: str | Path) -> list[Example]:
             prompt, refs = messages, []  # nothing to compare against: predict only
         if not any(m["role"] == "user" for m in prompt):
             raise InputError("no user turn before the answer", file=data, line=line, field="messages")
-        examples.append(Example(index, prompt, refs, rec.get("tools"), rec.get("label")))
+        examples.append(Example(index, prompt, refs, rec.get("tools"), rec.get("label"), line))
     return examples
 
 
@@ -75,6 +77,8 @@ def predict_file(predictor, data: str | Path, out: str | Path, batch_size: int =
     examples = load_examples(data)
     done = done_indexes(out)
     todo = [ex for ex in examples if ex.index not in done]
+    for ex in todo:  # before any generation: an image for a text-only model names its record
+        predictor.check_images(ex.messages, file=data, line=ex.line)
     if on_progress:
         on_progress(len(examples) - len(todo), len(examples))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +97,8 @@ def predict_file(predictor, data: str | Path, out: str | Path, batch_size: int =
 
 
 def _row(ex: Example, prediction: str) -> dict:
-    user = [m["content"] for m in ex.messages if m["role"] == "user"]
+    # The question's text (pictures, possibly whole data: URIs, stay in the data file).
+    user = [content_text(m["content"]) for m in ex.messages if m["role"] == "user"]
     row = {"index": ex.index, "prompt": user[-1], "prediction": prediction, "references": ex.references}
     if ex.label is not None:
         row["label"] = ex.label

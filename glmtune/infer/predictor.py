@@ -9,6 +9,8 @@ training data, so serving cannot drift from training; generation stops on the te
     for piece in p.stream("Tell me a story"): print(piece, end="")
     p.batch(["q1", "q2"], batch_size=8)
     p = Predictor(base, adapter={"intent": "out/a", "summary": "out/b"}); p("..", adapter="summary")
+    vl = Predictor("models/qwen2-vl")                      # a vision-language folder: content parts
+    vl([{"type": "image", "image": "cat.png", "max_pixels": 512 * 512}, {"type": "text", "text": "What is it?"}])
 """
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from glmtune.data.records import content_images, content_text
 from glmtune.errors import GlmtuneError, InputError
 from glmtune.infer.backends import BACKENDS, GenConfig, Output
+from glmtune.infer.vision import ImageLimits, first_image_field, has_images, text_messages
 
 # How a retrieved passage enters the prompt: prepended to the user's question in the last user turn
 # (every family has a user role; ChatGLM2 has no system role).
@@ -32,14 +36,16 @@ class Predictor:
     the default for calls that name none, ``adapter="base"`` switches adapters off for that call.
     ``rag``: a store written by ``glmtune rag index``; a passage is added to the prompt only when its
     cosine similarity to the question is at least ``rag_threshold`` (see :mod:`glmtune.serve.rag`).
+    Message content is a string or a list of text/image parts; images need a vision-language model
+    folder (its processor is loaded too) and are checked against ``image_limits``.
     """
 
     def __init__(self, model: str | Path, adapter: str | Path | dict | None = None, backend: str = "hf",
                  template: str | None = None, rag: str | Path | None = None, rag_threshold: float = 0.3,
                  rag_top_k: int = 2, embedding_model: str | Path | None = None,
                  device: str | None = None, dtype: str = "auto", max_new_tokens: int = 512,
-                 **backend_kwargs):
-        from glmtune.models.loading import check_model_dir
+                 image_limits: ImageLimits | None = None, **backend_kwargs):
+        from glmtune.models.loading import check_model_dir, is_vision_model
         from glmtune.models.tokenizer import load_tokenizer
         from glmtune.templates import resolve_template
 
@@ -56,6 +62,11 @@ class Predictor:
             raise InputError(f"unknown backend '{backend}'", field="backend", fix="use hf or vllm")
         self.backend = BACKENDS[backend](self.model_dir, self.tokenizer, adapters, device=device,
                                          dtype=dtype, **backend_kwargs)
+        self.vision = None
+        if is_vision_model(self.model_dir):
+            from glmtune.infer.vision import VisionEncoder
+            self.vision = VisionEncoder(self.model_dir)
+        self.image_limits = image_limits or ImageLimits()
         self.default_gen = {"max_new_tokens": max_new_tokens}
         self.retriever = None
         if rag is not None:
@@ -76,6 +87,7 @@ class Predictor:
         self.default_adapter = self.backend.adapters[0] if self.backend.adapters else None
         self.default_gen = {"max_new_tokens": max_new_tokens}
         self.retriever, self.rag_threshold, self.rag_top_k, self.last_sources = None, 0.0, 0, []
+        self.vision, self.image_limits = None, ImageLimits()
         return self
 
     @property
@@ -83,8 +95,9 @@ class Predictor:
         return list(self.backend.adapters)
 
     # -- building prompts --------------------------------------------------------------------------
-    def messages_for(self, query: str, history=None, system: str | None = None) -> list[dict]:
-        """``history``: ``[(user, assistant), ...]`` pairs or a list of message dicts."""
+    def messages_for(self, query: str | list[dict], history=None, system: str | None = None) -> list[dict]:
+        """``query``: text or a list of content parts; ``history``: ``[(user, assistant), ...]``
+        pairs or a list of message dicts."""
         msgs = [{"role": "system", "content": system}] if system else []
         for item in history or []:
             if isinstance(item, dict):
@@ -95,8 +108,23 @@ class Predictor:
         return msgs + [{"role": "user", "content": query}]
 
     def prompt_ids(self, messages: Sequence[dict], tools: list | None = None) -> list[int]:
-        """The exact ids generation starts from (RAG passages already in ``messages`` if wanted)."""
-        return self.template.encode_prompt(self.tokenizer, list(messages), tools=tools)
+        """The exact ids generation starts from (RAG passages already in ``messages`` if wanted).
+
+        With images: a :class:`~glmtune.infer.vision.VisionPrompt` (ids + the processor's tensors)."""
+        messages = list(messages)
+        if not has_images(messages):
+            return self.template.encode_prompt(self.tokenizer, text_messages(messages), tools=tools)
+        self.check_images(messages)
+        return self.vision.encode(self.template, self.tokenizer, messages, tools, self.image_limits)
+
+    def check_images(self, messages: Sequence[dict], file=None, line: int | None = None) -> None:
+        """Refuse images for a text-only model, naming the record (``file``:``line``) and message."""
+        if self.vision is None and has_images(messages):
+            name = self.model_dir.name if self.model_dir is not None else "this model"
+            raise InputError(f"the conversation has an image, but {name} is a text-only model", file=file,
+                             line=line, field=first_image_field(messages),
+                             fix="use a vision-language model folder (Qwen2-VL, GLM-4V, LLaVA, ...) "
+                                 "or drop the image parts")
 
     def prepare(self, messages: Sequence[dict], tools: list | None = None) -> tuple[list[int], list[dict]]:
         """Prompt ids with retrieved passages added when close enough, and those passages.
@@ -113,17 +141,20 @@ class Predictor:
     def _with_rag(self, messages: list[dict]) -> tuple[list[dict], list[dict]]:
         if self.retriever is None or not messages or messages[-1].get("role") != "user":
             return messages, []
-        query = messages[-1]["content"]
+        content = messages[-1]["content"]
+        query = content_text(content)
         hits = [h for h in self.retriever.search(query, k=self.rag_top_k)
                 if h["similarity"] >= self.rag_threshold]
         if not hits:
             return messages, []
         passages = "\n\n".join(f"[{i + 1}] {h['text']}" for i, h in enumerate(hits))
-        content = RAG_PROMPT.format(passages=passages, query=query)
-        return messages[:-1] + [{**messages[-1], "content": content}], hits
+        text = RAG_PROMPT.format(passages=passages, query=query)
+        if isinstance(content, list):  # pictures first, then passages + question as one text part
+            text = content_images(content) + [{"type": "text", "text": text}]
+        return messages[:-1] + [{**messages[-1], "content": text}], hits
 
     # -- answering -----------------------------------------------------------------------------------
-    def __call__(self, query: str, history=None, system: str | None = None, adapter: str | None = None,
+    def __call__(self, query: str | list[dict], history=None, system: str | None = None, adapter: str | None = None,
                  **gen) -> str:
         return self.chat(self.messages_for(query, history, system), adapter=adapter, **gen)
 
@@ -136,7 +167,7 @@ class Predictor:
         out = self.backend.generate([prompt_ids], self._adapter(adapter), self.stop_ids, self._gen(gen))[0]
         return self.decode(out.token_ids), out
 
-    def stream(self, query: str, history=None, system: str | None = None, adapter: str | None = None,
+    def stream(self, query: str | list[dict], history=None, system: str | None = None, adapter: str | None = None,
                **gen) -> Iterator[str]:
         """Yield the answer in pieces; joined they equal ``__call__``'s answer."""
         return self.stream_chat(self.messages_for(query, history, system), adapter=adapter, **gen)

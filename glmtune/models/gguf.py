@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 import re
 import shutil
 import tempfile
@@ -420,6 +419,7 @@ def import_gguf(paths: list[str | Path], out_dir: str | Path, *, dtype: str = "b
     The folder is written under a temporary name next to `out_dir` and renamed at the end, so an
     interrupted import never leaves a half-written model behind.
     """
+    from glmtune.io import atomic_dir
     from glmtune.models.tiny import write_glmtune_meta
 
     if dtype not in DTYPES:
@@ -437,8 +437,7 @@ def import_gguf(paths: list[str | Path], out_dir: str | Path, *, dtype: str = "b
         family = resolve_template(tokenizer, template, sources[0])
         step(f"dequantising the weights to {dtype}")
         model = load_gguf_model(gguf_path, dtype)
-    tmp_out = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp_out:
         step("writing safetensors, config and tokenizer")
         weight_files = save_hf_folder(model, tokenizer, tmp_out, dtype=dtype)
         write_glmtune_meta(tmp_out, template=family, default_system=default_system_prompt(tokenizer), source="gguf",
@@ -449,24 +448,8 @@ def import_gguf(paths: list[str | Path], out_dir: str | Path, *, dtype: str = "b
         if verify:
             step("reloading the folder with plain transformers and comparing logits")
             _verify(model, tokenizer, tmp_out, dtype, report)
-        _make_readable(tmp_out)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp_out, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_out, ignore_errors=True)
-        raise
     report.seconds = time.monotonic() - start
     return report
-
-
-def _make_readable(folder: Path) -> None:
-    """mkdtemp/mkstemp create owner-only files; a model folder should get the usual umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for p in folder.iterdir():
-        p.chmod(0o666 & ~umask)
 
 
 def _verify(model, tokenizer, folder: Path, dtype: str, report: ImportReport) -> None:

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from glmtune.errors import ModelNotFoundError
+from glmtune.errors import GlmtuneError, ModelNotFoundError
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
-def check_model_dir(path: str | Path) -> Path:
-    """Fail early, with what to do, when a model folder is missing or incomplete."""
+def check_model_dir(path: str | Path, *, trust_remote_code: bool = False) -> Path:
+    """Fail early, with what to do, when a model folder is missing, incomplete, or remote-code
+    ChatGLM (unless the caller explicitly trusts its code). Every command that loads a model
+    passes through here."""
     path = Path(path)
     if not path.is_dir():
         raise ModelNotFoundError(path)
@@ -17,18 +19,75 @@ def check_model_dir(path: str | Path) -> Path:
         raise ModelNotFoundError(path, "config.json")
     if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
         raise ModelNotFoundError(path, "the weight files (*.safetensors)")
+    if not trust_remote_code and is_remote_chatglm(path):
+        raise GlmtuneError(f"{path} is a remote-code ChatGLM checkpoint (model_type chatglm, modeling_chatglm.py): "
+                           f"glmtune does not run a model folder's own code. Fix: `glmtune model import-chatglm {path} "
+                           f"--out {path}-native` and use the new folder (a training config may set model.trust_remote_code: "
+                           f"true to run the folder's code instead).")
     return path
+
+
+def is_remote_chatglm(path: str | Path) -> bool:
+    """config.json says `model_type: chatglm`, or its auto_map points at modeling_chatglm."""
+    import json
+
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    auto_map = cfg.get("auto_map") or {}
+    return cfg.get("model_type") == "chatglm" or any("modeling_chatglm" in str(v) for v in auto_map.values())
 
 
 def load_model(path: str | Path, *, dtype: str = "auto", attn_implementation: str | None = None,
                device_map=None, quantization_config=None, **kwargs):
-    """AutoModelForCausalLM.from_pretrained with local_files_only and a clear missing-folder error."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """AutoModelForCausalLM.from_pretrained with local_files_only and a clear missing-folder error.
 
-    path = check_model_dir(path)
+    A vision-language folder (:func:`is_vision_model`) loads through AutoModelForImageTextToText,
+    the class its processor's pixel inputs go to; no remote code either way.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    path = check_model_dir(path, trust_remote_code=bool(kwargs.get("trust_remote_code")))
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True,
-                                                device_map=device_map,
-                                                quantization_config=quantization_config, **extra, **kwargs)
+    auto = AutoModelForImageTextToText if is_vision_model(path) else AutoModelForCausalLM
+    return auto.from_pretrained(path, dtype=torch_dtype, local_files_only=True, device_map=device_map,
+                                quantization_config=quantization_config, **extra, **kwargs)
+
+
+def model_type(path: str | Path) -> str:
+    """``model_type`` from a model folder's config.json ('' when absent)."""
+    import json
+
+    return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type", "")
+
+
+def is_vision_model(path: str | Path) -> bool:
+    """True for image-text-to-text architectures (Qwen2-VL, GLM-4V, LLaVA, ...): they take images."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return model_type(path) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+def load_processor(path: str | Path):
+    """The folder's multimodal processor (AutoProcessor: image processor + tokenizer), no remote code.
+
+    Image processors fall back to their PIL version without torchvision; some processors (Qwen2-VL,
+    GLM-4V) also build a video processor, which needs torchvision: that is reported with the fix.
+    """
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    try:
+        return AutoProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (ImportError, AttributeError, TypeError, ValueError) as e:
+        if not is_torchvision_available():
+            raise GlmtuneError(f"{path}: this model's processor needs torchvision ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:160]}). Fix: install the torchvision build that "
+                               f"matches your torch (CPU: pip install torchvision --index-url "
+                               f"https://download.pytorch.org/whl/cpu)") from None
+        raise GlmtuneError(f"{path}: cannot load the image processor ({e}). Fix: copy the model's "
+                           f"processor files (preprocessor_config.json / processor_config.json) into the "
+                           f"folder") from None

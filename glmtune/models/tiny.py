@@ -49,3 +49,110 @@ def write_glmtune_meta(model_dir: str | Path, **meta) -> None:
     path = Path(model_dir) / "glmtune.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     write_json_atomic(path, {**old, **meta})
+
+
+# A LLaVA-architecture vision-language model with a Qwen2 (ChatML) language model and a SigLIP
+# tower, shaped like llava-hf/llava-interleave-qwen-0.5b-hf (384 px pictures, 14 px patches -> 729
+# `<image>` tokens, "full" features) with tiny widths. LLaVA, not Qwen2-VL: Qwen2-VL's processor
+# also builds a video processor, which needs torchvision (a CUDA-sized install on a CPU box).
+# Its tokenizer is byte-level BPE without merges (each UTF-8 byte a token) + the special tokens.
+TINY_VL_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>")
+TINY_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def byte_level_tokenizer(special_tokens=TINY_VL_SPECIALS, eos: str = "<|im_end|>", pad: str = "<|endoftext|>"):
+    """A fast tokenizer built offline: 256 byte tokens (GPT-2's byte-to-unicode alphabet) + specials."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad)
+
+
+def build_tiny_vl(out_dir: str | Path, *, seed: int = 0, init_range: float = 0.2) -> Path:
+    """Write a random LLaVA(Qwen2 + SigLIP) folder: config, safetensors, processor, tokenizer, glmtune.json.
+
+    ``init_range`` is 10x the usual 0.02 so a random model's greedy answer depends on the picture."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    out_dir = Path(out_dir)
+    tokenizer = byte_level_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in TINY_VL_SPECIALS}
+    text = dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=init_range,
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                  num_hidden_layers=2, image_size=384, patch_size=14, vision_use_head=False)
+    config = LlavaConfig(text_config=text, vision_config=vision, image_token_index=ids["<image>"],
+                         vision_feature_select_strategy="full", vision_feature_layer=-1,
+                         projector_hidden_act="gelu", tie_word_embeddings=True, initializer_range=init_range)
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(config).save_pretrained(out_dir)
+    # SigLIP's real preprocessing: 384x384 bicubic, mean = std = 0.5.
+    images = SiglipImageProcessorPil(size={"height": 384, "width": 384}, resample=3,
+                                     image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=14,
+                   vision_feature_select_strategy="full",
+                   chat_template=TINY_VL_CHAT_TEMPLATE).save_pretrained(out_dir)
+    write_glmtune_meta(out_dir, template="qwen")
+    return out_dir
+
+
+# Qwen2-VL-7B-Instruct's own chat template and special tokens; its processor settings are the
+# library defaults (14 px patches, 2x2 merge, 56*56 .. 28*28*1280 pixels, CLIP mean/std).
+QWEN2_VL_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                     "<|image_pad|>", "<|video_pad|>")
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny_qwen2_vl(out_dir: str | Path, *, seed: int = 0, init_range: float = 0.2) -> Path:
+    """A random Qwen2-VL folder with tiny widths (M-RoPE sections scaled to the head size).
+
+    Needs torchvision: Qwen2-VL's processor always builds its video processor (bench/vl_qwen2vl_check.py)."""
+    import torch
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
+                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    out_dir = Path(out_dir)
+    tokenizer = byte_level_tokenizer(QWEN2_VL_SPECIALS)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIALS}
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, initializer_range=init_range,
+                # head_dim 16 -> 8 rotary pairs split over (time, height, width) like 7B's [16, 24, 24] of 64
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
+                bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, initializer_range=init_range)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(out_dir)
+    Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                     video_processor=Qwen2VLVideoProcessor(),
+                     chat_template=QWEN2_VL_CHAT_TEMPLATE).save_pretrained(out_dir)
+    write_glmtune_meta(out_dir, template="qwen")
+    return out_dir

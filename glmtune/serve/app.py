@@ -20,11 +20,12 @@ from glmtune.serve.engine import Engine, Job, QueueFull
 
 
 def create_app(predictor, *, api_key: str | None = None, max_queue: int = 64, timeout: float = 120.0,
-               max_tokens: int = 2048, model_name: str | None = None):
+               max_tokens: int = 2048, model_name: str | None = None, image_root: str | Path | None = None):
     """Build the FastAPI app around a loaded :class:`~glmtune.infer.predictor.Predictor`.
 
     ``timeout``: seconds from arrival to the last token (queue wait included); ``max_tokens``: the
-    most new tokens one request may ask for.
+    most new tokens one request may ask for; ``image_root``: the one folder whose pictures requests
+    may name by path (None: images only as data: URIs).
     """
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -95,7 +96,7 @@ def create_app(predictor, *, api_key: str | None = None, max_queue: int = 64, ti
             return error(404, f"The model '{req.model}' does not exist; this server has "
                               f"{', '.join([base_name] + predictor.adapters)}", param="model",
                          code="model_not_found")
-        messages = [m.to_canonical() for m in req.messages]
+        messages = schemas.canonical_messages(req.messages, image_root)
         # Retrieval embeds the question: run it off the event loop.
         prompt_ids, _sources = await asyncio.to_thread(predictor.prepare, messages, req.tools)
         loop = asyncio.get_running_loop()

@@ -2,13 +2,15 @@
 
 Unknown request fields are ignored, as OpenAI-compatible servers usually do, so newer clients work;
 fields that would change the answer but are not supported (``n > 1``, ``stop``) are rejected with
-400 rather than silently ignored.
+400 rather than silently ignored. Content parts: ``text`` and ``image_url`` (a ``data:`` URI, or a
+local path / ``file://`` URL inside the server's ``--image-root``; never fetched from the network).
 """
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -18,23 +20,66 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    url: str = Field(min_length=1)
+    detail: str | None = None  # OpenAI's hint; sizing here is min_pixels/max_pixels or resized_*
+
+
+class ImagePart(BaseModel):
+    """OpenAI's image part, plus the per-image sizing keys glmtune's records take."""
+    type: Literal["image_url"]
+    image_url: ImageURL
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+    resized_height: int | None = Field(None, ge=1)
+    resized_width: int | None = Field(None, ge=1)
+
+    def to_canonical(self, image_root: Path | None, field: str) -> dict:
+        """A glmtune image part; a local path must lie inside ``image_root`` (none given: refused)."""
+        from glmtune.errors import InputError
+        from glmtune.infer.vision import local_image_path
+
+        url = self.image_url.url
+        if not url.startswith("data:"):
+            if image_root is None:
+                raise InputError("this server takes images only as data: URIs", field=field,
+                                 fix="send data:image/png;base64,..., or start the server with --image-root DIR")
+            url = str(local_image_path(url, root=image_root, field=field))
+        sizing = self.model_dump(include={"min_pixels", "max_pixels", "resized_height", "resized_width"},
+                                 exclude_none=True)
+        return {"type": "image", "image": url, **sizing}
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "observation"]
-    content: str | list[TextPart] | None = None
+    # list first: a bad part is then the error reported (a union reports its first branch's error)
+    content: list[ContentPart] | str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     name: str | None = None
 
-    def to_canonical(self) -> dict:
-        """A canonical glmtune message; OpenAI's 'developer' role is a system message."""
+    def to_canonical(self, image_root: Path | None = None, field: str = "messages") -> dict:
+        """A canonical glmtune message; OpenAI's 'developer' role is a system message. Text-only
+        parts join into one string; with images, content stays a list of glmtune parts."""
         content = self.content
-        if isinstance(content, list):
+        if isinstance(content, list) and not any(isinstance(p, ImagePart) for p in content):
             content = "".join(p.text for p in content)
+        elif isinstance(content, list):
+            content = [{"type": "text", "text": p.text} if isinstance(p, TextPart)
+                       else p.to_canonical(image_root, f"{field}.content[{j}].image_url.url")
+                       for j, p in enumerate(content)]
         msg = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
         if self.tool_calls:
             msg["tool_calls"] = self.tool_calls
         return msg
+
+
+def canonical_messages(messages: list[Message], image_root: Path | None = None) -> list[dict]:
+    return [m.to_canonical(image_root, f"messages[{i}]") for i, m in enumerate(messages)]
 
 
 class StreamOptions(BaseModel):

@@ -20,6 +20,9 @@ from glmtune.errors import InputError
 IGNORE_INDEX = -100  # label of a token that is not trained (PyTorch cross_entropy's ignore_index)
 TRAIN_ON = ("all_assistant", "last_assistant", "everything")
 ROLES = ("system", "user", "assistant", "observation", "tool")
+# Where an image sits in a message's text (U+FFFC OBJECT REPLACEMENT CHARACTER): `encode_prompt`
+# swaps each for that image's placeholder ids; `render` shows it as is.
+IMAGE_MARK = "\ufffc"
 
 
 @dataclass(frozen=True)
@@ -107,15 +110,26 @@ class Template:
             labels += seg_ids if train else [IGNORE_INDEX] * len(seg_ids)
         return Encoded(ids, labels, [spans[t] for t in sorted(spans)])
 
-    def encode_prompt(self, tokenizer, messages: Sequence[dict], tools: list | None = None) -> list[int]:
-        """Ids of a generation prompt: the conversation plus the next assistant header."""
+    def encode_prompt(self, tokenizer, messages: Sequence[dict], tools: list | None = None,
+                      image_ids: Sequence[list[int]] | None = None) -> list[int]:
+        """Ids of a generation prompt: the conversation plus the next assistant header.
+
+        ``image_ids``: for vision-language models, the ids of each image's placeholder (already
+        expanded by the model's processor), spliced in order where content holds ``IMAGE_MARK``.
+        """
         msgs = self._checked(messages, tools)
         if msgs[-1]["role"] == "assistant":
             raise InputError("the conversation ends with an assistant turn", field="messages",
                              fix="drop the last assistant message to build the prompt for it")
+        images = iter(image_ids) if image_ids is not None else None
         ids = []
         for seg in self.segments(msgs, tools, True, False):
-            ids += _segment_ids(tokenizer, seg)
+            if images is not None and not seg.special and IMAGE_MARK in seg.text:
+                ids += _ids_with_images(tokenizer, seg, images)
+            else:
+                ids += _segment_ids(tokenizer, seg)
+        if images is not None and next(images, None) is not None:
+            raise InputError("more images than image marks in the messages", field="messages")
         return ids
 
     def stop_token_ids(self, tokenizer) -> list[int]:
@@ -143,7 +157,9 @@ class Template:
             if content is None:
                 content = ""
             if not isinstance(content, str):
-                raise InputError("content must be a string", field=f"messages[{i}].content")
+                raise InputError("content must be a string", field=f"messages[{i}].content",
+                                 fix="image parts are for inference with a vision-language model "
+                                     "(Predictor, chat, serve); training on them is not supported")
             if msg.get("tool_calls") and not self.supports_tools:
                 raise InputError(f"template '{self.name}' does not support tool calls",
                                  field=f"messages[{i}].tool_calls")
@@ -159,6 +175,23 @@ def _segment_ids(tokenizer, seg: Segment) -> list[int]:
         return []
     # split_special_tokens: a user writing "[gMASK]" or "<|user|>" gets plain text, not a control token.
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def _ids_with_images(tokenizer, seg: Segment, images) -> list[int]:
+    """A text segment's ids with each ``IMAGE_MARK`` replaced by the next image's placeholder ids.
+
+    The text around a mark is tokenized on its own, as a user's text is everywhere else, so a
+    picture never merges with neighbouring characters into one token."""
+    ids: list[int] = []
+    pieces = (seg.text if seg.encode_as is None else seg.encode_as).split(IMAGE_MARK)
+    for i, piece in enumerate(pieces):
+        ids += _segment_ids(tokenizer, Segment(piece, turn=seg.turn))
+        if i < len(pieces) - 1:
+            placeholder = next(images, None)
+            if placeholder is None:
+                raise InputError("more image marks than images in the messages", field="messages")
+            ids += placeholder
+    return ids
 
 
 def _special_id(tokenizer, token: str, required: bool = True) -> int | None:

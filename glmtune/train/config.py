@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from glmtune.errors import ConfigError
 
@@ -35,17 +35,24 @@ class ModelSection(_Section):
 
 class DataSection(_Section):
     datasets: list[str] = Field(description="Training data: names from datasets.yaml or file paths "
-                                            "(JSONL/JSON/CSV in any format `glmtune data` reads).")
+                                            "(JSONL/JSON/CSV in any format `glmtune data convert` reads, "
+                                            "auto-detected or named as PATH:FORMAT). One name or path may "
+                                            "be given without a list (--set data.datasets=train.csv).")
     dev: str | None = Field(None, description="Dev split (registry name or file) for eval loss. "
                                               "Mutually exclusive with val_size.")
+    registry: str | None = Field(None, description="datasets.yaml that names in datasets/dev are looked up in "
+                                                   "(default ./datasets.yaml, as for `glmtune data`).")
     val_size: float = Field(0.0, ge=0, description="Hold out this share (<1) or count (>=1) of the training "
                                                    "records as the dev split (seeded shuffle).")
     template: str | None = Field(None, description="Chat template (glm4, chatglm3, chatglm2, qwen, llama3). "
                                                    "Default: the model folder's glmtune.json.")
     cutoff_len: int = Field(1024, gt=0, description="Longest encoded conversation, in tokens.")
-    on_overflow: Literal["truncate", "drop", "error"] = Field(
-        "truncate", description="What to do with a conversation longer than cutoff_len: truncate it (drop the "
-                                "turns that don't fit), drop it, or stop with an error.")
+    on_overflow: Literal["truncate", "drop", "error"] = Field("truncate", description=(
+        "A conversation longer than cutoff_len: truncate its dialogue text (truncate_side), drop it, or stop "
+        "with an error. The system prompt and last answer are never cut; a record whose answer alone does not "
+        "fit is dropped and counted. `glmtune data stats --cutoff` prints what training will do."))
+    truncate_side: Literal["left", "right"] = Field("left", description=(
+        "Dialogue text cut first: left = the oldest tokens (keeps the end next to the answer), right = the newest."))
     train_on: Literal["all_assistant", "last_assistant", "everything"] = Field(
         "all_assistant", description="Which tokens carry loss (the template's mask).")
     packing: Union[bool, Literal["auto"]] = Field(
@@ -54,6 +61,12 @@ class DataSection(_Section):
                             "and the loss is the same as unpacked. auto: on, except for method prefix and "
                             "remote-code models (which would need an explicit T x T mask).")
     max_samples: int | None = Field(None, gt=0, description="Use only the first N training records (debugging).")
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _one_dataset(cls, value: Any) -> Any:
+        """`--set data.datasets=train.jsonl` parses as a string: a single source is a one-element list."""
+        return [value] if isinstance(value, str) else value
 
 
 class MethodSection(_Section):
@@ -233,6 +246,12 @@ def validate_config(raw: dict, source: str | None = None, *, check_paths: bool =
 def load_config(path: str | Path | dict, overrides: list[str] | None = None, *,
                 check_paths: bool = True) -> TrainConfig:
     """Read a YAML config (or a dict), apply `KEY=VALUE` overrides, validate, check the model folder."""
+    raw, source = read_raw_config(path, overrides)
+    return validate_config(raw, source, check_paths=check_paths)
+
+
+def read_raw_config(path: str | Path | dict, overrides: list[str] | None = None) -> tuple[dict, str | None]:
+    """A YAML file (or a dict) with `KEY=VALUE` overrides applied -> (mapping, file name or None)."""
     if isinstance(path, dict):
         raw, source = json.loads(json.dumps(path)), None
     else:
@@ -249,7 +268,7 @@ def load_config(path: str | Path | dict, overrides: list[str] | None = None, *,
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(raw, key, value)
-    return validate_config(raw, source, check_paths=check_paths)
+    return raw, source
 
 
 GLM_MODEL_TYPES = {"glm", "glm4", "chatglm", "glm4_moe"}
@@ -269,7 +288,7 @@ def check_model(cfg: TrainConfig, source: str | None = None) -> None:
     from glmtune.models.loading import check_model_dir
 
     try:
-        check_model_dir(cfg.model.path)
+        check_model_dir(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     except ModelNotFoundError as e:
         raise ConfigError(str(e).rstrip("."), file=source, field="model.path") from None
     if cfg.model.dtype == "fp16" and model_family(cfg.model.path) in GLM_MODEL_TYPES:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 
-from glmtune.errors import ConfigError, InputError
+from glmtune.data.cutoff import Example, fit_records  # noqa: F401  (Example is re-exported: one encoded conversation)
+from glmtune.errors import InputError
 
 IGNORE = -100  # label of a token that carries no loss (PyTorch cross_entropy's ignore_index)
 
@@ -25,22 +25,13 @@ IGNORE = -100  # label of a token that carries no loss (PyTorch cross_entropy's 
 # --------------------------------------------------------------------------------------------------
 # records
 
-def load_records(spec: str) -> list[dict]:
-    """A data spec is a file path, else a name in the datasets.yaml registry."""
-    from glmtune import data as gdata
+def load_records(spec: str, registry: str | Path | None = None) -> list[dict]:
+    """Records of a data spec, read exactly as `glmtune data` reads it (glmtune.data.registry.load_dataset):
+    a file in any format `glmtune data convert` reads (auto-detected, or `path:format`), else a name in
+    the datasets.yaml registry (``registry``, default ./datasets.yaml)."""
+    from glmtune.data.registry import load_dataset
 
-    if Path(spec).exists():
-        read = getattr(gdata, "read_records", None)
-        if read is None:  # TEMPORARY until glmtune.data.read_records lands: canonical JSONL only
-            from glmtune.data.records import validate_record
-            from glmtune.io import iter_jsonl
-            return [validate_record(r, file=spec, line=n) for n, r in iter_jsonl(spec)]
-        return list(read(spec))
-    registry = getattr(gdata, "resolve_dataset", None)
-    if registry is None:
-        raise InputError(f"dataset {spec!r} is not a file and no dataset registry is available",
-                         field="data.datasets", fix="give a path to a JSONL/JSON/CSV file")
-    return list(registry(spec))
+    return load_dataset(spec, registry=registry)
 
 
 def split_dev(records: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -59,74 +50,17 @@ def split_dev(records: list[dict], val_size: float, seed: int) -> tuple[list[dic
 # --------------------------------------------------------------------------------------------------
 # encoding
 
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-def system_prompt_tokens(tokenizer, template, messages: list[dict]) -> int:
-    """Tokens taken by the system message: prompt(system + first user) minus prompt(first user)."""
-    if not messages or messages[0]["role"] != "system":
-        return 0
-    user = next(m for m in messages if m["role"] == "user")
-    with_sys = template.encode_prompt(tokenizer, [messages[0], user])
-    without = template.encode_prompt(tokenizer, [user])
-    return len(with_sys) - len(without)
-
-
-def _fit(template, tokenizer, rec: dict, cutoff: int, train_on: str) -> Example | None:
-    """Keep the longest prefix of the conversation that ends with an assistant turn and fits."""
-    msgs = rec["messages"]
-    ends = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-    for end in reversed(ends[:-1]):
-        enc = template.encode(tokenizer, msgs[: end + 1], tools=rec.get("tools"), train_on=train_on)
-        if len(enc.input_ids) <= cutoff:
-            return Example(list(enc.input_ids), list(enc.labels))
-    return None
-
-
 def encode_records(records: list[dict], tokenizer, template, *, cutoff_len: int, on_overflow: str = "truncate",
-                   train_on: str = "all_assistant") -> tuple[list[Example], dict]:
-    """Encode each record with the template's loss mask; apply the cutoff policy.
+                   train_on: str = "all_assistant", truncate_side: str = "left") -> tuple[list[Example], dict]:
+    """Encode each record with the template's loss mask under the one overflow policy (glmtune.data.cutoff,
+    the same function `glmtune data stats --cutoff` reports from).
 
-    Returns the examples and counts {"encoded", "truncated", "dropped", "no_loss"}. A record whose
-    system prompt alone reaches cutoff_len is a config error (nothing of it could ever be trained).
+    Returns the examples and counts {"encoded", "truncated", "dropped", "answer_too_long", "no_loss"}
+    ("dropped" includes "answer_too_long"). A system prompt that alone reaches cutoff_len is a config error.
     """
-    examples, stats = [], {"encoded": 0, "truncated": 0, "dropped": 0, "no_loss": 0}
-    seen_systems: set[str] = set()
-    for rec in records:
-        msgs = rec["messages"]
-        if msgs[0]["role"] == "system" and msgs[0]["content"] not in seen_systems:
-            seen_systems.add(msgs[0]["content"])
-            n_sys = system_prompt_tokens(tokenizer, template, msgs)
-            if n_sys >= cutoff_len:
-                raise ConfigError(f"cutoff_len {cutoff_len} is shorter than the system prompt ({n_sys} tokens)",
-                                  field="data.cutoff_len", fix=f"set data.cutoff_len above {n_sys}")
-        enc = template.encode(tokenizer, msgs, tools=rec.get("tools"), train_on=train_on)
-        ex = Example(list(enc.input_ids), list(enc.labels))
-        if len(ex) > cutoff_len:
-            meta = rec.get("meta") or {}
-            if on_overflow == "error":
-                raise InputError(f"conversation has {len(ex)} tokens, more than data.cutoff_len={cutoff_len}",
-                                 file=meta.get("source"), line=meta.get("line"),
-                                 fix="raise data.cutoff_len or set data.on_overflow: truncate")
-            if on_overflow == "drop":
-                stats["dropped"] += 1
-                continue
-            fitted = _fit(template, tokenizer, rec, cutoff_len, train_on)
-            # no whole turn fits: cut the tokens (the answer's tail is lost but its start still trains)
-            ex = fitted or Example(ex.input_ids[:cutoff_len], ex.labels[:cutoff_len])
-            stats["truncated"] += 1
-        if all(lab == IGNORE for lab in ex.labels[1:]):
-            stats["no_loss"] += 1
-            continue
-        examples.append(ex)
-        stats["encoded"] += 1
-    return examples, stats
+    examples, report = fit_records(records, template, tokenizer, cutoff_len, train_on=train_on,
+                                   on_overflow=on_overflow, side=truncate_side)
+    return examples, report.counts()
 
 
 # --------------------------------------------------------------------------------------------------

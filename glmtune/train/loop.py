@@ -52,14 +52,15 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def build_datasets(cfg: TrainConfig, tokenizer, template):
-    records = [r for spec in cfg.data.datasets for r in load_records(spec)]
+    records = [r for spec in cfg.data.datasets for r in load_records(spec, cfg.data.registry)]
     if cfg.data.max_samples:
         records = records[: cfg.data.max_samples]
     if cfg.data.dev:
-        dev_records = load_records(cfg.data.dev)
+        dev_records = load_records(cfg.data.dev, cfg.data.registry)
     else:
         records, dev_records = split_dev(records, cfg.data.val_size, cfg.train.seed)
-    kw = dict(cutoff_len=cfg.data.cutoff_len, on_overflow=cfg.data.on_overflow, train_on=cfg.data.train_on)
+    kw = dict(cutoff_len=cfg.data.cutoff_len, on_overflow=cfg.data.on_overflow, train_on=cfg.data.train_on,
+              truncate_side=cfg.data.truncate_side)
     train, stats = encode_records(records, tokenizer, template, **kw)
     dev, _ = encode_records(dev_records, tokenizer, template, **kw) if dev_records else ([], {})
     return train, dev, stats
@@ -350,6 +351,9 @@ def _train(cfg: TrainConfig, plan: SpeedPlan, accelerator, console, *, resume, r
     accelerator.register_for_checkpointing(scheduler)
     register_state_hooks(accelerator)
     model_dtype = next(p.dtype for p in accelerator.unwrap_model(model).parameters() if p.is_floating_point())
+    # train mode before any capture: a graph records what runs while it is captured, and transformers
+    # checkpoints a block only in training mode (captured in eval mode, checkpointing never ran)
+    model.train()
     graphed = _graphed_decoder(plan, cfg, accelerator.unwrap_model(model), train_ex, console) if plan.graphs else None
 
     def write_extras(folder: Path) -> None:
@@ -367,7 +371,6 @@ def _train(cfg: TrainConfig, plan: SpeedPlan, accelerator, console, *, resume, r
                  fused=plan.fused_loss)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    model.train()
     progress, task = progress_bar(main, steps, step)
     last_loss = last_eval = None
     window_tokens, window_t0 = 0, time.time()

@@ -69,6 +69,31 @@ def test_tiny_demo_data_stage_writes_a_stratified_split(tmp_path):
     console = Console(record=True, width=200)
     res = run_demo(tmp_path, stages=["data"], console=console)
     sizes = {k: sum(1 for _ in open(res["data"][k], encoding="utf-8")) for k in ("train", "dev", "test")}
-    assert sizes == {"train": 163, "dev": 20, "test": 21}  # 204 CMCC sample rows, 8:1:1 by label
+    assert sizes == {"train": 192, "dev": 24, "test": 24}  # 4 requests x 60 rows, 8:1:1 by label
     text = console.export_text()
-    assert "clean: 204 -> 204 records" in text and "stats (glm4 template)" in text and "[[" in text
+    assert "clean: 240 -> 240 records" in text and "stats (glm4 template)" in text and "[[" in text
+    assert "'encoded': 192, 'truncated': 0, 'dropped': 0" in text  # nothing is cut at the demo's cutoff
+
+
+def test_service_requests_are_balanced_distinct_and_seeded():
+    from glmtune.data.sample import SERVICE_REQUESTS, service_request_rows
+
+    rows = service_request_rows()
+    assert len(rows) == 240 and len({r["text"] for r in rows}) == 240
+    assert {k: sum(r["label"] == k for r in rows) for k in SERVICE_REQUESTS} == dict.fromkeys(SERVICE_REQUESTS, 60)
+    assert rows == service_request_rows() != service_request_rows(seed=1)
+
+
+@pytest.mark.slow
+def test_tiny_demo_learns(tmp_path):
+    """The whole tiny demo (~1-2 min on 2 cores): the random model ends up classifying held-out requests
+    and its chat reply is the answer it was trained on (issue 12: not `_pe(secret：：：...`)."""
+    from rich.console import Console
+
+    from glmtune.cli.demo import run_demo
+
+    console = Console(record=True, width=200)
+    res = run_demo(tmp_path, console=console)
+    assert res["eval"]["base"]["accuracy"] <= 0.5 and res["eval"]["fine-tuned"]["accuracy"] >= 0.8
+    assert res["chat"]["reproduced"] and res["train"]["final_loss"] < res["train"]["first_loss"]
+    assert "random weights" in console.export_text()

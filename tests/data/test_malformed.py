@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from glmtune.data.cutoff import apply_cutoff
 from glmtune.data.pipeline import clean_file, convert_file, split_file
 from glmtune.errors import InputError
 
@@ -147,13 +146,6 @@ def test_stratify_field_missing_names_line(tmp_path):
         split_file(src, tmp_path / "out", ratios="1:1", stratify="label")
     assert_names(e.value, src, 3, "label")
     assert_nothing_written(tmp_path, tmp_path / "out" / "train.jsonl", tmp_path / "out" / "dev.jsonl")
-
-
-def test_conversation_longer_than_cutoff_errors_with_position(tmp_path):
-    encoded = [{"input_ids": [1] * 5, "labels": [1] * 5}, {"input_ids": [1] * 12, "labels": [1] * 12}]
-    with pytest.raises(InputError) as e:
-        apply_cutoff(encoded, 8, "error", sources=[("d.jsonl", 1), ("d.jsonl", 2)])
-    assert "d.jsonl:2:" in str(e.value) and "12 tokens" in str(e.value)
 
 
 def test_clean_bad_regex_leaves_nothing(tmp_path):

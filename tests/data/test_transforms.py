@@ -8,7 +8,6 @@ import pytest
 
 from cmcc_fixture import write_cmcc_csv
 from glmtune.data.clean import clean_records
-from glmtune.data.cutoff import apply_cutoff
 from glmtune.data.dedupe import dedupe_records
 from glmtune.data.pipeline import merge_files, split_file
 from glmtune.data.readers import read_records
@@ -121,21 +120,6 @@ def test_registry_name_resolves_with_columns_and_options(tmp_path, monkeypatch):
     (r,) = load_dataset("reviews")
     assert r["label"] == "好评"
     assert resolve_source("data/r.csv").format == "auto"  # an existing path wins over the registry
-
-
-def test_cutoff_truncate_at_turn_boundary_drop_and_untrainable():
-    from glmtune.templates import Encoded
-    enc = Encoded(input_ids=list(range(10)), labels=[-100] * 3 + [3, 4] + [-100] * 3 + [8, 9],
-                  turn_spans=[(3, 5), (8, 10)])
-    short = {"input_ids": [1, 2], "labels": [-100, 2]}
-    untrainable = {"input_ids": [1] * 6, "labels": [-100] * 5 + [1]}
-    kept, report = apply_cutoff([enc, short, untrainable], cutoff=7, on_overflow="truncate")
-    assert kept[0].input_ids == [0, 1, 2, 3, 4] and kept[0].turn_spans == [(3, 5)] and kept[1] is short
-    assert (report.overflowed, report.truncated, report.dropped_untrainable, report.longest) == (1, 1, 0, 10)
-    kept, report = apply_cutoff([enc, short, untrainable], cutoff=5, on_overflow="truncate")
-    assert len(kept) == 2 and report.dropped_untrainable == 1
-    kept, report = apply_cutoff([enc, short], cutoff=7, on_overflow="drop")
-    assert kept == [short] and report.dropped == 1 and "1 of 2" in report.summary()
 
 
 def test_stats_counts_and_labels_without_tokenizer():

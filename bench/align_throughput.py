@@ -1,0 +1,162 @@
+"""DPO and GRPO with LoRA on the GLM-4-9B shape: `glmtune align` vs TRL with its defaults, same data.
+
+    python3 bench/align_throughput.py [--steps 8] [--layers 40] [--tiny] [--only dpo|grpo|all]
+                                      [--out bench/results/align_throughput.jsonl]
+
+Builds a random bf16 GLM-4-9B-shaped model folder (bench/benchlib.py, saved once under --cache-dir,
+with glmtune's GLM-4 tokenizer and glmtune.json) and a synthetic task (prompts of ~200 tokens,
+answers of ~64), then runs each configuration in its own process (clean peak memory):
+
+  glmtune-dpo   `glmtune align dpo` (run_alignment: glmtune template ids, LoRA via glmtune's method)
+  trl-dpo       DPOTrainer(model=folder, DPOConfig defaults, peft_config=LoraConfig defaults) on the
+                same pairs as plain text prompt/chosen/rejected
+  glmtune-grpo  `glmtune align grpo` with a `format` reward
+  trl-grpo      GRPOTrainer(model=folder, GRPOConfig defaults, LoraConfig defaults), same reward
+
+Only the batch size, step count and generation length are set the same on both sides (TRL's defaults
+for everything else: bf16 from the model dtype, its own LoRA targets q_proj/v_proj). Each worker
+prints one JSON line: tokens/s (TRL's num_tokens / train_runtime), peak GiB, seconds per step. All
+lines go to --out (raw output) and a markdown table to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+WORDS = ("alpha beta gamma delta river stone cloud tiger maple ocean piano lemon comet forest silver candle "
+         "harbor violet rocket garden winter falcon meadow").split()
+
+
+def build_model_dir(args) -> str:
+    """The random GLM-4-9B-shape weights (benchlib) + GLM-4 tokenizer + glmtune.json: a glmtune model folder."""
+    import benchlib
+
+    from glmtune.models.tiny import write_glmtune_meta
+    from glmtune.models.tokenizer import load_tokenizer
+
+    cfg = benchlib.glm4_config(layers=args.layers, tiny=args.tiny)
+    path = benchlib.saved_model_dir(cfg, args.cache_dir)
+    if not os.path.exists(os.path.join(path, "glmtune.json")):
+        tok_dir = os.path.join(os.path.dirname(HERE), "glmtune", "resources", "tokenizers", "glm4")
+        load_tokenizer(tok_dir).save_pretrained(path)
+        write_glmtune_meta(path, template="glm4")
+    return path
+
+
+def build_data(out_dir: str, n: int = 256) -> dict[str, str]:
+    """Pairs (prompt ~200 words, answers ~64 words) and prompt-only rows with a reference answer."""
+    rng = random.Random(0)
+    os.makedirs(out_dir, exist_ok=True)
+    text = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    pairs, prompts = os.path.join(out_dir, "pairs.jsonl"), os.path.join(out_dir, "prompts.jsonl")
+    with open(pairs, "w") as f, open(prompts, "w") as g:
+        for _ in range(n):
+            p = text(200)
+            f.write(json.dumps({"prompt": p, "chosen": text(64), "rejected": text(64)}) + "\n")
+            g.write(json.dumps({"prompt": p, "references": [text(64)]}) + "\n")
+    return {"pairs": pairs, "prompts": prompts}
+
+
+def _cfg(args, model_dir, data, algo) -> dict:
+    return {"model": {"path": model_dir, "dtype": "bf16"},
+            "data": {"datasets": [data["pairs"] if algo == "dpo" else data["prompts"]], "cutoff_len": 1024},
+            "method": {"name": "lora", "r": 8, "alpha": 16},
+            "train": {"max_steps": args.steps, "batch_size": args.batch, "lr": 1e-5, "seed": 0},
+            "output": {"dir": os.path.join(args.work, f"glmtune-{algo}"), "plot": False, "tensorboard": False},
+            "align": {"num_generations": args.generations, "max_new_tokens": args.new_tokens,
+                      "rewards": [{"name": "format", "options": {"pattern": "[a-z ]+"}}]}}
+
+
+def _format_reward(prompts, completions, **_):
+    import re
+    return [float(re.fullmatch("[a-z ]+", c.strip()) is not None) for c in completions]
+
+
+def worker(args) -> dict:
+    import torch
+
+    model_dir, data = build_model_dir(args), build_data(os.path.join(args.work, "data"))
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    algo = args.worker.split("-")[1]
+    start = time.perf_counter()
+    if args.worker.startswith("glmtune"):
+        from glmtune.align import run_alignment
+        trainer = run_alignment(algo, _cfg(args, model_dir, data, algo)).trainer
+    else:
+        from datasets import load_dataset
+        from peft import LoraConfig
+        import trl
+        cols = ["prompt", "chosen", "rejected"] if algo == "dpo" else ["prompt"]
+        ds = load_dataset("json", data_files=data["pairs" if algo == "dpo" else "prompts"], split="train")
+        ds = ds.select_columns(cols)
+        common = dict(output_dir=os.path.join(args.work, args.worker), max_steps=args.steps, report_to="none",
+                      per_device_train_batch_size=args.batch, logging_steps=1, save_strategy="no")
+        if algo == "dpo":
+            trainer = trl.DPOTrainer(model=model_dir, args=trl.DPOConfig(**common), train_dataset=ds,
+                                     peft_config=LoraConfig(task_type="CAUSAL_LM"))
+        else:
+            conf = trl.GRPOConfig(**common, num_generations=args.generations, max_completion_length=args.new_tokens)
+            trainer = trl.GRPOTrainer(model=model_dir, reward_funcs=_format_reward, args=conf, train_dataset=ds,
+                                      peft_config=LoraConfig(task_type="CAUSAL_LM"))
+        trainer.train()
+    wall = time.perf_counter() - start
+    logs = trainer.state.log_history
+    runtime = next(r["train_runtime"] for r in logs if "train_runtime" in r)
+    tokens = max(r.get("num_tokens", 0) for r in logs)
+    return {"run": args.worker, "steps": trainer.state.global_step, "tokens": tokens,
+            "train_runtime_s": round(runtime, 2), "tokens_per_s": round(tokens / runtime, 1),
+            "s_per_step": round(runtime / max(trainer.state.global_step, 1), 3), "wall_s": round(wall, 1),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+            "batch": args.batch, "layers": args.layers, "tiny": args.tiny}
+
+
+def main() -> None:
+    import benchlib
+
+    p = argparse.ArgumentParser()
+    benchlib.add_model_args(p)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="per-device batch (grpo: completions, a multiple of "
+                                                         "--generations)")
+    p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--only", choices=["dpo", "grpo", "all"], default="all")
+    p.add_argument("--work", default="/tmp/glmtune_align_bench")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "align_throughput.jsonl"))
+    p.add_argument("--timeout", type=int, default=1500)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+    build_model_dir(args)  # once, before the workers
+    runs = [f"{who}-{algo}" for algo in (["dpo", "grpo"] if args.only == "all" else [args.only])
+            for who in ("glmtune", "trl")]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    rows = []
+    for run in runs:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", run] + sys.argv[1:]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            line = next((ln[7:] for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            row = json.loads(line) if line else {"run": run, "error": (proc.stderr or proc.stdout)[-1500:]}
+        except subprocess.TimeoutExpired:
+            row = {"run": run, "error": f"timeout after {args.timeout}s"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps({**row, "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    print("\n| run | tokens/s | s/step | peak GiB |\n|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['run']} | {r.get('tokens_per_s', 'error')} | {r.get('s_per_step', '')} | {r.get('peak_gib', '')} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Alignment data: canonical records -> the pre-tokenized rows TRL trains on, with glmtune's template.
+
+TRL never renders a prompt itself here: every id comes from `Template.encode_prompt` / `encode`, the
+same code `glmtune train`, `glmtune data render --ids`, evaluation and serving use. A prompt's ids
+are a prefix of the ids of the prompt plus an answer (templates guarantee it), so an answer's ids
+are `encode(prompt + answer)[len(prompt_ids):]`: the trained tokens and the end-of-turn token the
+model must learn to stop with.
+
+Rows per algorithm:
+- dpo: {prompt_ids, chosen_ids, rejected_ids}               (TRL DataCollatorForPreference)
+- rm:  {chosen_ids, rejected_ids} = whole prompt+answer ids  (TRL reward collator)
+- grpo/ppo: {prompt (rendered text), label?, references?, bad_answers?}; the prompt's ids are looked
+  up by its text when TRL asks to tokenize it (glmtune.align.trainers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from glmtune.errors import InputError
+
+
+def load_align_records(spec: str) -> list[dict]:
+    """A file through glmtune's readers (prompt-only records allowed), else a datasets.yaml name."""
+    if Path(spec).exists():
+        from glmtune.data.readers import read_records
+        return read_records(spec, require_assistant=False)
+    from glmtune.train.data import load_records
+    return load_records(spec)
+
+
+def _where(rec: dict) -> dict:
+    meta = rec.get("meta") or {}
+    return {"file": meta.get("source"), "line": meta.get("line")}
+
+
+def prompt_of(rec: dict) -> list[dict]:
+    """The conversation the policy answers: everything before the final assistant turn."""
+    msgs = rec["messages"]
+    return msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
+
+
+def answer_pairs(rec: dict) -> list[tuple[str, str]]:
+    """(chosen, rejected) pairs of a record: its pair, or every gold answer x every bad answer."""
+    if "chosen" in rec:
+        return [(rec["chosen"], rec["rejected"])]
+    if rec.get("references") and rec.get("bad_answers"):
+        return [(g, b) for g in rec["references"] for b in rec["bad_answers"] if g.strip() != b.strip()]
+    raise InputError("no preference pair: needs chosen/rejected, or gold_answers with bad_answers",
+                     field="chosen", **_where(rec), fix="convert the data with `glmtune data convert`")
+
+
+def answer_ids(template, tokenizer, prompt: list[dict], prompt_ids: list[int], answer: str, tools=None) -> list[int]:
+    """Ids of `answer` as the assistant's next turn, end token included (the template's training ids)."""
+    full = template.encode(tokenizer, [*prompt, {"role": "assistant", "content": answer}], tools=tools).input_ids
+    if full[:len(prompt_ids)] != prompt_ids:  # a template bug: training and generation would see different text
+        raise InputError(f"template {template.name!r} renders the prompt differently inside the conversation")
+    return list(full[len(prompt_ids):])
+
+
+def _check_length(n: int, cutoff: int, policy: str, rec: dict) -> bool:
+    """True to keep the row. truncate: TRL truncates to max_length=cutoff_len (prompt side kept)."""
+    if n <= cutoff or policy == "truncate":
+        return True
+    if policy == "error":
+        raise InputError(f"{n} tokens, more than data.cutoff_len={cutoff}", **_where(rec),
+                         fix="raise data.cutoff_len or set data.on_overflow: truncate")
+    return False
+
+
+def preference_rows(records: list[dict], template, tokenizer, *, cutoff_len: int, on_overflow: str) -> list[dict]:
+    """DPO rows {prompt_ids, chosen_ids, rejected_ids}."""
+    rows = []
+    for rec in records:
+        prompt = prompt_of(rec)
+        p_ids = template.encode_prompt(tokenizer, prompt, tools=rec.get("tools"))
+        for chosen, rejected in answer_pairs(rec):
+            c = answer_ids(template, tokenizer, prompt, p_ids, chosen, rec.get("tools"))
+            r = answer_ids(template, tokenizer, prompt, p_ids, rejected, rec.get("tools"))
+            if _check_length(len(p_ids) + max(len(c), len(r)), cutoff_len, on_overflow, rec):
+                rows.append({"prompt_ids": p_ids, "chosen_ids": c, "rejected_ids": r})
+    return rows
+
+
+def reward_model_rows(records: list[dict], template, tokenizer, *, cutoff_len: int, on_overflow: str) -> list[dict]:
+    """Reward-model rows: each side is the whole conversation (prompt + answer) the RM scores."""
+    return [{"chosen_ids": r["prompt_ids"] + r["chosen_ids"], "rejected_ids": r["prompt_ids"] + r["rejected_ids"]}
+            for r in preference_rows(records, template, tokenizer, cutoff_len=cutoff_len, on_overflow=on_overflow)]
+
+
+@dataclass
+class PromptTable:
+    """GRPO/PPO prompts: rows for TRL and what glmtune needs to tokenize and score them."""
+    rows: list[dict]
+    ids: dict[str, list[int]] = field(default_factory=dict)        # rendered prompt -> template ids
+    messages: dict[str, list[dict]] = field(default_factory=dict)  # rendered prompt -> its conversation
+
+
+def prompt_table(records: list[dict], template, tokenizer, *, cutoff_len: int, on_overflow: str,
+                 table: PromptTable | None = None) -> PromptTable:
+    """Rows {prompt, label, references, bad_answers} (every column in every row, so one Arrow schema)."""
+    table = table or PromptTable([])
+    for rec in records:
+        prompt = prompt_of(rec)
+        ids = template.encode_prompt(tokenizer, prompt, tools=rec.get("tools"))
+        if not _check_length(len(ids), cutoff_len, on_overflow, rec):
+            continue
+        text = template.render(prompt, tools=rec.get("tools"), add_generation_prompt=True)
+        table.ids[text], table.messages[text] = ids, prompt
+        answer = rec["messages"][-1]["content"] if rec["messages"][-1]["role"] == "assistant" else None
+        table.rows.append({"prompt": text, "label": None if rec.get("label") is None else str(rec["label"]),
+                           "references": list(rec.get("references") or ([answer] if answer else [])),
+                           "bad_answers": list(rec.get("bad_answers") or []),
+                           "answer": answer})
+    return table

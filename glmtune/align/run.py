@@ -1,0 +1,201 @@
+"""The alignment recipe, top to bottom: config -> data -> rewards -> model -> TRL trainer -> save.
+
+Everything that can fail on user input (config keys, data files, reward names) is checked before the
+output folder is created, so a bad run writes nothing. The policy starts from `model.path` plus, if
+given, the SFT adapter `model.adapter` (trained further; TRL keeps a frozen copy of it as the "ref"
+adapter, so the reference is the starting policy without a second base model in memory).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from glmtune.align.config import AlignConfig, check_for, load_align_config, save_resolved
+from glmtune.align.data import (PromptTable, load_align_records, preference_rows, prompt_table,
+                                reward_model_rows)
+from glmtune.align.trainers import ALGORITHMS, Algorithm, training_arguments
+from glmtune.errors import ConfigError, InputError
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass
+class AlignResult:
+    output_dir: Path
+    adapter_path: Path                  # OUT/final
+    steps: int
+    metrics: list[dict] = field(default_factory=list)
+    trainer: object = None              # the TRL trainer (for tests and notebooks)
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+def load_splits(cfg: AlignConfig) -> tuple[list[dict], list[dict]]:
+    from glmtune.train.data import split_dev
+    records = [r for spec in cfg.data.datasets for r in load_align_records(spec)]
+    if cfg.data.max_samples:
+        records = records[: cfg.data.max_samples]
+    if cfg.data.dev:
+        return records, load_align_records(cfg.data.dev)
+    return split_dev(records, cfg.data.val_size, cfg.train.seed)
+
+
+def build_rows(algo: Algorithm, records: list[dict], template, tokenizer, cfg: AlignConfig,
+               table: PromptTable | None = None):
+    """Rows for TRL (list of dicts) for one split; prompts also fill `table` (ids and conversations)."""
+    kw = dict(cutoff_len=cfg.data.cutoff_len, on_overflow=cfg.data.on_overflow)
+    if algo.rows == "pairs":
+        return preference_rows(records, template, tokenizer, **kw)
+    if algo.rows == "rm_pairs":
+        return reward_model_rows(records, template, tokenizer, **kw)
+    before = len(table.rows)
+    prompt_table(records, template, tokenizer, table=table, **kw)
+    return table.rows[before:]
+
+
+def _dataset(rows: list[dict], what: str):
+    from datasets import Dataset
+    if not rows:
+        raise InputError(f"no {what} rows left after encoding", field="data.datasets",
+                         fix="check the data format for this algorithm (glmtune align --explain)")
+    return Dataset.from_list(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# model
+
+def load_policy(cfg: AlignConfig, algo: Algorithm, template, tokenizer):
+    """The model TRL trains: LM (+ SFT adapter, or a fresh LoRA) or, for rm, a scalar-head classifier."""
+    import torch
+
+    from glmtune.models.loading import check_model_dir
+    from glmtune.models.peft_setup import lora_targets, qlora_quant_config, setup_method
+
+    method = cfg.method.name
+    dtype = getattr(torch, "float32" if method == "full" or cfg.model.dtype == "fp16" else DTYPES[cfg.model.dtype])
+    quant = qlora_quant_config() if method == "qlora" else None
+    kw = dict(dtype=dtype, local_files_only=True, quantization_config=quant,
+              trust_remote_code=cfg.model.trust_remote_code,
+              **({"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}))
+    path = check_model_dir(cfg.model.path)
+    if algo.sequence_classifier:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForSequenceClassification
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kw)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if method == "full":
+            return model
+        lora = LoraConfig(r=cfg.method.r, lora_alpha=cfg.method.alpha, lora_dropout=cfg.method.dropout,
+                          target_modules=lora_targets(model, cfg.method.target_modules), task_type="SEQ_CLS")
+        return get_peft_model(model, lora)
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    # rollouts stop where serving stops: the template's end tokens, not only the folder's eos
+    model.generation_config.eos_token_id = template.stop_token_ids(tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if cfg.model.adapter:
+        from peft import PeftModel
+        if cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        return PeftModel.from_pretrained(model, cfg.model.adapter, is_trainable=True)
+    return setup_method(model, cfg.method, gradient_checkpointing=cfg.train.gradient_checkpointing)
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+
+def run_alignment(algorithm: str, config, *, overrides: list[str] | None = None, resume: str | None = None,
+                  console=None) -> AlignResult:
+    """`glmtune align ALGORITHM CONFIG`: train, write OUT/{final, metrics.jsonl, loss.png, reward.png, config.yaml}."""
+    import torch
+    from rich.console import Console
+
+    from glmtune.align.monitor import close_monitor, monitor_callback
+    from glmtune.align.rewards import RewardContext, build_rewards
+    from glmtune.models.tokenizer import load_tokenizer
+    from glmtune.train.checkpoint import resolve_resume
+    from glmtune.train.config import resolve_template
+    from glmtune.train.monitor import Monitor, read_metrics
+
+    console = console or Console(stderr=True)
+    cfg = config if isinstance(config, AlignConfig) else load_align_config(config, overrides)
+    source = None if isinstance(config, (AlignConfig, dict)) else str(config)
+    check_for(cfg, algorithm, source)
+    algo = ALGORITHMS[algorithm]
+    if algo.sequence_classifier and cfg.model.adapter:
+        raise ConfigError("a reward model starts from a model folder, not an adapter", file=source,
+                          field="model.adapter", fix="merge the SFT adapter first (glmtune export) or drop model.adapter")
+
+    # -- everything user-supplied is checked here, before anything is written -------------------------
+    tokenizer = load_tokenizer(cfg.model.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    template = resolve_template(cfg)
+    train_records, dev_records = load_splits(cfg)
+    table = PromptTable([]) if algo.rows == "prompts" else None
+    train_ds = _dataset(build_rows(algo, train_records, template, tokenizer, cfg, table), "training")
+    dev_ds = _dataset(build_rows(algo, dev_records, template, tokenizer, cfg, table), "dev") if dev_records else None
+    reward_kw = {}
+    if algo.rows == "prompts":
+        ctx = RewardContext(train_records, template, tokenizer, table.messages)
+        fns, _ = build_rewards(cfg.align.rewards, ctx)
+        reward_kw = {"reward_funcs": fns}
+
+    out = Path(cfg.output.dir)
+    ckpt = resolve_resume(resume, out)
+    args = training_arguments(cfg, algo, out, has_dev=dev_ds is not None, cuda=torch.cuda.is_available())
+    model = load_policy(cfg, algo, template, tokenizer)
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, out, algorithm)
+    main = int(os.environ.get("RANK", "0")) == 0
+    # -1 on a fresh run: drop every old row, including a previous run's step-0 evaluation
+    resume_step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"] if ckpt else -1
+    monitor = Monitor(out, enabled=main, resume_step=resume_step, tensorboard=cfg.output.tensorboard,
+                      plot=cfg.output.plot)
+    trainer_cls = algo.trainer()
+    if algo.rows == "prompts":
+        trainer_cls.glmtune_prompt_ids = table.ids
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=dev_ds,
+                          processing_class=tokenizer, callbacks=[monitor_callback(monitor)], **reward_kw)
+    from transformers.trainer_callback import PrinterCallback
+    trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl/TensorBoard, not dicts on stdout
+    if algorithm == "ppo":
+        console.print("ppo: TRL 1.x has no PPO trainer; running RLOOTrainer (PPO-clipped objective, KL to the "
+                      "reference, leave-one-out baseline instead of a value head)")
+    console.print(f"[bold]{algorithm}[/] ({type(trainer).__name__}) on {cfg.model.path}"
+                  + (f" + {cfg.model.adapter}" if cfg.model.adapter else "")
+                  + f": {len(train_ds)} training rows, {len(dev_ds) if dev_ds is not None else 0} dev rows")
+
+    if dev_ds is not None and ckpt is None:
+        trainer.evaluate()  # step 0: the starting policy's held-out metrics, for before/after
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    if dev_ds is not None:
+        trainer.evaluate()
+        if algorithm == "dpo" and main:
+            from glmtune.align.metrics import preference_kl
+            monitor.log({"step": trainer.state.global_step, "eval_kl": preference_kl(trainer, dev_ds)})
+    final = save_final(trainer, tokenizer, cfg, algorithm, template.name, out / "final")
+    close_monitor(monitor, cfg.output.plot)
+    return AlignResult(out, final, trainer.state.global_step,
+                       metrics=read_metrics(out / "metrics.jsonl") if main else [], trainer=trainer)
+
+
+def save_final(trainer, tokenizer, cfg: AlignConfig, algorithm: str, template_name: str, folder: Path) -> Path:
+    """OUT/final: the trained adapter (only the policy's, not TRL's frozen "ref" copy) or the whole model,
+    with tokenizer files and glmtune.json so Predictor/chat/serve/export read it like a training output."""
+    from glmtune.io import write_json_atomic
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(folder, selected_adapters=["default"])
+    else:
+        trainer.save_model(str(folder))
+    tokenizer.save_pretrained(folder)
+    write_json_atomic(folder / "glmtune.json", {"template": template_name, "method": cfg.method.name,
+                                                "algorithm": algorithm,
+                                                "base_model": str(Path(cfg.model.path).resolve())})
+    return folder

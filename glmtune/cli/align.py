@@ -1,0 +1,63 @@
+"""`glmtune align {rm,dpo,grpo,ppo} CONFIG.yaml`: thin wrappers over glmtune.align.run_alignment."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from glmtune.cli.main import app
+
+console = Console(stderr=True)
+align_app = typer.Typer(help="Align a model on TRL: reward model (rm), DPO, GRPO, PPO (TRL's RLOO).",
+                        invoke_without_command=True)
+app.add_typer(align_app, name="align")
+
+CONFIG = typer.Argument(None, help="Alignment config YAML (glmtune train's sections + align:).")
+SET = typer.Option(None, "--set", help="Override a key: --set align.beta=0.2 (repeatable).")
+RESUME = typer.Option(None, help="Continue from `latest` (newest checkpoint in output.dir) or a checkpoint folder.")
+
+
+@align_app.callback()
+def align_group(ctx: typer.Context,
+                explain: bool = typer.Option(False, help="Print every config key with its default and meaning.")) -> None:
+    """Reward model, DPO, GRPO and PPO from the same configs, templates and adapters as `glmtune train`."""
+    if explain:
+        from glmtune.align.config import AlignConfig
+        from glmtune.train.config import explain as explain_cfg
+        typer.echo(explain_cfg(AlignConfig))
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+
+
+def _run(algorithm: str, config: Optional[Path], sets: Optional[List[str]], resume: Optional[str]) -> None:
+    from glmtune.align.run import run_alignment
+    from glmtune.errors import ConfigError
+    if config is None:
+        raise ConfigError("no config file given", fix=f"glmtune align {algorithm} CONFIG.yaml (or glmtune align --explain)")
+    result = run_alignment(algorithm, config, overrides=list(sets or []), resume=resume, console=console)
+    last = next((r for r in reversed(result.metrics) if "loss" in r), {})
+    console.print(f"[green]done[/]: {result.steps} steps" + (f", last loss {last['loss']:.4f}" if last else "")
+                  + f"\nweights: {result.adapter_path}\nmetrics: {result.output_dir / 'metrics.jsonl'}")
+
+
+ALGORITHMS = {
+    "rm": "Train a reward model (scalar head) on preference pairs; use it as a GRPO/PPO reward.",
+    "dpo": "Direct preference optimisation on preference pairs (or gold x bad answers).",
+    "grpo": "Group relative policy optimisation with the rewards of align.rewards.",
+    "ppo": "PPO-style RL with align.rewards (TRL 1.x: RLOOTrainer, no value head).",
+}
+
+
+def _command(algorithm: str):
+    def command(config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET,
+                resume: Optional[str] = RESUME) -> None:
+        _run(algorithm, config, set_, resume)
+    command.__doc__ = ALGORITHMS[algorithm]
+    return command
+
+
+for _name in ALGORITHMS:
+    align_app.command(_name)(_command(_name))
