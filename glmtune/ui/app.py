@@ -25,8 +25,9 @@ pre.render { white-space: pre-wrap !important; max-height: 360px !important; ove
 
 # Optional tabs: (tab title, [(command words, module that must exist)]).
 OPTIONAL_TABS = [
-    ("Synthesize", [(("data", "crawl"), "glmtune.data.crawl"), (("data", "synthesize"), "glmtune.data.synthesize")]),
-    ("Align", [(("align",), "glmtune.align")]),
+    ("Synthesize", [(("data", "crawl"), "glmtune.data.crawl"), (("data", "synthesize"), "glmtune.data.synthesize"),
+                    (("data", "augment"), "glmtune.data.augment")]),
+    ("Align", [(("align",), "glmtune.align")]),  # a group: one form per subcommand (rm, dpo, grpo, ppo)
 ]
 
 
@@ -38,7 +39,8 @@ def build_app(workspace: str | Path):
     from glmtune.ui.jobs import JobSlot
 
     ws = Workspace(workspace)
-    optional = {title: [(w, c) for w, m in cmds if (c := cli_form.find_command(w, m)) is not None]
+    optional = {title: [leaf for w, m in cmds if (c := cli_form.find_command(w, m)) is not None
+                        for leaf in cli_form.leaf_commands(w, c)]
                 for title, cmds in OPTIONAL_TABS}
     with gr.Blocks(title="glmtune") as blocks:
         gr.Markdown(f"## glmtune · workspace `{ws.root}`")

@@ -35,6 +35,14 @@ def find_command(words: tuple[str, ...], module: str):
     return cmd
 
 
+def leaf_commands(words: tuple[str, ...], cmd) -> list[tuple[tuple[str, ...], object]]:
+    """A command, or every subcommand of a group (`glmtune align` -> rm, dpo, grpo, ppo), in order."""
+    subs = getattr(cmd, "commands", None)
+    if not subs:
+        return [(words, cmd)]
+    return [leaf for name, sub in subs.items() for leaf in leaf_commands((*words, name), sub)]
+
+
 def form_params(cmd) -> list:
     return [p for p in cmd.params if p.name != "help" and not getattr(p, "hidden", False)]
 

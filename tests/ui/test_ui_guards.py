@@ -225,6 +225,11 @@ def test_the_whole_app_builds_with_its_tabs(ws):
     blocks = build_app(ws.root)
     labels = [b.label for b in blocks.blocks.values() if type(b).__name__ == "Tab"]
     assert labels[:1] == ["Data"] and {"Config", "Train", "Evaluate", "Chat"} <= set(labels)
+    # the crawl / synthesize / augment and align commands are in the package: their tabs are there
+    assert {"Synthesize", "Align"} <= set(labels)
+    from glmtune.ui.cli_form import find_command, leaf_commands
+    group = find_command(("align",), "glmtune.align")
+    assert [w for w, _ in leaf_commands(("align",), group)][:2] == [("align", "rm"), ("align", "dpo")]
 
 
 def test_chat_reply_streams_each_piece_with_history():
