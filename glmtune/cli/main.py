@@ -20,7 +20,7 @@ err = Console(stderr=True)
 
 def _register_all() -> None:
     from glmtune.cli import data, demo  # noqa: F401  (each module registers its commands)
-    for name in ("train", "align", "model", "eval", "infer", "serve", "rag"):
+    for name in ("train", "align", "model", "eval", "infer", "serve", "rag", "ui"):
         try:
             __import__(f"glmtune.cli.{name}")
         except ModuleNotFoundError as e:

@@ -16,6 +16,10 @@ TINY_GLM4 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
                  rms_norm_eps=1.5625e-07, partial_rotary_factor=0.5, attention_bias=True,
                  tie_word_embeddings=False, pad_token_id=151329, eos_token_id=[151329, 151336, 151338])
 
+# The GLM-4 tokenizer shipped in the package (glmtune/resources/tokenizers/glm4): the demo, the web UI
+# and tests build tiny models with it offline.
+BUILTIN_GLM4_TOKENIZER = Path(__file__).resolve().parents[1] / "resources" / "tokenizers" / "glm4"
+
 
 def build_tiny_glm4(out_dir: str | Path, tokenizer_dir: str | Path, *, seed: int = 0,
                     overrides: dict | None = None, dtype: str = "float32") -> Path:
