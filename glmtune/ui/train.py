@@ -79,8 +79,8 @@ def progress_text(rows: list[dict], total: int | None, job) -> str:
     evals = [r for r in rows if "eval_loss" in r]
     if evals:
         parts.append(f"eval loss {evals[-1]['eval_loss']:.4f}")
-    if last.get("tokens_per_s"):
-        parts.append(f"{last['tokens_per_s']:,.0f} tokens/s")
+    if last.get("input_tokens_per_s"):
+        parts.append(f"{last['input_tokens_per_s']:,.0f} tokens/s")
     t0, s0 = first
     if total and step > s0 and job.running:
         eta = (time.time() - t0) / (step - s0) * (total - step)
