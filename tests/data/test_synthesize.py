@@ -130,3 +130,16 @@ def test_against_glmtune_serve_on_the_tiny_model(pages, tmp_path, trained_glm4_d
     assert (tmp_path / "qa.jsonl").read_text() == ""
     log = [json.loads(x) for x in (tmp_path / "qa.progress.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(log) == 1 and all(len(r["replies"]) == 2 and r["model"] == trained_glm4_dir.name for r in log)
+
+
+def test_local_model_folder_backend(pages, tmp_path, trained_glm4_dir):
+    """--llm MODEL_DIR: Predictor, batched, and the model's own tokenizer for chunking (plumbing, like serve)."""
+    from glmtune.infer.llm import LocalChatLLM, open_llm
+
+    llm = open_llm(trained_glm4_dir, max_tokens=24, batch_size=4)
+    assert isinstance(llm, LocalChatLLM) and llm.name == trained_glm4_dir.name
+    replies = llm.batch([[{"role": "user", "content": "What is the capital of France?"}],
+                         [{"role": "user", "content": "How many legs does a spider have?"}]])
+    assert replies == ["The capital of France is Paris.", "A spider has eight legs."]   # greedy, left-padded batch
+    s = synthesize_qa(pages, tmp_path / "qa.jsonl", llm=llm, per_chunk=2, lang="en", batch_size=4)
+    assert s.chunks == 4 and s.requests == 8 and dict(s.dropped) == {"invalid_json": 4}
