@@ -30,6 +30,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+# PEFT has no default LoRA targets for GLM-4 (its table covers llama-style names by model type), so
+# TRL's "defaults" get PEFT's usual llama choice: the query and value projections.
+TRL_LORA_TARGETS = ["q_proj", "v_proj"]
 WORDS = ("alpha beta gamma delta river stone cloud tiger maple ocean piano lemon comet forest silver candle "
          "harbor violet rocket garden winter falcon meadow").split()
 
@@ -100,11 +103,11 @@ def worker(args) -> dict:
                       per_device_train_batch_size=args.batch, logging_steps=1, save_strategy="no")
         if algo == "dpo":
             trainer = trl.DPOTrainer(model=model_dir, args=trl.DPOConfig(**common), train_dataset=ds,
-                                     peft_config=LoraConfig(task_type="CAUSAL_LM"))
+                                     peft_config=LoraConfig(task_type="CAUSAL_LM", target_modules=TRL_LORA_TARGETS))
         else:
             conf = trl.GRPOConfig(**common, num_generations=args.generations, max_completion_length=args.new_tokens)
             trainer = trl.GRPOTrainer(model=model_dir, reward_funcs=_format_reward, args=conf, train_dataset=ds,
-                                      peft_config=LoraConfig(task_type="CAUSAL_LM"))
+                                      peft_config=LoraConfig(task_type="CAUSAL_LM", target_modules=TRL_LORA_TARGETS))
         trainer.train()
     wall = time.perf_counter() - start
     logs = trainer.state.log_history
@@ -128,6 +131,7 @@ def main() -> None:
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--only", choices=["dpo", "grpo", "all"], default="all")
+    p.add_argument("--who", default="glmtune,trl", help="which side(s) to run: glmtune, trl or both")
     p.add_argument("--work", default="/tmp/glmtune_align_bench")
     p.add_argument("--out", default=os.path.join(HERE, "results", "align_throughput.jsonl"))
     p.add_argument("--timeout", type=int, default=1500)
@@ -138,7 +142,7 @@ def main() -> None:
         return
     build_model_dir(args)  # once, before the workers
     runs = [f"{who}-{algo}" for algo in (["dpo", "grpo"] if args.only == "all" else [args.only])
-            for who in ("glmtune", "trl")]
+            for who in ("glmtune", "trl") if who in args.who.split(",")]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     rows = []
     for run in runs:

@@ -31,7 +31,7 @@ print("\ncuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch
 EOF
 } 2>&1 | tee "$LOG"
 if [ $# -eq 0 ]; then
-  mapfile -t FILES < <(grep -rl --include='test_*.py' "pytest.mark.gpu" tests | sort)
+  mapfile -t FILES < <(grep -rlE --include='test_*.py' "^pytestmark = \[?pytest.mark.gpu" tests | sort)
   set -- "${FILES[@]}"
 fi
 python3 -m pytest -m gpu -q -rs --durations=10 "$@" 2>&1 | tee -a "$LOG"
