@@ -16,8 +16,8 @@ def _eval_rewards(metrics: list[dict]) -> list[float]:
 
 def test_grpo_label_reward_rises_on_heldout(align_cfg, align_data, label_head_model):
     cfg = align_cfg([align_data["labels"]], dev=align_data["labels_dev"], model=label_head_model, out="grpo",
-                    **{"train.max_steps": 10, "train.batch_size": 32, "train.lr": 2e-3,
-                       "align.num_generations": 4, "align.max_new_tokens": 1, "align.kl_coef": 0.0,
+                    **{"train.max_steps": 8, "train.batch_size": 32, "train.lr": 5e-3,
+                       "align.num_generations": 4, "align.max_new_tokens": 1, "align.kl_coef": 0.1,
                        "align.rewards": [{"name": "label"}]})
     res = run_alignment("grpo", cfg)
     before, *_, after = _eval_rewards(res.metrics)
