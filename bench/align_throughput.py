@@ -100,7 +100,8 @@ def worker(args) -> dict:
         ds = load_dataset("json", data_files=data["pairs" if algo == "dpo" else "prompts"], split="train")
         ds = ds.select_columns(cols)
         common = dict(output_dir=os.path.join(args.work, args.worker), max_steps=args.steps, report_to="none",
-                      per_device_train_batch_size=args.batch, logging_steps=1, save_strategy="no")
+                      per_device_train_batch_size=args.batch, logging_steps=1, save_strategy="no",
+                      **({} if torch.cuda.is_available() else {"use_cpu": True}))  # --tiny CPU debug runs
         if algo == "dpo":
             trainer = trl.DPOTrainer(model=model_dir, args=trl.DPOConfig(**common), train_dataset=ds,
                                      peft_config=LoraConfig(task_type="CAUSAL_LM", target_modules=TRL_LORA_TARGETS))

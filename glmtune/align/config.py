@@ -7,7 +7,7 @@ same `--set` overrides); `model.adapter` names the SFT adapter to start from. `g
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -42,7 +42,9 @@ class AlignSection(_Section):
     kl_coef: float = Field(0.05, ge=0, description="grpo/ppo: KL penalty to the reference (TRL `beta`); 0 loads "
                                                    "no reference at all.")
     num_generations: int = Field(4, ge=2, description="grpo/ppo: completions sampled per prompt (the group whose "
-                                                      "mean is the baseline).")
+                                                      "mean is the baseline); train.batch_size and "
+                                                      "eval.batch_size then count completions and must "
+                                                      "be multiples of it.")
     max_new_tokens: int = Field(64, gt=0, description="grpo/ppo: longest sampled completion, in tokens.")
     temperature: float = Field(1.0, gt=0, description="grpo/ppo: sampling temperature of the rollouts.")
     clip_range: float = Field(0.2, gt=0, description="grpo/ppo: PPO clip range of the probability ratio (TRL epsilon).")

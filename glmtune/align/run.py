@@ -74,6 +74,8 @@ def load_policy(cfg: AlignConfig, algo: Algorithm, template, tokenizer):
     from glmtune.models.loading import check_model_dir
     from glmtune.models.peft_setup import lora_targets, qlora_quant_config, setup_method
 
+    from transformers import set_seed
+    set_seed(cfg.train.seed)  # a fresh LoRA's init depends on it, not on what ran before in the process
     method = cfg.method.name
     dtype = getattr(torch, "float32" if method == "full" or cfg.model.dtype == "fp16" else DTYPES[cfg.model.dtype])
     quant = qlora_quant_config() if method == "qlora" else None

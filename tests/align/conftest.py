@@ -44,10 +44,11 @@ def label_head_model(tmp_path_factory, tiny_model) -> Path:
     """The tiny model with an LM head that only ever says one of the toy answers, and barely knows which.
 
     Stands in for an SFT'd classifier that has learnt the answer format and a weak hint of the rule:
-    along the mean direction m of the final hidden state, the answers' first tokens get logit ~+20 and
-    every other token ~-20 (the answers hold all the probability mass, also after LoRA moves the hidden
-    state a little); along the direction d that separates red from blue prompts, apple and river get a
-    small +-eps, so the start is only a little better than chance (~0.6 held-out reward)."""
+    along the mean direction m of the final hidden state, the answers' first tokens get logit ~+50 and
+    every other token ~-50 (the answers hold all the probability mass, also after LoRA moves the hidden
+    state; with +-20 the mass leaked to the other 151k tokens after ~5 steps and the reward collapsed);
+    along the direction d that separates red from blue prompts, apple and river get a small +-eps,
+    so the start is only a little better than chance (~0.6 held-out reward)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -65,9 +66,9 @@ def label_head_model(tmp_path_factory, tiny_model) -> Path:
         m = hidden.mean(0)
         d = hidden[red].mean(0) - hidden[~red].mean(0)
         head = model.lm_head.weight
-        head.copy_(-20 * m / m.norm() ** 2)  # every other token: logit ~ -20
+        head.copy_(-50 * m / m.norm() ** 2)  # every other token: logit ~ -50
         for answer, sign in ((KEYS["red"], 1), (KEYS["blue"], -1)):
-            head[tok.encode(answer, add_special_tokens=False)[0]] = 20 * m / m.norm() ** 2 + sign * 0.3 * d / d.norm() ** 2
+            head[tok.encode(answer, add_special_tokens=False)[0]] = 50 * m / m.norm() ** 2 + sign * 0.3 * d / d.norm() ** 2
     model.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "glmtune.json").write_text(json.dumps({"template": "glm4"}))

@@ -10,9 +10,12 @@ from glmtune.align import run_alignment
 
 
 @pytest.fixture(scope="module")
-def rm_run(align_cfg, align_data):
-    cfg = align_cfg([align_data["pairs"]], dev=align_data["pairs_dev"], out="rm",
-                    **{"train.max_steps": 8, "train.lr": 2e-2})
+def rm_run(tiny_model, align_data, tmp_path_factory):
+    cfg = {"model": {"path": str(tiny_model), "dtype": "fp32"},
+           "data": {"datasets": [str(align_data["pairs"])], "dev": str(align_data["pairs_dev"]), "cutoff_len": 64},
+           "method": {"name": "lora", "r": 8, "alpha": 16},
+           "train": {"max_steps": 8, "batch_size": 8, "lr": 2e-2, "scheduler": "constant", "seed": 0},
+           "output": {"dir": str(tmp_path_factory.mktemp("rm") / "run"), "plot": True, "tensorboard": False}}
     return run_alignment("rm", cfg)
 
 
