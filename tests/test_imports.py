@@ -8,9 +8,11 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "glmtune"
-# Same layer = neither imports the other (templates / models; train / infer; align / evaluate).
+# Same layer = neither imports the other (templates / models; train / infer; evaluate / synth;
+# align / serve). align's rewards reuse evaluation's label parser and judge (a reward cannot drift
+# from the metric); synth runs infer's LLM clients.
 LAYERS = {"errors": 0, "io": 1, "templates": 2, "models": 2, "data": 3, "train": 4, "infer": 4,
-          "align": 5, "evaluate": 5, "serve": 6, "ui": 7, "cli": 8, "__init__": 9, "__main__": 9}
+          "evaluate": 5, "synth": 5, "align": 6, "serve": 6, "ui": 7, "cli": 8, "__init__": 9, "__main__": 9}
 
 
 def stage_imports() -> set[tuple[str, str, str]]:

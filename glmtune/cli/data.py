@@ -187,6 +187,9 @@ def _stats_table(source: str, s) -> Table:
         if s.cutoff:
             style = "red" if s.over_cutoff else "green"
             rows[f"over cutoff {s.cutoff}"] = f"[{style}]{s.over_cutoff}[/]"
+        if s.cutoff_error:
+            from rich.markup import escape
+            rows[f"training at cutoff {s.cutoff}"] = f"[red]stops: {escape(s.cutoff_error)}[/]"
         if s.after_cutoff is not None:
             c = s.after_cutoff
             rows[f"training at cutoff {s.cutoff}"] = (
@@ -293,7 +296,7 @@ def synthesize_cmd(
     """Have an LLM write grounded question/answer pairs from each chunk of the pages; reruns resume."""
     from rich.progress import Progress
 
-    from glmtune.data.synthesize import Limits, synthesize_qa
+    from glmtune.synth.synthesize import Limits, synthesize_qa
 
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("chunks", total=None)
@@ -325,7 +328,7 @@ def augment_cmd(
     prompt: Optional[Path] = typer.Option(None, help="Your own prompt template ($text, $k)."),
 ) -> None:
     """Paraphrase dialogues of rare classes (label kept, marked meta.augmented so `split` keeps them in train)."""
-    from glmtune.data.augment import augment_classes
+    from glmtune.synth.augment import augment_classes
 
     with console.status(f"augmenting {source}") as status:
         s = augment_classes(source, out, min_per_class=min_per_class, llm=llm, model=model, lang=lang,

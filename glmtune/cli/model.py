@@ -56,7 +56,7 @@ def import_chatglm_cmd(
     from glmtune.models.chatglm_import import import_chatglm
 
     report = import_chatglm(src, out, dtype=dtype, template=template, overwrite=overwrite,
-                            on_step=lambda msg: console.print(f"[cyan]·[/] {msg}"))
+                            on_step=lambda msg: console.print(f"[cyan]·[/] {msg}"), stop_ids_for=template_stop_ids)
     table = Table(title=f"imported {report.out_dir}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
@@ -89,3 +89,10 @@ def _summary(report) -> Table:
         table.add_row("note", f"[yellow]{note}[/]")
     table.add_row("time", f"{report.seconds:.0f} s")
     return table
+
+
+def template_stop_ids(family: str, tokenizer) -> list[int]:
+    """The ids that end a reply for a chat-template family (what an imported folder's generation config holds)."""
+    from glmtune.templates import get_template
+
+    return get_template(family).stop_token_ids(tokenizer)

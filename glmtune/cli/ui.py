@@ -28,4 +28,14 @@ def ui_cmd(
         raise InputError("the web UI needs gradio", field="ui", fix='pip install -e ".[ui]"')
     from glmtune.ui.app import launch
 
-    launch(workspace, host=host, port=port, auth=auth, max_upload_mb=max_upload_mb, demo=demo)
+    launch(workspace, host=host, port=port, auth=auth, max_upload_mb=max_upload_mb, demo=demo,
+           commands=cli_commands())
+
+
+def cli_commands():
+    """Every `glmtune` command as a click tree (the UI builds its command forms from it)."""
+    import typer
+
+    from glmtune.cli.main import _register_all
+    _register_all()
+    return typer.main.get_command(app)

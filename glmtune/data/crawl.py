@@ -23,11 +23,20 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urldefrag, urljoin, urlsplit
 
-from glmtune import __version__
 from glmtune.errors import InputError
 from glmtune.io import iter_jsonl, write_jsonl_atomic, write_text_atomic
 
-USER_AGENT = f"glmtune-crawler/{__version__} (+https://github.com/glmtune/glmtune; data for fine-tuning)"
+def _package_version() -> str:
+    # From the installed metadata: importing the package root from a stage would point upwards.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("glmtune")
+    except PackageNotFoundError:
+        return "0"
+
+
+USER_AGENT = f"glmtune-crawler/{_package_version()} (+https://github.com/glmtune/glmtune; data for fine-tuning)"
 MANIFEST = "manifest.jsonl"
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 MAX_REDIRECTS = 5

@@ -49,6 +49,7 @@ class DataStats:
     # `glmtune train` encodes with): {"encoded", "truncated", "dropped", "answer_too_long", "no_loss"}
     after_cutoff: dict | None = None
     trained_tokens_after_cutoff: int | None = None
+    cutoff_error: str | None = None  # training would stop before its first step (e.g. cutoff < system prompt)
 
     def as_dict(self) -> dict:
         out = {k: (vars(v) if isinstance(v, LengthStats) else v) for k, v in vars(self).items()}
@@ -80,8 +81,13 @@ def compute_stats(records: list[dict], *, template=None, tokenizer=None, cutoff:
             stats.over_cutoff = sum(n > cutoff for n in lengths)
             if on_overflow == "error":  # training stops at the first of the over_cutoff records
                 return stats
-            _, report = fit_records(records, template, tokenizer, cutoff, train_on=train_on,
-                                    on_overflow=on_overflow, side=truncate_side)
+            from glmtune.errors import ConfigError
+            try:
+                _, report = fit_records(records, template, tokenizer, cutoff, train_on=train_on,
+                                        on_overflow=on_overflow, side=truncate_side)
+            except ConfigError as e:  # stats report what training would say, they do not stop on it
+                stats.cutoff_error = str(e)
+                return stats
             stats.after_cutoff = report.counts()
             stats.trained_tokens_after_cutoff = report.trained_tokens
     return stats

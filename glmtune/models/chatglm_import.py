@@ -154,7 +154,7 @@ def native_config(cfg: dict, *, source: Path, stop_ids: list[int], dtype: str):
 def detect_source_family(src: Path, cfg: dict, requested: str) -> str:
     """glm4 / chatglm3 / chatglm2: `requested` unless auto; else the tokenizer file and names decide."""
     from glmtune.models.folder import read_model_folder
-    from glmtune.models.tokenizer import _is_tiktoken_file
+    from glmtune.models.folder import is_tiktoken_file
 
     if requested != "auto":
         if requested not in FAMILIES:
@@ -165,7 +165,7 @@ def detect_source_family(src: Path, cfg: dict, requested: str) -> str:
     if not model_file.is_file():
         raise InputError("tokenizer.model not found", file=src,
                          fix="copy the checkpoint's tokenizer files (tokenizer.model, tokenizer_config.json) too")
-    if _is_tiktoken_file(model_file):
+    if is_tiktoken_file(model_file):
         return "glm4"
     family = read_model_folder(src).family
     if family not in ("chatglm2", "chatglm3"):
@@ -369,15 +369,17 @@ def save_generation_config(src: Path, out_dir: Path, stop_ids: list[int], pad_id
 
 
 def import_chatglm(src: str | Path, out_dir: str | Path, *, dtype: str = "bf16", template: str = "auto",
-                   overwrite: bool = False, on_step: Callable[[str], None] | None = None) -> ChatglmImportReport:
+                   overwrite: bool = False, on_step: Callable[[str], None] | None = None,
+                   stop_ids_for: Callable[[str, object], list[int]] | None = None) -> ChatglmImportReport:
     """ChatGLM2/ChatGLM3/glm-4-9b-chat folder -> native GlmForCausalLM folder with glmtune.json.
 
     Written under a temporary name beside `out_dir` and renamed at the end, so an interrupted
-    import leaves no half-written model.
+    import leaves no half-written model. ``stop_ids_for(family, tokenizer)`` gives the ids that end a
+    reply (the chat template's stop tokens: `glmtune model import-chatglm` passes the template's;
+    models do not import templates).
     """
     from glmtune.models.folder import write_glmtune_meta
     from glmtune.models.tokenizer import load_tokenizer
-    from glmtune.templates import get_template
 
     if dtype not in ("bf16", "fp32"):
         raise InputError(f"unknown dtype '{dtype}'", field="--dtype", fix="use bf16 or fp32")
@@ -392,7 +394,10 @@ def import_chatglm(src: str | Path, out_dir: str | Path, *, dtype: str = "bf16",
     _prepare_out(out_dir, overwrite)
     step(f"{family} checkpoint, {len(files)} shard(s); converting the tokenizer")
     tokenizer = load_tokenizer(src, family=family)
-    stop_ids = get_template(family).stop_token_ids(tokenizer)
+    if stop_ids_for is None:
+        raise InputError("import_chatglm needs stop_ids_for(family, tokenizer)", field="stop_ids_for",
+                         fix="pass glmtune.cli.model.template_stop_ids (the chat template's stop tokens)")
+    stop_ids = stop_ids_for(family, tokenizer)
     config = native_config(cfg, source=src, stop_ids=stop_ids, dtype=dtype)
     if len(tokenizer) > config.vocab_size:
         raise InputError(f"the tokenizer has {len(tokenizer)} tokens but the embedding only {config.vocab_size} rows",

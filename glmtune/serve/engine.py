@@ -249,7 +249,7 @@ class BatchingEngine:
         # placeholders that each request overrides (per_request_processors).
         gen_config = (GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, top_k=50, eos_token_id=stop_ids)
                       if sample else GenerationConfig(do_sample=False, eos_token_id=stop_ids))
-        gen_config.pad_token_id = self.backend._pad_id(stop_ids)
+        gen_config.pad_token_id = self.backend.pad_id(stop_ids)
         on_gpu = str(self.backend.device).startswith("cuda")
         # On a GPU transformers sizes the paged cache from free memory. On a CPU it would take a
         # GPU-sized guess, and each step's attention mask spans the whole cache: give it 256 token

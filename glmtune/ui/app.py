@@ -25,21 +25,22 @@ pre.render { white-space: pre-wrap !important; max-height: 360px !important; ove
 
 # Optional tabs: (tab title, [(command words, module that must exist)]).
 OPTIONAL_TABS = [
-    ("Synthesize", [(("data", "crawl"), "glmtune.data.crawl"), (("data", "synthesize"), "glmtune.data.synthesize"),
-                    (("data", "augment"), "glmtune.data.augment")]),
+    ("Synthesize", [(("data", "crawl"), "glmtune.data.crawl"), (("data", "synthesize"), "glmtune.synth.synthesize"),
+                    (("data", "augment"), "glmtune.synth.augment")]),
     ("Align", [(("align",), "glmtune.align")]),  # a group: one form per subcommand (rm, dpo, grpo, ppo)
 ]
 
 
-def build_app(workspace: str | Path):
-    """The gradio Blocks of the whole UI over ``workspace`` (not launched)."""
+def build_app(workspace: str | Path, commands=None):
+    """The gradio Blocks of the whole UI over ``workspace`` (not launched). ``commands``: the CLI's
+    click command tree; the Synthesize / Align forms are built from it (absent without it)."""
     import gradio as gr
 
     from glmtune.ui import chat, cli_form, config, data, evaluate, train
     from glmtune.ui.jobs import JobSlot
 
     ws = Workspace(workspace)
-    optional = {title: [leaf for w, m in cmds if (c := cli_form.find_command(w, m)) is not None
+    optional = {title: [leaf for w, m in cmds if (c := cli_form.find_command(w, m, commands)) is not None
                         for leaf in cli_form.leaf_commands(w, c)]
                 for title, cmds in OPTIONAL_TABS}
     with gr.Blocks(title="glmtune") as blocks:
@@ -119,7 +120,7 @@ def _signals_for_jobs() -> None:
 
 
 def launch(workspace: str | Path, *, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
-           max_upload_mb: float = MAX_UPLOAD_MB, demo: bool = False, block: bool = True):
+           max_upload_mb: float = MAX_UPLOAD_MB, demo: bool = False, block: bool = True, commands=None):
     """Start the server (blocking unless ``block=False``); returns gradio's (app, local url, share url)."""
     credentials = parse_auth(auth)
     check_bind(host, credentials)
@@ -127,7 +128,7 @@ def launch(workspace: str | Path, *, host: str = "127.0.0.1", port: int = 7860, 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline box
     if demo:
         prepare_demo(Workspace(workspace))
-    blocks = build_app(workspace)
+    blocks = build_app(workspace, commands)
     blocks.queue(default_concurrency_limit=4)
     return blocks.launch(server_name=host, server_port=port, auth=credentials, share=False, inbrowser=False,
                        max_file_size=f"{max_upload_mb:g}mb", show_error=True, ssr_mode=False,

@@ -19,15 +19,12 @@ from glmtune.ui.jobs import JobSlot, glmtune_command
 from glmtune.ui.workspace import Workspace
 
 
-def find_command(words: tuple[str, ...], module: str):
-    """The click command for `glmtune WORDS...`, or None when it (or the module behind it) isn't there."""
-    if importlib.util.find_spec(module) is None:
+def find_command(words: tuple[str, ...], module: str, root):
+    """The click command for `glmtune WORDS...` in ``root`` (the CLI's command tree, handed over by
+    `glmtune ui`: the UI does not import the CLI), or None when it (or the module behind it) isn't there."""
+    if root is None or importlib.util.find_spec(module) is None:
         return None
-    import typer
-
-    from glmtune.cli.main import _register_all, app
-    _register_all()
-    cmd = typer.main.get_command(app)
+    cmd = root
     for word in words:
         cmd = getattr(cmd, "commands", {}).get(word)
         if cmd is None:

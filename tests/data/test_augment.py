@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cmcc_fixture import write_cmcc_csv  # noqa: E402
 from fake_llm import FakeLLM, prompt_text  # noqa: E402
 
-from glmtune.data.augment import augment_classes  # noqa: E402
+from glmtune.synth.augment import augment_classes  # noqa: E402
 from glmtune.data.pipeline import convert_file, split_file  # noqa: E402
 from glmtune.io import write_jsonl_atomic  # noqa: E402
 

@@ -18,8 +18,8 @@ from fake_llm import FakeLLM, prompt_text  # noqa: E402
 from local_site import LocalSite  # noqa: E402
 
 from glmtune.data.crawl import read_pages  # noqa: E402
-from glmtune.data.prompting import parse_json_list  # noqa: E402
-from glmtune.data.synthesize import chunk_page, grounding, synthesize_qa  # noqa: E402
+from glmtune.synth.prompting import parse_json_list  # noqa: E402
+from glmtune.synth.synthesize import chunk_page, grounding, synthesize_qa  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from chatglm_reference import chatglm_reference_logits, read_source_tensors
+from glmtune.cli.model import template_stop_ids
 from glmtune.models.tiny_chatglm import TINY_CHATGLM, write_chatglm_checkpoint
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def imported(tmp_path_factory, request):
     for seed, family in enumerate(FAMILIES):
         src = write_chatglm_checkpoint(root / f"{family}-src", family, request.getfixturevalue(f"{family}_tokenizer_dir"),
                                        overrides=TINY_CHATGLM, seed=seed)
-        report = import_chatglm(src, root / family, dtype="fp32")
+        report = import_chatglm(src, root / family, dtype="fp32", stop_ids_for=template_stop_ids)
         out[family] = (src, report.out_dir, report)
     return out
 

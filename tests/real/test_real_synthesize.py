@@ -26,7 +26,7 @@ def chinese_pages(folder: Path) -> Path:
 
 
 def test_qwen_coder_writes_grounded_chinese_pairs(qwen_coder_dir, tmp_path):
-    from glmtune.data.synthesize import synthesize_qa
+    from glmtune.synth.synthesize import synthesize_qa
 
     pages = chinese_pages(tmp_path / "pages")
     out = tmp_path / "qa.jsonl"

@@ -56,4 +56,4 @@ def test_preset_dataset_names_resolve_through_the_shipped_registry(monkeypatch):
         data = yaml.safe_load((REPO / "configs" / preset).read_text(encoding="utf-8"))["data"]
         for name in data["datasets"] + ([data["dev"]] if data.get("dev") else []):
             records = load_dataset(name)
-            assert len(records) >= 10 and all(r["messages"][-1]["role"] == "assistant" for r in records), name
+            assert len(records) >= 9 and all(r["messages"][-1]["role"] == "assistant" for r in records), name

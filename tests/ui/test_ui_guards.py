@@ -186,11 +186,13 @@ def test_command_forms_come_from_the_command_and_keep_paths_inside(ws):
     """Synthesize / Align tabs: a form per command from its own options; absent commands give no tab."""
     import typer
 
+    from glmtune.cli.ui import cli_commands
     from glmtune.ui.cli_form import argv, find_command, form_params
 
-    assert find_command(("data", "convert"), "glmtune.data.pipeline") is not None
-    assert find_command(("no-such-command",), "glmtune.data") is None
-    assert find_command(("data", "crawl"), "glmtune.no_such_module") is None
+    root = cli_commands()
+    assert find_command(("data", "convert"), "glmtune.data.pipeline", root) is not None
+    assert find_command(("no-such-command",), "glmtune.data", root) is None
+    assert find_command(("data", "crawl"), "glmtune.no_such_module", root) is None
 
     app = typer.Typer(add_completion=False)
 
@@ -221,14 +223,15 @@ def test_command_forms_come_from_the_command_and_keep_paths_inside(ws):
 
 
 def test_the_whole_app_builds_with_its_tabs(ws):
+    from glmtune.cli.ui import cli_commands
     from glmtune.ui.app import build_app
-    blocks = build_app(ws.root)
+    blocks = build_app(ws.root, cli_commands())
     labels = [b.label for b in blocks.blocks.values() if type(b).__name__ == "Tab"]
     assert labels[:1] == ["Data"] and {"Config", "Train", "Evaluate", "Chat"} <= set(labels)
     # the crawl / synthesize / augment and align commands are in the package: their tabs are there
     assert {"Synthesize", "Align"} <= set(labels)
     from glmtune.ui.cli_form import find_command, leaf_commands
-    group = find_command(("align",), "glmtune.align")
+    group = find_command(("align",), "glmtune.align", cli_commands())
     assert [w for w, _ in leaf_commands(("align",), group)][:2] == [("align", "rm"), ("align", "dpo")]
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from glmtune.data.prompting import as_llm, ask_json_lists, fill_prompt, load_prompt
+from glmtune.synth.prompting import as_llm, ask_json_lists, fill_prompt, load_prompt
 from glmtune.data.split import label_of
 from glmtune.errors import InputError
 from glmtune.io import write_jsonl_atomic

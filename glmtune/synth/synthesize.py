@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from glmtune.data.crawl import read_pages
-from glmtune.data.prompting import as_llm, ask_json_lists, fill_prompt, load_prompt
+from glmtune.synth.prompting import as_llm, ask_json_lists, fill_prompt, load_prompt
 from glmtune.errors import InputError
 from glmtune.io import iter_jsonl, write_jsonl_atomic
 
