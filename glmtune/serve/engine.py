@@ -61,6 +61,10 @@ def make_engine(predictor, max_queue: int = 64):
     one-worker Engine."""
     from glmtune.infer.backends import HFBackend
 
+    if getattr(predictor, "vision", None) is not None:
+        # continuous batching takes token ids only: a picture's pixel values would never reach the model
+        log.warning("vision-language model: serving one request at a time (continuous batching is text-only)")
+        return Engine(predictor, max_queue=max_queue)
     if isinstance(getattr(predictor, "backend", None), HFBackend) and _has_continuous_batching():
         return BatchingEngine(predictor, max_queue=max_queue)
     log.warning("this back-end / transformers version cannot batch requests: serving one at a time")

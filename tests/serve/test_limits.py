@@ -66,7 +66,7 @@ def test_max_tokens_is_capped_to_the_context_left(live):
     assert r.status_code == 200 and body["choices"][0]["finish_reason"] == "length" and used == 512
 
 
-def test_disconnect_and_timeout_free_the_slot(live):
+def test_disconnect_and_timeout_free_the_slot(live, random_predictor):
     # streaming: read one chunk, hang up
     with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=ask("hi", stream=True, max_tokens=400),
                       timeout=10) as s:
@@ -76,10 +76,13 @@ def test_disconnect_and_timeout_free_the_slot(live):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{live.url}/v1/chat/completions", json=ask("hi", max_tokens=400), timeout=0.5)
     assert wait_idle(live) < 2
-    # the server's own timeout (8 s) stops the generation, not just the response
-    r = httpx.post(f"{live.url}/v1/chat/completions", json=ask("hi", max_tokens=480), timeout=20)
-    assert r.status_code == 504
-    assert wait_idle(live) < 2
+    # the server's own timeout stops the generation, not just the response: a server whose timeout
+    # (0.3 s) is far shorter than 480 tokens take on any machine
+    from glmtune.serve.app import create_app
+    with LiveServer(create_app(random_predictor, model_name="tiny", timeout=0.3, max_body=64 * 1024)) as quick:
+        r = httpx.post(f"{quick.url}/v1/chat/completions", json=ask("hi", max_tokens=480), timeout=20)
+        assert r.status_code == 504
+        assert wait_idle(quick) < 2
     t0 = time.time()
     r = httpx.post(f"{live.url}/v1/chat/completions", json=ask("hi", max_tokens=2), timeout=10)
     assert r.status_code == 200 and time.time() - t0 < 2
