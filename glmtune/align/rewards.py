@@ -129,7 +129,6 @@ def similarity_reward(ctx: RewardContext, model: str | None = None, cosine_weigh
 def load_reward_model(path: str):
     """A folder written by `glmtune align rm` (OUT/final): a LoRA adapter on a sequence-classification
     head over its base model, or a whole model. Returns (model, tokenizer, template)."""
-    import json
     from pathlib import Path
 
     import torch
@@ -140,11 +139,10 @@ def load_reward_model(path: str):
     from glmtune.templates import get_template
 
     folder = Path(path)
-    meta_path = folder / "glmtune.json"
-    if not meta_path.exists():
+    meta = read_model_folder(folder).meta
+    if not meta:
         raise ConfigError(f"{folder} is not a reward model written by `glmtune align rm` (no glmtune.json)",
                           field="align.rewards.options.path")
-    meta = json.loads(meta_path.read_text())
     base = meta.get("base_model") or str(folder)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
     if (folder / "adapter_config.json").exists():

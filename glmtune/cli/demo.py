@@ -14,8 +14,7 @@ import typer
 from rich.console import Console
 
 from glmtune.cli.main import app
-
-BUILTIN_GLM4_TOKENIZER = Path(__file__).resolve().parents[1] / "resources" / "tokenizers" / "glm4"
+from glmtune.models.tiny import BUILTIN_GLM4_TOKENIZER
 
 
 DEMO_MODELS = ("tiny", "smollm2")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from glmtune.models.folder import write_glmtune_meta
+from glmtune.models.tokenizer import PACKAGED_TOKENIZERS
 
 # Shapes are tiny but keep the family's quirks: GLM-4 has 2 KV heads (grouped-query attention),
 # half-dimension (partial) rotary embeddings and biased q/k/v projections.
@@ -18,7 +19,7 @@ TINY_GLM4 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
 
 # The GLM-4 tokenizer shipped in the package (glmtune/resources/tokenizers/glm4): the demo, the web UI
 # and tests build tiny models with it offline.
-BUILTIN_GLM4_TOKENIZER = Path(__file__).resolve().parents[1] / "resources" / "tokenizers" / "glm4"
+BUILTIN_GLM4_TOKENIZER = PACKAGED_TOKENIZERS / "glm4"
 
 
 def build_tiny_glm4(out_dir: str | Path, tokenizer_dir: str | Path, *, seed: int = 0,
