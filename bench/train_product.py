@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -118,7 +119,8 @@ def summarize_metrics(metrics: Path, warmup: int) -> dict:
     steady = rows[warmup:] or rows
     if not steady:
         return {"error": "no metrics"}
-    out = {"steps": len(rows), "final_loss": round(rows[-1]["loss"], 4)}
+    out = {"steps": len(rows), "final_loss": round(rows[-1]["loss"], 4),
+           "losses": [round(r["loss"], 4) for r in rows[:20]]}  # the curve, to compare runs at one global batch
     for key in ("input_tokens_per_s", "tokens_per_s"):
         vals = [r[key] for r in steady if r.get(key) is not None]
         if vals:
@@ -139,19 +141,32 @@ def run_glmtune(name: str, args: str, config: Path, out_dir: Path, timeout: int,
            "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
     log = out_dir / f"log_{name}.txt"
-    try:
-        with open(log, "w") as f:
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env=env)
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        rc = "timeout"
+    with open(log, "w") as f:
+        # its own session: on a timeout the whole tree goes (`--nproc N` runs accelerate's launcher and
+        # N workers, which would go on writing into a folder this script is about to delete)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     result = {"recipe": "glmtune train", "variant": name, "args": args, "rc": rc,
               "wall_s": round(time.time() - t0, 1), **summarize_metrics(run_dir / "metrics.jsonl", warmup)}
     speed_lines = [l for l in log.read_text(errors="replace").splitlines() if "speed" in l.lower()][:4]
     result["speed_log"] = speed_lines
     if rc != 0:
         result["log_tail"] = log.read_text(errors="replace").splitlines()[-5:]
-    shutil.rmtree(run_dir / "final", ignore_errors=True)
+    if (run_dir / "metrics.jsonl").exists():
+        shutil.copy(run_dir / "metrics.jsonl", out_dir / f"metrics_{name}.jsonl")
+    if (run_dir / "profile.txt").exists():  # output.profile_steps: keep the report, not the (large) trace
+        shutil.copy(run_dir / "profile.txt", out_dir / f"profile_{name}.txt")
+        result["profile"] = (run_dir / "profile.txt").read_text().splitlines()[:2]
+    shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of a 9B model: tens of GB per run
     return result
 
 

@@ -167,6 +167,9 @@ class OutputSection(_Section):
     keep_last: int = Field(3, gt=0, description="Keep only the newest K step checkpoints.")
     plot: bool = Field(True, description="Refresh loss.png as training runs.")
     tensorboard: bool = Field(True, description="Write TensorBoard logs under DIR/tensorboard.")
+    profile_steps: int = Field(0, ge=0, description="Profile N optimizer steps after 5 warm-up steps (torch.profiler): "
+                                                    "DIR/profile.txt says how busy the GPU was and which ops took "
+                                                    "the time; DIR/profile_trace.json opens in Perfetto.")
 
 
 class TrainConfig(_Section):

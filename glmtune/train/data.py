@@ -185,13 +185,19 @@ class BatchStream:
     process r takes every world-th of them (r, r + world, ...). One process with batch 2B therefore
     sees exactly the conversations that two processes with batch B see together. A global batch
     smaller than the world size (an epoch's tail) is skipped so no process gets an empty batch.
+
+    `lengths` (tokens per example): the global micro-batch is dealt out by tokens instead (longest
+    first, each to the process with the fewest tokens that still has room): every process waits for
+    the slowest at the gradient all-reduce, and a round-robin deal of U[300, 1100)-token conversations
+    leaves one process ~10% more tokens on average. The set of conversations per step is unchanged.
     """
 
     def __init__(self, n: int, batch_size: int, *, seed: int, rank: int = 0, world: int = 1,
-                 shuffle: bool = True):
+                 shuffle: bool = True, lengths: list[int] | None = None):
         if n == 0:
             raise InputError("no training examples left after encoding", field="data.datasets")
         self.n, self.bs, self.seed, self.rank, self.world, self.shuffle = n, batch_size, seed, rank, world, shuffle
+        self.lengths = lengths
         g = batch_size * world
         self.per_epoch = n // g + (1 if n % g >= world else 0)
         if self.per_epoch == 0:
@@ -207,10 +213,26 @@ class BatchStream:
         epoch, j = divmod(k, self.per_epoch)
         g = self.bs * self.world
         gb = self._order(epoch)[j * g:(j + 1) * g]
-        return gb[self.rank::self.world]
+        if self.world == 1 or self.lengths is None:
+            return gb[self.rank::self.world]
+        return deal_by_tokens(gb, self.lengths, self.world)[self.rank]
 
     def epoch_of(self, k: int) -> float:
         return k / self.per_epoch
+
+
+def deal_by_tokens(batch: list[int], lengths: list[int], world: int) -> list[list[int]]:
+    """Split a global micro-batch over `world` processes, balancing tokens: longest first, each to the
+    process with the fewest tokens among those with fewer than ceil(len / world) examples (ties: lower
+    rank). The first `world` examples land on distinct processes, so none is left empty."""
+    room = -(-len(batch) // world)
+    shards: list[list[int]] = [[] for _ in range(world)]
+    tokens = [0] * world
+    for i in sorted(batch, key=lambda i: (-lengths[i], i)):
+        r = min((r for r in range(world) if len(shards[r]) < room), key=lambda r: (tokens[r], r))
+        shards[r].append(i)
+        tokens[r] += lengths[i]
+    return shards
 
 
 def total_steps(per_epoch: int, grad_accum: int, epochs: float, max_steps: int | None) -> int:

@@ -159,22 +159,44 @@ class GraphedDecoder:
             for p in missing:
                 p.grad = torch.zeros_like(p)
 
-    def set_row(self, seq_lens: Sequence[int]) -> None:
-        """Point the attention at this row's sequence boundaries (before its forward)."""
-        offsets = padded_offsets(seq_lens, self.tokens, self.max_segments)
+    def set_row(self, seq_lens: Sequence[int] | None = None, offsets: torch.Tensor | None = None) -> None:
+        """Point the attention at this row's sequence boundaries (before its forward): the sequence
+        lengths, or their padded_offsets already on the device (a device-to-device copy, no host wait)."""
+        if offsets is None:
+            offsets = torch.tensor(padded_offsets(seq_lens, self.tokens, self.max_segments), dtype=torch.int32)
         if self.offsets is not None:
-            self.offsets.copy_(torch.tensor(offsets, dtype=torch.int32), non_blocking=True)
+            self.offsets.copy_(offsets, non_blocking=True)
         else:
             from glmtune.train.data import block_causal_mask
 
-            lens = [b - a for a, b in zip(offsets, offsets[1:]) if b > a]
+            cuts = offsets.tolist()
+            lens = [b - a for a, b in zip(cuts, cuts[1:]) if b > a]
             self.mask.copy_(block_causal_mask(lens, dtype=self.dtype).to(self.device))
 
-    def loss_sum(self, input_ids, labels, position_ids, seq_lens: Sequence[int]):
-        """(sum of next-token losses, number of targets) for one fixed-size row (1, tokens)."""
+    def all_reduce_grads(self) -> None:
+        """Sum the trained parameters' gradients over processes (torch.distributed's group, as accelerate
+        set it up). DDP's hooks only fire for a forward through the DDP wrapper, which the graphed blocks
+        bypass; so one collective per flat gradient buffer, then any trained tensor outside it (a
+        trained embedding or head; a block gradient that is not a view of the buffer)."""
+        import torch.distributed as dist
+
+        for buf in self._grad_buffers:
+            dist.all_reduce(buf)
+        for p, view in zip(self._trainable, self._grad_views):
+            if p.grad is not None and p.grad is not view:
+                dist.all_reduce(p.grad)
+        in_stack = {id(p) for p in self._trainable}
+        for p in self.model.parameters():
+            if p.requires_grad and id(p) not in in_stack and p.grad is not None:
+                dist.all_reduce(p.grad)
+
+    def loss_sum(self, input_ids, labels, position_ids, seq_lens: Sequence[int] | None = None, *,
+                 offsets: torch.Tensor | None = None):
+        """(sum of next-token losses, number of targets) for one fixed-size row (1, tokens); the row's
+        sequences given by their lengths or by their padded offsets (on the device)."""
         if input_ids.shape != (1, self.tokens):
             raise ValueError(f"rows must be (1, {self.tokens}), got {tuple(input_ids.shape)}")
-        self.set_row(seq_lens)
+        self.set_row(seq_lens, offsets)
         self._ensure_grads()
         hidden = self.inner.embed_tokens(input_ids)
         cos, sin = self.inner.rotary_emb(hidden, position_ids)

@@ -22,8 +22,9 @@ from glmtune.train.checkpoint import (list_checkpoints, load_checkpoint, registe
                                       save_checkpoint)
 from glmtune.train.config import TrainConfig, load_config, resolve_template, save_resolved
 from glmtune.train.data import (BatchStream, collate, encode_records, load_records, split_dev, token_loss_sum,
-                                total_steps)
+                                total_steps, trained_tokens)
 from glmtune.train.monitor import Monitor, progress_bar, read_metrics
+from glmtune.train.profile import StepProfiler
 from glmtune.train.speed import SpeedLevers, SpeedPlan, resolve_speed
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -131,11 +132,34 @@ def print_summary(console, cfg, model, stats, n_dev, steps, world) -> None:
 # --------------------------------------------------------------------------------------------------
 # the step
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host -> device without waiting: a plain `.to("cuda")` of pageable memory synchronises the stream,
+    so the host would idle until the GPU drained every kernel queued so far (once per batch). From
+    pinned memory the copy is queued like a kernel and the host goes on issuing work."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _to(batch: dict, device, model_dtype) -> dict:
-    out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    out = {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if "attention_mask" in out and out["attention_mask"].ndim == 4:
         out["attention_mask"] = out["attention_mask"].to(model_dtype)
     return out
+
+
+def global_count(accelerator, n_local: int):
+    """The step's trained-token count over all processes: a float with one process (no device round
+    trip), else a device tensor summed across processes (an all-reduce queued, not waited for)."""
+    if accelerator.num_processes == 1:
+        return float(n_local)
+    n = to_device(torch.tensor(float(n_local), dtype=torch.float64), accelerator.device)
+    return accelerator.reduce(n, "sum")
+
+
+def at_least_one(n):
+    """The loss denominator: a step without trained tokens divides by 1 (its loss sum is 0)."""
+    return n.clamp(min=1) if isinstance(n, torch.Tensor) else max(n, 1.0)
 
 
 def forward_loss_sum(model, batch: dict, *, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,53 +179,74 @@ def forward_loss_sum(model, batch: dict, *, fused: bool = False) -> tuple[torch.
     return token_loss_sum(logits, labels)
 
 
+@dataclass
+class StepResult:
+    """One optimizer step's forward/backward, kept on the device: reading a value would make the host
+    wait for the GPU every step, so the loop reads them once per logging window."""
+    loss_sum: torch.Tensor      # summed token loss over this process's micro-batches (float64)
+    n_global: object            # trained tokens over all processes: float (one process) or device tensor
+    input_tokens: int           # non-pad tokens this process ran (host-side count)
+
+
 def _eager_step(model, micro_batches, accelerator, plan: SpeedPlan, cfg: TrainConfig, *, pad_id: int,
-                block_mask: bool, dtype):
-    """One optimizer step's forward/backward, micro-batch by micro-batch (collated, packed or padded).
-    Returns (summed loss, global trained-token count, tokens processed here)."""
+                block_mask: bool, dtype) -> StepResult:
+    """One optimizer step's forward/backward, micro-batch by micro-batch (collated, packed or padded)."""
     world = accelerator.num_processes
     batches = [collate(mb, packing=plan.packing, pad_id=pad_id, block_mask=block_mask, varlen=plan.varlen)
                for mb in micro_batches]
-    n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-    n_global = accelerator.reduce(torch.tensor(float(n_local), device=accelerator.device), "sum")
+    n_global = global_count(accelerator, sum(trained_tokens(b) for b in batches))
+    tokens = sum(int(b["input_ids"].numel() if plan.packing else b["attention_mask"].sum()) for b in batches)
     loss_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    tokens = 0
     for j, batch in enumerate(batches):
         batch = _to(batch, accelerator.device, dtype)
         sync = accelerator.no_sync(model) if j < len(batches) - 1 else _nullcontext()
         with sync, _saved_tensors_place(cfg.speed.offload_activations):
             s, _ = forward_loss_sum(model, batch, fused=plan.fused_loss)
             # DDP averages gradients over processes, so scale by world size
-            accelerator.backward(s * world / n_global.clamp(min=1))
+            accelerator.backward(s * world / at_least_one(n_global))
         loss_total += s.detach().double()
-        tokens += int(batch["input_ids"].numel() if plan.packing else batch["attention_mask"].sum())
-    return loss_total, n_global, tokens
+    return StepResult(loss_total, n_global, tokens)
 
 
-def _graphed_step(graphed, micro_batches, accelerator, pad_id: int):
-    """One optimizer step's forward/backward through CUDA-graphed fixed rows (one process).
-
-    Each micro-batch's conversations are packed best-fit into rows of graphed.tokens tokens; the loss
-    is the summed token loss over the step divided by the step's trained-token count, as the eager
-    path. Returns (summed loss, trained-token count, real tokens)."""
-    from glmtune.train.graphs import fixed_row
+def graphed_rows(graphed, micro_batches, pad_id: int):
+    """The step's conversations packed best-fit into fixed rows, built on the host in one go:
+    (ids, labels, positions) as one (3, rows, tokens) tensor, the rows' attention offsets, real tokens."""
     from glmtune.train.data import pack_rows_best_fit
+    from glmtune.train.graphs import fixed_row, padded_offsets
 
-    dev = accelerator.device
-    n = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for mb in micro_batches for e in mb)
-    n_global = torch.tensor(float(n), device=dev)
-    loss_total = torch.zeros((), device=dev, dtype=torch.float64)
-    tokens = 0
+    rows, offsets, tokens = [], [], 0
     for examples in micro_batches:
         for row in pack_rows_best_fit([len(e) for e in examples], graphed.tokens, lookahead=len(examples)):
             exs = [examples[i] for i in row]
-            ids, labels, pos = (torch.tensor([x], device=dev) for x in
-                                fixed_row([e.input_ids for e in exs], [e.labels for e in exs], graphed.tokens, pad_id))
-            s, _ = graphed.loss_sum(ids, labels, pos, [len(e) for e in exs])
-            accelerator.backward(s / n_global.clamp(min=1))
-            loss_total += s.detach().double()
+            rows.append(fixed_row([e.input_ids for e in exs], [e.labels for e in exs], graphed.tokens, pad_id))
+            offsets.append(padded_offsets([len(e) for e in exs], graphed.tokens, graphed.max_segments))
             tokens += sum(len(e) for e in exs)
-    return loss_total, n_global, tokens
+    ids_labels_pos = torch.tensor(rows, dtype=torch.long).transpose(0, 1)  # (3, rows, tokens)
+    return ids_labels_pos, torch.tensor(offsets, dtype=torch.int32), tokens
+
+
+def _graphed_step(graphed, micro_batches, accelerator, pad_id: int) -> StepResult:
+    """One optimizer step's forward/backward through CUDA-graphed fixed rows.
+
+    Each micro-batch's conversations are packed best-fit into rows of graphed.tokens tokens; the loss
+    is the summed token loss over the step divided by the step's trained-token count (all processes),
+    as the eager path. Every row goes to the device in one queued copy, so the host never waits.
+    Several processes: the graphed blocks run outside DDP's forward (DDP's reducer never sees them), so
+    the step all-reduces the gradients itself, once, in the decoder's flat buffers."""
+    dev = accelerator.device
+    n_local = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for mb in micro_batches for e in mb)
+    n_global = global_count(accelerator, n_local)
+    host_rows, host_offsets, tokens = graphed_rows(graphed, micro_batches, pad_id)
+    ids, labels, pos = to_device(host_rows, dev)
+    offsets = to_device(host_offsets, dev)
+    loss_total = torch.zeros((), device=dev, dtype=torch.float64)
+    for r in range(ids.shape[0]):
+        s, _ = graphed.loss_sum(ids[r:r + 1], labels[r:r + 1], pos[r:r + 1], offsets=offsets[r])
+        accelerator.backward(s / at_least_one(n_global))
+        loss_total += s.detach().double()
+    if accelerator.num_processes > 1:
+        graphed.all_reduce_grads()
+    return StepResult(loss_total, n_global, tokens)
 
 
 def _saved_tensors_place(offload: bool):
@@ -322,7 +367,8 @@ def setup(cfg: TrainConfig, accelerator, levers: SpeedLevers, console, *, resume
     template = resolve_template(cfg)
     train_ex, dev_ex, stats = build_datasets(cfg, tokenizer, template)
     world, rank = accelerator.num_processes, accelerator.process_index
-    stream = BatchStream(len(train_ex), cfg.train.batch_size, seed=cfg.train.seed, rank=rank, world=world)
+    stream = BatchStream(len(train_ex), cfg.train.batch_size, seed=cfg.train.seed, rank=rank, world=world,
+                         lengths=[len(e) for e in train_ex])
     dev_stream = (BatchStream(len(dev_ex), cfg.eval.batch_size or cfg.train.batch_size, seed=0, rank=rank,
                               world=world, shuffle=False) if dev_ex else None)
     steps = total_steps(stream.per_epoch, cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps)
@@ -384,17 +430,18 @@ def train_loop(run: Run) -> None:
     window = LogWindow()
     model.train()
     progress = progress_bar(run.main, run.steps, run.step)
+    profiler = StepProfiler(run.out, cfg.output.profile_steps, enabled=run.main,
+                            cuda=accelerator.device.type == "cuda")
     with progress:
         while run.step < run.steps:
             # 1-2. this step's micro-batches, forward/backward; the loss denominator is the step's
             # trained-token count over all micro-batches and processes
             micro = [[run.train_ex[i] for i in run.stream.indices(run.step * ga + j)] for j in range(ga)]
             if run.graphed is not None:
-                loss_total, n_global, tokens = _graphed_step(run.graphed, micro, accelerator, run.pad_id)
+                result = _graphed_step(run.graphed, micro, accelerator, run.pad_id)
             else:
-                loss_total, n_global, tokens = _eager_step(model, micro, accelerator, run.plan, cfg, pad_id=run.pad_id,
-                                                           block_mask=run.plan.packing and not run.plan.native,
-                                                           dtype=run.model_dtype)
+                result = _eager_step(model, micro, accelerator, run.plan, cfg, pad_id=run.pad_id,
+                                     block_mask=run.plan.packing and not run.plan.native, dtype=run.model_dtype)
             # 3. clip, step, schedule
             grad_norm = (accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
                          if cfg.train.max_grad_norm > 0 else None)
@@ -402,11 +449,13 @@ def train_loop(run: Run) -> None:
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
             run.step += 1
-            run.last_loss = float(accelerator.reduce(loss_total, "sum") / n_global.double().clamp(min=1))
-            window.add(run.last_loss, tokens, int(n_global))
+            profiler.step_done()
+            window.add(accelerator.reduce(result.loss_sum, "sum") / at_least_one(result.n_global), result.input_tokens,
+                       result.n_global)
             # 4. log, eval, checkpoint
             if run.step % cfg.train.log_every == 0 or run.step == run.steps:
-                row = log_row(run, window, grad_norm)
+                row = log_row(run, window, grad_norm)  # the one point where the host waits for the GPU
+                run.last_loss = window.last_loss()
                 run.monitor.log(row)
                 progress.update(run.step, row)
                 window = LogWindow()
@@ -420,16 +469,27 @@ def train_loop(run: Run) -> None:
 
 @dataclass
 class LogWindow:
-    """What happened since the last metrics line: step losses, input tokens here, trained tokens (all processes)."""
+    """What happened since the last metrics line: step losses, input tokens here, trained tokens (all
+    processes). Losses and (several processes) token counts stay device tensors until read."""
     losses: list = field(default_factory=list)
     input_tokens: int = 0
-    trained_tokens: int = 0
+    trained: list = field(default_factory=list)
     t0: float = field(default_factory=time.time)
 
-    def add(self, loss: float, input_tokens: int, trained_tokens: int) -> None:
+    def add(self, loss, input_tokens: int, trained_tokens) -> None:
         self.losses.append(loss)
         self.input_tokens += input_tokens
-        self.trained_tokens += trained_tokens
+        self.trained.append(trained_tokens)
+
+    def mean_loss(self) -> float:
+        return sum(float(x) for x in self.losses) / len(self.losses)
+
+    def last_loss(self) -> float:
+        return float(self.losses[-1])
+
+    @property
+    def trained_tokens(self) -> int:
+        return int(round(sum(float(x) for x in self.trained)))
 
 
 def log_row(run: Run, window: LogWindow, grad_norm) -> dict:
@@ -439,7 +499,7 @@ def log_row(run: Run, window: LogWindow, grad_norm) -> dict:
     dt = max(time.time() - window.t0, 1e-9)
     n_input = int(accelerator.reduce(torch.tensor(float(window.input_tokens), device=accelerator.device), "sum"))
     row = {"step": run.step, "epoch": round(run.stream.epoch_of(run.step * run.cfg.train.grad_accum), 4),
-           "loss": sum(window.losses) / len(window.losses), "lr": run.scheduler.get_last_lr()[0],
+           "loss": window.mean_loss(), "lr": run.scheduler.get_last_lr()[0],
            "grad_norm": None if grad_norm is None else float(grad_norm),
            "trained_tokens": window.trained_tokens, "input_tokens": n_input,
            "trained_tokens_per_s": round(window.trained_tokens / dt, 1), "input_tokens_per_s": round(n_input / dt, 1)}

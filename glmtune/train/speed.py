@@ -195,8 +195,9 @@ def resolve_speed(cfg: TrainConfig, *, cuda: bool | None = None, native: bool | 
             why.append("method.dropout > 0 (random masks)")
         if sp.offload_activations:
             why.append("speed.offload_activations")
-        if processes > 1:
-            why.append(f"{processes} processes (graphs run one)")
+        if processes > 1 and distributed != "MULTI_GPU":
+            why.append(f"accelerate runs {distributed} (graphs run with one process or DDP, whose "
+                       "gradients are whole on every process)")
         if sp.cuda_graphs is True and why:
             raise ConfigError(f"speed.cuda_graphs=true cannot run here: {'; '.join(why)}", field="speed.cuda_graphs",
                               fix="on a CUDA GPU with varlen attention, method lora/qlora and method.dropout 0; "

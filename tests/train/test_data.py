@@ -49,6 +49,34 @@ def test_stream_shards_are_the_single_process_batch():
     assert BatchStream(5, 2, seed=0, world=2).per_epoch == 1  # tail of 1 < world: skipped
 
 
+def test_stream_deals_tokens_evenly_over_processes():
+    """With lengths, each step's conversations are the same set, dealt so the processes' token counts
+    differ by far less than a round-robin deal (the all-reduce waits for the slowest process)."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(300, 1100, (400,), generator=g).tolist()
+    one = BatchStream(400, 8, seed=3)
+    two = [BatchStream(400, 4, seed=3, rank=r, world=2, lengths=lengths) for r in range(2)]
+    robin = [BatchStream(400, 4, seed=3, rank=r, world=2) for r in range(2)]
+
+    def gap(streams, k):
+        a, b = (sum(lengths[i] for i in s.indices(k)) for s in streams)
+        return abs(a - b)
+
+    for k in range(two[0].per_epoch):
+        assert sorted(one.indices(k)) == sorted(two[0].indices(k) + two[1].indices(k))
+        assert len(two[0].indices(k)) == len(two[1].indices(k)) == 4
+    balanced = sum(gap(two, k) for k in range(50)) / 50
+    dealt = sum(gap(robin, k) for k in range(50)) / 50
+    assert balanced < dealt / 4 and balanced < 200
+
+
+def test_deal_by_tokens_fills_every_process():
+    from glmtune.train.data import deal_by_tokens
+
+    assert deal_by_tokens([0, 1, 2], [10, 50, 20], 2) == [[1], [2, 0]]
+    assert all(deal_by_tokens(list(range(5)), [5, 4, 3, 2, 1], 4))
+
+
 def test_packed_forward_equals_padded(tiny_model):
     """Same examples, padded vs packed (position ids, and explicit 4D block mask): same loss, fp32."""
     from transformers import AutoModelForCausalLM

@@ -49,3 +49,30 @@ def test_fused_lora_counts_only_layers_that_run_fused(make_cfg):
     assert not levers.plan.fused_lora and levers.plan.summary() == "speed: packed rows (model attention)"
     assert levers.plan.notes == ["speed.fused_lora -> off (0 of 12 LoRA layers can run fused)"]
     levers.undo()
+
+
+def test_profile_steps_writes_a_report_of_those_steps(make_cfg):
+    """output.profile_steps: N profiles N steps after the warm-up (CPU here: host time only) and the
+    run's losses do not change for it."""
+    from glmtune.train import run_training
+
+    over = {"train.max_steps": 8, "train.batch_size": 2}
+    plain = run_training(make_cfg("plain", **over))
+    prof = run_training(make_cfg("prof", **over, **{"output.profile_steps": 2}))
+    report = (prof.output_dir / "profile.txt").read_text()
+    assert report.startswith("profiled 2 optimizer steps:") and "by host time:" in report
+    assert "GPU busy" not in report and (prof.output_dir / "profile_trace.json").stat().st_size > 1000
+    assert not (plain.output_dir / "profile.txt").exists()
+    assert [m["loss"] for m in plain.metrics if "loss" in m] == [m["loss"] for m in prof.metrics if "loss" in m]
+
+
+def test_device_busy_merges_overlapping_spans():
+    from types import SimpleNamespace as NS
+
+    from glmtune.train.profile import device_busy_s
+
+    def ev(a, b, dev="DeviceType.CUDA"):
+        return NS(time_range=NS(start=a, end=b), device_type=dev)
+
+    events = [ev(0, 10), ev(5, 12), ev(20, 30), ev(0, 100, "DeviceType.CPU")]
+    assert device_busy_s(events) == (12 + 10) / 1e6

@@ -58,11 +58,12 @@ def test_fused_lora_and_cuda_graphs_resolution(make_cfg):
     bf16 = {"model.dtype": "bf16"}
     on = resolve_speed(make_cfg(**bf16, **{"speed.adapter_dtype": "model"}), **GPU)
     assert (on.fused_lora, on.graphs, on.graph_tokens) == (True, True, 2048)
-    # decided once, with accelerate's processes: several processes, no graphs; FSDP, no fused LoRA
+    # decided once, with accelerate's processes: DDP keeps graphs and fused LoRA; FSDP neither
     ddp = resolve_speed(make_cfg(**bf16, **{"speed.adapter_dtype": "model"}), **GPU, processes=2, distributed="MULTI_GPU")
-    assert ddp.fused_lora and not ddp.graphs and "2 processes (graphs run one)" in ddp.notes[-1]
+    assert ddp.fused_lora and ddp.graphs and ddp.notes == []
     fsdp = resolve_speed(make_cfg(**bf16, **{"speed.adapter_dtype": "model"}), **GPU, processes=2, distributed="FSDP")
     assert not fsdp.fused_lora and "speed.fused_lora auto -> off (accelerate runs FSDP)" in fsdp.notes
+    assert not fsdp.graphs and "speed.cuda_graphs auto -> off (accelerate runs FSDP" in fsdp.notes[-1]
     with pytest.raises(ConfigError, match="speed.fused_lora=true cannot run here: adapters fp32, activations bf16"):
         resolve_speed(make_cfg(**bf16, **{"speed.fused_lora": True}), **GPU)
     assert resolve_speed(make_cfg(**bf16, **{"data.cutoff_len": 3000}), **GPU).graph_tokens == 3072
