@@ -285,7 +285,7 @@ def test_pipeline_through_the_page(page, server, artifacts):
             if (msgs.length) window.__seen.push(msgs[msgs.length - 1].innerText);
         }).observe(bot, {subtree: true, childList: true, characterData: true});
     }""")
-    fill(pg, "chat-max-new", "32")
+    fill(pg, "chat-max-new", "24")
     box = pg.locator("#chat-input textarea, #chat-input input").first
     box.fill("我想取消我的流量包")
     box.press("Enter")
