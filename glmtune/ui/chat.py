@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 from typing import Iterator
 
 from glmtune.ui.common import ok
@@ -112,11 +113,15 @@ def build(ws: Workspace, loaded: LoadedModel) -> None:
         if not message.strip():
             yield gr.skip(), gr.skip(), gr.skip()
             return
+        start, what = time.time(), loaded.description
         try:
             for shown, cleared in reply(loaded, message, history, sys_prompt, temp, max_tokens):
                 yield shown, cleared, gr.skip()
         except GlmtuneError as e:
             yield gr.skip(), gr.skip(), error(e)
+            return
+        # the status line says when the answer is complete (the chat bubble alone cannot tell)
+        yield gr.skip(), gr.skip(), ok(f"{what} answered in {time.time() - start:.1f} s")
 
     load_btn.click(on_load, [model, adapter], status)
     unload_btn.click(loaded.unload, None, status)
