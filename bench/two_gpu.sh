@@ -3,8 +3,9 @@
 # calls only while it stays warm, so the model folder is rewritten when a phase finds it missing):
 #   device call: kind nvidia-h200-x2, carry [".whl"], command  bash bench/two_gpu.sh PHASE
 #   lora   seed recipe (1 GPU) and `glmtune train` LoRA on 1 GPU and 2 GPUs (DDP, graphs per process; eager)
-#   shard  LoRA under FSDP, DeepSpeed ZeRO-2, ZeRO-3 (global batch 8, as phase lora's 1-GPU batch-8 run),
-#          and a profiled 1-GPU run (output.profile_steps)
+#   shard  LoRA under DDP with graphs (compiled and not), FSDP, DeepSpeed ZeRO-2 (global batch 8, as phase
+#          lora's 1-GPU batch-8 run), and a profiled 1-GPU run (output.profile_steps)
+#   zero3  LoRA and full fine-tuning under DeepSpeed ZeRO-3
 #   full   full fine-tuning of the 9B shape across both GPUs: ZeRO-3 and FSDP
 # Raw output: $OUT/PHASE/ (train_product.jsonl, log_*.txt, metrics_*.jsonl, profile_*.txt).
 set -uo pipefail
@@ -26,10 +27,16 @@ case "$PHASE" in
       ddp-eager-b4x2: $FAST --set speed.cuda_graphs=false --nproc 2" ;;
   shard)
     python3 bench/train_product.py --out "$OUT/shard" --only lora --seed-groups "" --steps 20 --warmup 6 --timeout 200 --variants "
+      ddp-b4x2: $FAST --nproc 2;
+      ddp-nocompile-b4x2: $FAST --set speed.compile=false --nproc 2;
       fsdp-b4x2: $FAST --nproc 2 --accelerate-config fsdp;
       zero2-b4x2: $FAST --nproc 2 --accelerate-config deepspeed_zero2;
-      zero3-b4x2: $FAST --nproc 2 --accelerate-config deepspeed_zero3;
       1gpu-b4-profile: $FAST --set train.max_steps=10 --set output.profile_steps=4" ;;
+  zero3)
+    FULL="--set method.name=full --set train.lr=1e-5 --set train.batch_size=2"
+    python3 bench/train_product.py --out "$OUT/zero3" --only lora --seed-groups "" --steps 10 --warmup 4 --timeout 240 --variants "
+      zero3-b4x2: $FAST --nproc 2 --accelerate-config deepspeed_zero3;
+      full-zero3-b2x2: $FULL --nproc 2 --accelerate-config deepspeed_zero3" ;;
   full)
     FULL="--set method.name=full --set train.lr=1e-5 --set train.batch_size=2"
     python3 bench/train_product.py --out "$OUT/full" --only lora --seed-groups "" --steps 8 --warmup 3 --timeout 270 --variants "

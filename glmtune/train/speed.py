@@ -223,6 +223,7 @@ class SpeedLevers:
     def __init__(self, plan: SpeedPlan, cfg: TrainConfig, console=None):
         self.plan, self.cfg, self.console = plan, cfg, console
         self._undo: list = []
+        self._uncompile = None
 
     def before_model(self) -> None:
         if self.plan.liger == "none":
@@ -258,17 +259,32 @@ class SpeedLevers:
                 kernels.compile_decoder_layers(model, dynamic=not plan.graphs)  # graphed rows have one shape
             except ValueError as e:
                 raise ConfigError(f"speed.compile: {e}", field="speed.compile", fix="set speed.compile: false") from None
-            self._undo.append(lambda: kernels.uncompile_decoder_layers(model))
+            self._uncompile = lambda: kernels.uncompile_decoder_layers(model)
+            self._undo.append(self._uncompile)
         return model
 
-    def graphed_decoder(self, model, lengths: list[int]):
+    def _graphs_under_ddp(self, processes: int) -> None:
+        """Graphed blocks are compiled outside DDP's forward; dynamo's DDP optimizer (graph breaks at
+        DDP's bucket boundaries, for DDP's own overlap) has nothing to overlap there, so it is off."""
+        if processes < 2 or not self.plan.compile:
+            return
+        import torch._dynamo
+
+        old = torch._dynamo.config.optimize_ddp
+        torch._dynamo.config.optimize_ddp = False
+        self._undo.append(lambda: setattr(torch._dynamo.config, "optimize_ddp", old))
+
+    def graphed_decoder(self, model, lengths: list[int], processes: int = 1):
         """Capture the decoder blocks as CUDA graphs for rows of plan.graph_tokens tokens; None when the
-        plan has no graphs, or (auto) when capture fails, with the reason noted."""
+        plan has no graphs, or (auto) when capture fails, with the reason noted. A failed capture also
+        turns compilation off: the compiled code may have run half-captured, and the eager step that
+        follows must not depend on it."""
         plan = self.plan
         if not plan.graphs:
             return None
         from glmtune.train.graphs import GraphedDecoder
 
+        self._graphs_under_ddp(processes)
         max_segments = min(plan.graph_tokens // max(1, min(lengths)) + 1, 512)
         try:
             return GraphedDecoder(model, tokens=plan.graph_tokens, max_segments=max_segments, graph=True, varlen=True)
@@ -278,6 +294,10 @@ class SpeedLevers:
                                   field="speed.cuda_graphs", fix="set speed.cuda_graphs: auto or false") from e
             plan.graphs = False
             note = f"speed.cuda_graphs auto -> off (capture failed: {type(e).__name__}: {str(e)[:200]})"
+            if plan.compile and self._uncompile is not None:
+                self._uncompile()
+                plan.compile = False
+                note += "; speed.compile -> off with it"
             plan.notes.append(note)
             if self.console is not None:
                 self.console.print(f"[yellow]·[/] {note}")
