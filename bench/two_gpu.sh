@@ -32,10 +32,15 @@ case "$PHASE" in
       fsdp-b4x2: $FAST --nproc 2 --accelerate-config fsdp;
       zero2-b4x2: $FAST --nproc 2 --accelerate-config deepspeed_zero2;
       1gpu-b4-profile: $FAST --set train.max_steps=10 --set output.profile_steps=4" ;;
+  shard2)  # after the fixes that phase shard called for
+    python3 bench/train_product.py --out "$OUT/shard2" --only lora --seed-groups "" --steps 14 --warmup 4 --timeout 150 --variants "
+      ddp-b4x2: $FAST --nproc 2;
+      fsdp-b4x2: $FAST --nproc 2 --accelerate-config fsdp;
+      zero2-b4x2: $FAST --nproc 2 --accelerate-config deepspeed_zero2;
+      zero3-b4x2: $FAST --nproc 2 --accelerate-config deepspeed_zero3" ;;
   zero3)
     FULL="--set method.name=full --set train.lr=1e-5 --set train.batch_size=2"
-    python3 bench/train_product.py --out "$OUT/zero3" --only lora --seed-groups "" --steps 10 --warmup 4 --timeout 240 --variants "
-      zero3-b4x2: $FAST --nproc 2 --accelerate-config deepspeed_zero3;
+    python3 bench/train_product.py --out "$OUT/zero3" --only lora --seed-groups "" --steps 10 --warmup 4 --timeout 300 --variants "
       full-zero3-b2x2: $FULL --nproc 2 --accelerate-config deepspeed_zero3" ;;
   full)
     FULL="--set method.name=full --set train.lr=1e-5 --set train.batch_size=2"

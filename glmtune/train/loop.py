@@ -413,6 +413,9 @@ def prepare_optimization(cfg: TrainConfig, accelerator, model, steps: int):
     fused_adam = (accelerator.device.type == "cuda"
                   and accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU))
     optimizer = make_optimizer(model, cfg, fused=fused_adam)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # accelerate reads DeepSpeed's micro-batch from a prepared dataloader; the loop has none
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
     scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=math.ceil(cfg.train.warmup_ratio * steps),
                               num_training_steps=steps)
     model, optimizer = accelerator.prepare(model, optimizer)

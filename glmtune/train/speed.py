@@ -116,12 +116,17 @@ def resolve_speed(cfg: TrainConfig, *, cuda: bool | None = None, native: bool | 
             notes.append(f"speed.attention auto -> {cfg.model.attn_implementation or 'default'} packed path "
                          f"(varlen off: {'; '.join(why)})")
 
-    # compile (decided before liger: auto liger depends on it)
+    # compile (decided before liger: auto liger depends on it). Sharded weights (FSDP, DeepSpeed) are
+    # gathered by hooks around each module's forward: compiled blocks and liger's fused loss, which
+    # reads the LM head's weight outside the head's forward, are not what those hooks expect (on
+    # 2xH200, FSDP2 + liger: "aten.mm.out got mixed torch.Tensor and DTensor"), so auto leaves them off.
+    sharded = distributed in ("FSDP", "DEEPSPEED")
     if sp.compile == "auto":
-        compile_on = cuda and native and traits.kernels
+        compile_on = cuda and native and traits.kernels and not sharded
         if not compile_on:
             notes.append("speed.compile auto -> off (" + ("no CUDA GPU" if not cuda else
-                         "remote-code model" if not native else f"method {method}") + ")")
+                         "remote-code model" if not native else f"accelerate runs {distributed}" if sharded
+                         else f"method {method}") + ")")
     else:
         compile_on = bool(sp.compile)
         if compile_on and not native:
@@ -143,6 +148,8 @@ def resolve_speed(cfg: TrainConfig, *, cuda: bool | None = None, native: bool | 
             why = liger_problem
         if not why and sp.liger == "auto" and not traits.kernels:
             why = f"method {method}: its KV-cache prefixes are not checked with liger; set speed.liger to use it"
+        if not why and sp.liger == "auto" and sharded:
+            why = f"accelerate runs {distributed}: the fused loss reads the LM head's weight outside its forward"
         if why and sp.liger != "auto":
             raise ConfigError(f"speed.liger={sp.liger} cannot run here: {why}", field="speed.liger",
                               fix=f"on a CUDA GPU, {GPU_EXTRA} (installs liger-kernel); or set speed.liger: "
