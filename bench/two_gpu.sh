@@ -40,7 +40,7 @@ case "$PHASE" in
       zero3-b4x2: $FAST --nproc 2 --accelerate-config deepspeed_zero3" ;;
   zero3)
     FULL="--set method.name=full --set train.lr=1e-5 --set train.batch_size=2"
-    python3 bench/train_product.py --out "$OUT/zero3" --only lora --seed-groups "" --steps 10 --warmup 4 --timeout 300 --variants "
+    python3 bench/train_product.py --out "$OUT/zero3" --only lora --seed-groups "" --steps 6 --warmup 2 --timeout 230 --variants "
       full-zero3-b2x2: $FULL --nproc 2 --accelerate-config deepspeed_zero3" ;;
   full)
     FULL="--set method.name=full --set train.lr=1e-5 --set train.batch_size=2"
