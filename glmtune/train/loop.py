@@ -25,7 +25,7 @@ from glmtune.train.data import (BatchStream, collate, encode_records, load_recor
                                 total_steps, trained_tokens)
 from glmtune.train.monitor import Monitor, progress_bar, read_metrics
 from glmtune.train.profile import StepProfiler
-from glmtune.train.speed import SpeedLevers, SpeedPlan, resolve_speed
+from glmtune.train.speed import SpeedLevers, SpeedPlan, faster_settings, resolve_speed
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -341,6 +341,9 @@ def run_training(config: TrainConfig | str | Path | dict, *, resume: str | None 
     console = console or Console(stderr=True, quiet=not accelerator.is_main_process)
     for note in plan.notes:
         console.print(f"[yellow]·[/] {note}")
+    hint = faster_settings(cfg, plan, cuda=accelerator.device.type == "cuda")
+    if hint:
+        console.print(f"[cyan]·[/] {hint}")
     levers = SpeedLevers(plan, cfg, console)
     try:
         run = setup(cfg, accelerator, levers, console, resume=resume)

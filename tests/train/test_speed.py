@@ -58,9 +58,13 @@ def test_fused_lora_and_cuda_graphs_resolution(make_cfg):
     bf16 = {"model.dtype": "bf16"}
     on = resolve_speed(make_cfg(**bf16, **{"speed.adapter_dtype": "model"}), **GPU)
     assert (on.fused_lora, on.graphs, on.graph_tokens) == (True, True, 2048)
-    # decided once, with accelerate's processes: DDP keeps graphs and fused LoRA; FSDP neither
+    # decided once, with accelerate's processes: DDP keeps fused LoRA, graphs only when asked; FSDP neither
     ddp = resolve_speed(make_cfg(**bf16, **{"speed.adapter_dtype": "model"}), **GPU, processes=2, distributed="MULTI_GPU")
-    assert ddp.fused_lora and ddp.graphs and ddp.notes == []
+    assert ddp.fused_lora and not ddp.graphs and "capture under DDP is opt-in" in ddp.notes[-1]
+    asked = {"speed.adapter_dtype": "model", "speed.cuda_graphs": True}
+    assert resolve_speed(make_cfg(**bf16, **asked), **GPU, processes=2, distributed="MULTI_GPU").graphs
+    with pytest.raises(ConfigError, match="speed.cuda_graphs=true cannot run here: accelerate runs FSDP"):
+        resolve_speed(make_cfg(**bf16, **asked), **GPU, processes=2, distributed="FSDP")
     fsdp = resolve_speed(make_cfg(**bf16, **{"speed.adapter_dtype": "model"}), **GPU, processes=2, distributed="FSDP")
     assert not fsdp.fused_lora and "speed.fused_lora auto -> off (accelerate runs FSDP)" in fsdp.notes
     assert not fsdp.graphs and "speed.cuda_graphs auto -> off (accelerate runs FSDP" in fsdp.notes[-1]
@@ -209,6 +213,10 @@ def test_varlen_path_through_run_training_equals_unpacked(make_cfg, monkeypatch)
     assert calls == [4] * (2 * (2 * 2 + 1)), calls
 
 
+# Opt-in (-m slow, ~50 s of inductor compiling on 2 cores): on a CPU `speed.compile: auto` is off, so no
+# user runs this path here; where compile does run, tests/train/test_graphs_gpu.py checks compiled ==
+# eager (-m gpu, bench/run_gpu_tests.sh).
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile on CPU (inductor) needs a C++ compiler")
 def test_compiled_training_equals_eager(make_cfg):
@@ -255,3 +263,17 @@ def test_offloaded_activations_give_the_same_losses(make_cfg):
     assert len(seen) >= 2  # used for every micro-batch
     a, b = [m["loss"] for m in plain.metrics], [m["loss"] for m in off.metrics]
     assert len(a) == 2 and all(abs(x - y) / x < 1e-5 for x, y in zip(a, b)), (a, b)
+
+
+def test_faster_settings_names_what_the_config_blocks(make_cfg):
+    from glmtune.train.speed import faster_settings
+
+    bf16 = {"model.dtype": "bf16"}
+    preset_like = make_cfg(**bf16, **{"method.dropout": 0.05})
+    hint = faster_settings(preset_like, resolve_speed(preset_like, **GPU), cuda=True)
+    assert hint.startswith("faster: --set method.dropout=0 --set speed.adapter_dtype=model turns on fused LoRA")
+    fast = make_cfg(**bf16, **{"method.dropout": 0.0, "speed.adapter_dtype": "model"})
+    assert faster_settings(fast, resolve_speed(fast, **GPU), cuda=True) is None
+    assert faster_settings(preset_like, resolve_speed(preset_like, cuda=False, native=True), cuda=False) is None
+    full = make_cfg(**bf16, **{"method.name": "full"})
+    assert faster_settings(full, resolve_speed(full, **GPU), cuda=True) is None
