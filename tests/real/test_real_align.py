@@ -1,17 +1,21 @@
 """DPO and GRPO on the imported SmolLM2-135M (fp32, CPU, LoRA), through `glmtune align dpo|grpo CONFIG.yaml`,
 each improve a held-out metric of the real topic task (topic_task.py: chatterbot-corpus, 180 train / 60 held-out).
 
-Both start from a short SFT adapter (`glmtune train`, 10 steps): it has learnt the answer format (a
-topic name) but not the task (it names one topic for almost everything), which is the usual starting
-point of preference tuning and RL, and gives GRPO the reward variance inside a group it learns from
-(the untuned base never names a topic: reward 0 everywhere, nothing to learn).
+Both start from a short SFT adapter (`glmtune train`, a few steps): it has learnt the answer format
+(a topic name) but not yet the task, the usual starting point of preference tuning and RL. GRPO needs
+it: the untuned base never names a topic, so every completion of a group gets reward 0 and there is
+nothing to learn from. Before = the SFT adapter, after = the aligned adapter, one `Predictor` for both.
 
-- DPO: pairs (held-out prompt, chosen = its topic, rejected = a seeded wrong topic); measured on the
-  60 held-out pairs: accuracy of preferring chosen by the policy's own log-probability, TRL's
-  held-out reward margin / accuracy against the reference, and greedy exact-match accuracy.
-- GRPO with the `label` reward on prompt-only records with `label`; measured on the 60 held-out
-  prompts: greedy exact-match accuracy (= the label reward of the greedy answer).
-Before = the SFT adapter, after = the aligned adapter, both through one `Predictor`.
+- DPO (from 10 SFT steps): pairs (prompt, chosen = its topic, rejected = a seeded wrong topic). On the
+  60 held-out pairs: how often the policy's log p(chosen) > log p(rejected), the mean margin, and the
+  accuracy of the most likely topic (log-likelihoods by `glmtune eval classify`'s constrained scorer,
+  whole answer + end token, as DPO scores them). Greedy exact match is reported, not asserted: DPO
+  lowers both sides' absolute likelihood, and the greedy answer of some prompts leaves the topic list.
+- GRPO with the `label` reward (from 20 SFT steps) on the prompt-only train records with `label`. On the
+  60 held-out prompts: greedy exact-match accuracy and the expected label reward (mean probability
+  of the gold topic among the topics: what a sampled answer's reward expects, without sampling noise).
+  lr 5e-5 with 8 completions per prompt: at 3e-4 and 4 per prompt, Adam's first (sign-sized) steps
+  on one group's signal collapsed the policy onto one topic for every prompt within 2 steps.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ LORA = {"name": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"}
 OUTPUT = {"plot": False, "tensorboard": False}
 DPO_SFT_STEPS, GRPO_SFT_STEPS = 10, 20
 DPO_TRAIN, DPO_ALIGN = {"max_steps": 12, "batch_size": 8, "lr": 1e-3}, {"beta": 0.1}
-GRPO_TRAIN = {"max_steps": 16, "batch_size": 32, "lr": 5e-5}
+GRPO_TRAIN = {"max_steps": 10, "batch_size": 32, "lr": 5e-5}
 GRPO_ALIGN = {"num_generations": 8, "max_new_tokens": 4, "kl_coef": 0.0, "rewards": [{"name": "label"}]}
 
 
