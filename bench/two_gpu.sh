@@ -5,6 +5,7 @@
 #   lora   seed recipe (1 GPU) and `glmtune train` LoRA on 1 GPU and 2 GPUs (DDP, graphs per process; eager)
 #   shard  LoRA under DDP with graphs (compiled and not), FSDP, DeepSpeed ZeRO-2 (global batch 8, as phase
 #          lora's 1-GPU batch-8 run), and a profiled 1-GPU run (output.profile_steps)
+#   shard2 after the fixes phase shard called for: DDP, FSDP, ZeRO-2, ZeRO-3 (LoRA, 14 steps)
 #   zero3  full fine-tuning under DeepSpeed ZeRO-3 (6 steps; what the device time left allowed)
 #   full   full fine-tuning of the 9B shape across both GPUs: ZeRO-3 and FSDP
 # Raw output: $OUT/PHASE/ (train_product.jsonl, log_*.txt, metrics_*.jsonl, profile_*.txt).
