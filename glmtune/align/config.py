@@ -69,6 +69,9 @@ class AlignConfig(_Section):
             raise ValueError("data.dev and data.val_size are mutually exclusive")
         if self.method.name not in ("lora", "qlora", "full"):
             raise ValueError(f"method.name={self.method.name} is not supported for alignment: use lora, qlora or full")
+        if self.output.profile_steps:
+            raise ValueError("output.profile_steps profiles `glmtune train`; TRL runs the alignment loop: "
+                             "remove it from an align config")
         if self.model.adapter and self.method.name == "full":
             raise ValueError("model.adapter with method.name=full: merge the adapter first (glmtune export) "
                              "and set model.path to the merged folder")

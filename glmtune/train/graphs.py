@@ -90,28 +90,6 @@ class _DecoderStack(torch.nn.Module):
         return hidden
 
 
-class _thread_local_capture:
-    """Capture in "thread_local" mode while make_graphed_callables runs (it offers no such argument).
-
-    Under several processes NCCL's watchdog thread polls CUDA events; in the default "global" mode any
-    such call from another thread invalidates a capture in progress (cudaErrorStreamCaptureInvalidated,
-    seen on 2xH200 under DDP). thread_local only forbids unsafe calls from the capturing thread."""
-
-    def __enter__(self):
-        self.init = torch.cuda.graph.__init__
-        init = self.init
-
-        def thread_local_init(graph, cuda_graph, pool=None, stream=None, capture_error_mode="thread_local", **kw):
-            init(graph, cuda_graph, pool=pool, stream=stream, capture_error_mode=capture_error_mode, **kw)
-
-        torch.cuda.graph.__init__ = thread_local_init
-        return self
-
-    def __exit__(self, *exc):
-        torch.cuda.graph.__init__ = self.init
-        return False
-
-
 class GraphedDecoder:
     """Loss of packed fixed-size rows through the decoder blocks, replayed as CUDA graphs.
 
@@ -137,8 +115,7 @@ class GraphedDecoder:
             h = torch.zeros(1, tokens, self.inner.config.hidden_size, dtype=self.dtype, device=self.device)
             pos = torch.arange(tokens, device=self.device)[None]
             cos, sin = self.inner.rotary_emb(h, pos)
-            with _thread_local_capture():
-                self.graphed = torch.cuda.make_graphed_callables(self.stack, (h, cos, sin), num_warmup_iters=warmup)
+            self.graphed = torch.cuda.make_graphed_callables(self.stack, (h, cos, sin), num_warmup_iters=warmup)
             torch.cuda.empty_cache()  # the warm-up's eager activations: the graph has its own pool
 
     def _check_graphable(self) -> None:

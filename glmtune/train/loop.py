@@ -397,8 +397,7 @@ def setup(cfg: TrainConfig, accelerator, levers: SpeedLevers, console, *, resume
     # train mode before any capture: a graph records what runs while it is captured, and transformers
     # checkpoints a block only in training mode (captured in eval mode, checkpointing never ran)
     run.model.train()
-    run.graphed = levers.graphed_decoder(accelerator.unwrap_model(run.model), [len(e) for e in train_ex],
-                                         processes=accelerator.num_processes)
+    run.graphed = levers.graphed_decoder(accelerator.unwrap_model(run.model), [len(e) for e in train_ex])
     ckpt = resolve_resume(resume, out)
     if ckpt is not None:
         run.step = load_checkpoint(accelerator, run.model, ckpt)["step"]

@@ -207,9 +207,10 @@ def resolve_speed(cfg: TrainConfig, *, cuda: bool | None = None, native: bool | 
                        "gradients are whole on every process)")
         elif processes > 1 and sp.cuda_graphs == "auto":
             # the graphed step does run per process (its own gradient all-reduce, tested on CPU), but on
-            # 2xH200 capture under DDP failed (cudaErrorStreamCaptureInvalidated, global and thread_local
-            # modes), and a capture that fails on one process only would leave the processes on different
-            # steps; so auto stays eager under DDP, and speed.cuda_graphs: true is the explicit opt-in
+            # 2xH200 capture under DDP failed (cudaErrorStreamCaptureInvalidated; also with dynamo's DDP
+            # optimizer off and in thread_local capture mode, both tried and removed), and a capture
+            # failing on one process only would leave the processes on different steps; so auto stays
+            # eager under DDP, and speed.cuda_graphs: true is the explicit opt-in
             why.append(f"{processes} processes: capture under DDP is opt-in (speed.cuda_graphs: true)")
         if sp.cuda_graphs is True and why:
             raise ConfigError(f"speed.cuda_graphs=true cannot run here: {'; '.join(why)}", field="speed.cuda_graphs",
@@ -294,18 +295,7 @@ class SpeedLevers:
             self._undo.append(self._uncompile)
         return model
 
-    def _graphs_under_ddp(self, processes: int) -> None:
-        """Graphed blocks are compiled outside DDP's forward; dynamo's DDP optimizer (graph breaks at
-        DDP's bucket boundaries, for DDP's own overlap) has nothing to overlap there, so it is off."""
-        if processes < 2 or not self.plan.compile:
-            return
-        import torch._dynamo
-
-        old = torch._dynamo.config.optimize_ddp
-        torch._dynamo.config.optimize_ddp = False
-        self._undo.append(lambda: setattr(torch._dynamo.config, "optimize_ddp", old))
-
-    def graphed_decoder(self, model, lengths: list[int], processes: int = 1):
+    def graphed_decoder(self, model, lengths: list[int]):
         """Capture the decoder blocks as CUDA graphs for rows of plan.graph_tokens tokens; None when the
         plan has no graphs, or (auto) when capture fails, with the reason noted. A failed capture also
         turns compilation off: the compiled code may have run half-captured, and the eager step that
@@ -315,7 +305,6 @@ class SpeedLevers:
             return None
         from glmtune.train.graphs import GraphedDecoder
 
-        self._graphs_under_ddp(processes)
         max_segments = min(plan.graph_tokens // max(1, min(lengths)) + 1, 512)
         try:
             return GraphedDecoder(model, tokens=plan.graph_tokens, max_segments=max_segments, graph=True, varlen=True)

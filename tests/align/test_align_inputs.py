@@ -67,6 +67,10 @@ def test_config_errors_name_the_key(tiny_model, tmp_path):
         load_align_config(_cfg(tiny_model, tmp_path, beta=-1))
     with pytest.raises(ConfigError, match="method.name=prefix is not supported"):
         load_align_config({**_cfg(tiny_model, tmp_path), "method": {"name": "prefix"}})
+    profiled = _cfg(tiny_model, tmp_path)
+    profiled["output"]["profile_steps"] = 2  # a train-only key: refused, never silently ignored
+    with pytest.raises(ConfigError, match="output.profile_steps profiles `glmtune train`"):
+        load_align_config(profiled)
 
 
 def test_bad_reward_and_missing_data_write_nothing(tiny_model, align_data, tmp_path):
