@@ -9,6 +9,22 @@ import typer
 from glmtune.cli.main import app
 
 ADAPTER_HELP = "LoRA adapter folder; repeat as NAME=DIR to load several (the first is used)."
+ENGINE_HELP = ("hf back-end: auto = glmtune's generation engine (continuous batching, CUDA graphs), "
+               "off = transformers' generate.")
+
+
+def engine_option(value: str, max_model_len: int | None = None):
+    """`--engine` (+ `--max-model-len`) -> what Predictor's ``engine`` takes."""
+    from glmtune.errors import InputError
+
+    if value not in ("auto", "off"):
+        raise InputError(f"unknown --engine '{value}'", field="--engine", fix="use auto or off")
+    if value == "off":
+        if max_model_len is not None:
+            raise InputError("--max-model-len sizes the engine, which --engine off turns off",
+                             field="--max-model-len", fix="drop one of the two")
+        return "off"
+    return {"max_model_len": max_model_len} if max_model_len else "auto"
 
 
 def adapter_option(values: Optional[List[str]]):
@@ -58,10 +74,12 @@ def predict_cmd(
     data: Path = typer.Option(..., "--data", help="Canonical records (JSONL); the last assistant turn is the reference."),
     out: Path = typer.Option(..., "--out", "-o", help="Predictions JSONL; rows already there are skipped (resume)."),
     adapter: Optional[List[str]] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
-    batch_size: int = typer.Option(8, help="Prompts per left-padded batch (also the most a kill can lose)."),
+    batch_size: int = typer.Option(64, help="Prompts generated together and written as one block "
+                                            "(also the most a kill can lose)."),
     max_new_tokens: int = typer.Option(512, help="Most tokens per answer."),
     template: Optional[str] = typer.Option(None, help="Template family; default: from the model folder."),
     backend: str = typer.Option("hf", help="hf or vllm."),
+    engine: str = typer.Option("auto", help=ENGINE_HELP),
 ) -> None:
     """Greedy predictions for a dataset, resumable, as rows `glmtune eval generate` scores."""
     from rich.console import Console
@@ -70,7 +88,8 @@ def predict_cmd(
     from glmtune.infer.predict import predict_file
     from glmtune.infer.predictor import Predictor
 
-    predictor = Predictor(model, adapter=adapter_option(adapter), backend=backend, template=template)
+    predictor = Predictor(model, adapter=adapter_option(adapter), backend=backend, template=template,
+                          **({"engine": engine_option(engine)} if backend == "hf" else {}))
     console = Console(stderr=True)
     with Progress("predict", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=False) as progress:

@@ -32,6 +32,11 @@ def serve_cmd(
     rag: Optional[Path] = typer.Option(None, help="RAG store from `glmtune rag index` to answer from."),
     rag_threshold: float = typer.Option(0.3, help="Least cosine similarity for a passage to be used."),
     backend: str = typer.Option("hf", help="hf or vllm."),
+    engine: str = typer.Option("auto", help="hf back-end: auto = glmtune's generation engine (continuous "
+                                            "batching, CUDA graphs, adapters batched), off = one request at a time."),
+    max_model_len: Optional[int] = typer.Option(None, help="Prompt + answer tokens per request the engine's KV "
+                                                           "cache holds (default: the model's context, at most "
+                                                           "8192 on a GPU, 2048 on a CPU)."),
     image_root: Optional[Path] = typer.Option(
         None, help="Folder whose pictures requests may name by path (image_url: a path or file://); "
                    "without it, images come only as data: URIs. Paths outside it are refused."),
@@ -40,7 +45,7 @@ def serve_cmd(
     image_max_count: int = typer.Option(8, help="Most images in one request."),
 ) -> None:
     """Serve /v1/chat/completions (JSON and streaming), /v1/models and /health."""
-    from glmtune.cli.infer import adapter_option
+    from glmtune.cli.infer import adapter_option, engine_option
     from glmtune.infer.predictor import Predictor
     from glmtune.infer.vision import ImageLimits
     from glmtune.serve.app import serve
@@ -51,8 +56,9 @@ def serve_cmd(
                          fix="pass an existing folder, or leave --image-root out (data: URIs only)")
     limits = ImageLimits(max_bytes=int(image_max_mb * 2**20), max_pixels=image_max_pixels,
                          max_images=image_max_count)
+    engine_kwargs = {"engine": engine_option(engine, max_model_len)} if backend == "hf" else {}
     predictor = Predictor(model, adapter=adapter_option(adapter), backend=backend, template=template,
-                          rag=rag, rag_threshold=rag_threshold, image_limits=limits)
+                          rag=rag, rag_threshold=rag_threshold, image_limits=limits, **engine_kwargs)
     if max_body is None:
         max_body = 1 << 20
         if predictor.vision is not None:

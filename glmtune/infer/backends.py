@@ -8,12 +8,15 @@ boundary: ``BACKENDS`` maps a name to a class. A prompt with images is a
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from glmtune.errors import GlmtuneError, InputError
+
+log = logging.getLogger("glmtune.infer")
 
 BASE = "base"  # reserved adapter name meaning "the base model, adapters switched off"
 
@@ -60,14 +63,22 @@ OnTokens = Callable[[list[int]], None]  # called with all new ids so far, after 
 
 
 class HFBackend:
-    """transformers + peft. One lock: peft's active adapter is model state, so calls are serialised."""
+    """transformers + glmtune's generation engine (:mod:`glmtune.infer.engine`).
+
+    Text prompts generate through the engine: continuous batching over a static KV cache, CUDA-graphed
+    decode steps, and every loaded adapter in the same batch. Where the engine cannot run (a
+    vision-language prompt, an adapter it cannot batch, a model it does not support) ``generate``
+    falls back to transformers' ``generate`` and says why once (``engine_problem``). One lock:
+    the engine's steps, scoring and the fallback never run the model at the same time.
+    """
 
     name = "hf"
 
     def __init__(self, model_dir: str | Path, tokenizer, adapters: dict[str, Path], *,
-                 device: str | None = None, dtype: str = "auto", kernels: str = "none"):
+                 device: str | None = None, dtype: str = "auto", kernels: str = "none", engine=None):
         import torch
 
+        from glmtune.infer.engine import MultiLoRA, UnsupportedAdapter, engine_support
         from glmtune.models.loading import load_model
 
         self.tokenizer = tokenizer
@@ -75,30 +86,119 @@ class HFBackend:
         self.kernels = _apply_inference_kernels(model_dir, kernels, self.device)
         model = load_model(model_dir, dtype=dtype).to(self.device)
         self.adapters = list(adapters)
+        self.lora = None
+        self.engine_settings = _engine_settings(engine)
+        self.engine_problem = None if self.engine_settings is not None else "engine=off was asked for"
         if adapters:
-            model = _load_adapters(model, adapters)
+            _check_adapter_folders(adapters)
+            try:
+                self.lora = MultiLoRA(model, adapters)
+            except UnsupportedAdapter as e:  # PEFT runs it, one adapter at a time, without the engine
+                self.engine_problem = f"an adapter the engine cannot batch ({e})"
+                model = _load_adapters(model, adapters)
         self.model = model.eval()
+        self.engine_problem = self.engine_problem or engine_support(self.model)
+        self._engine = None
+        self._engine_summary = None
         self._lock = threading.Lock()
+        self._said_fallback = False
 
     @classmethod
     def from_model(cls, model, tokenizer, device: str | None = None) -> "HFBackend":
         """Wrap a model already in memory (a notebook, a benchmark); its peft adapters, if any, stay."""
+        from glmtune.infer.engine import EngineSettings, engine_support
+
         self = cls.__new__(cls)
         self.tokenizer, self.model = tokenizer, model.eval()
         self.device = device or str(next(model.parameters()).device)
         peft_config = getattr(model, "peft_config", None) or {}
         self.adapters = [a for a in peft_config if a != "default"] or list(peft_config)
+        self.lora, self.engine_settings = None, EngineSettings()
+        self.engine_problem = engine_support(self.model)
+        self._engine, self._engine_summary, self._said_fallback = None, None, False
         self._lock = threading.Lock()
         return self
 
     def generate(self, prompts: list[list[int]], adapter: str | None, stop_ids: list[int],
                  gen: GenConfig, on_tokens: OnTokens | None = None,
                  cancel: threading.Event | None = None) -> list[Output]:
-        """Generate for a left-padded batch; ``on_tokens`` streams (batch of one only)."""
-        import torch
-
+        """Answer every prompt (the engine runs them together); ``on_tokens`` streams (one prompt only)."""
         if on_tokens is not None and len(prompts) != 1:
             raise GlmtuneError("streaming works on one prompt at a time")
+        problem = self.engine_problem or _vision_problem(prompts)
+        if problem is None:
+            return self._engine_generate(prompts, adapter, stop_ids, gen, on_tokens, cancel)
+        self._say_fallback(problem)
+        return self._transformers_generate(prompts, adapter, stop_ids, gen, on_tokens, cancel)
+
+    # -- the engine ---------------------------------------------------------------------------------
+    def engine(self, stop_ids: list[int]):
+        """The generation engine, started on first use (it sizes its KV cache from free memory)."""
+        from glmtune.infer.engine import create_engine
+
+        with self._lock:
+            if self._engine is None:
+                self._engine, _, self._engine_summary = create_engine(
+                    self.model, stop_ids=stop_ids, lora=self.lora, settings=self.engine_settings, lock=self._lock)
+                log.info(self._engine_summary)
+            elif set(stop_ids) != self._engine.stop_ids:
+                raise GlmtuneError(f"the engine stops on {sorted(self._engine.stop_ids)}, not {sorted(stop_ids)}")
+        return self._engine
+
+    @property
+    def engine_summary(self) -> str | None:
+        """What the engine is (slots, cache, graphs), once started; or why generation falls back."""
+        if self.engine_problem is not None:
+            return f"transformers' generate (glmtune's engine is off: {self.engine_problem})"
+        if self._engine is None:
+            return None
+        return f"{self._engine_summary}; {self._engine.graphs_note}"
+
+    def _engine_generate(self, prompts, adapter, stop_ids, gen: GenConfig, on_tokens, cancel) -> list[Output]:
+        import queue
+
+        engine = self.engine(stop_ids)
+        index = self.adapter_index(adapter)
+        updates = queue.SimpleQueue() if on_tokens is not None else None
+        seqs = [engine.submit(list(p), max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                              top_p=gen.top_p, top_k=gen.top_k, repetition_penalty=gen.repetition_penalty,
+                              seed=gen.seed, adapter=index, cancel=cancel,
+                              on_update=updates.put if updates is not None else None) for p in prompts]
+        if updates is not None:  # the caller's callback runs here, never on the engine's thread
+            seq, shown = seqs[0], 0
+            while not seq.done.is_set() or shown < len(seq.tokens):
+                updates.get()
+                ids = list(seq.tokens)
+                if len(ids) > shown:
+                    shown = len(ids)
+                    on_tokens(ids)
+        outs = []
+        for seq in seqs:
+            seq.done.wait()
+            if seq.error is not None:
+                raise seq.error
+            outs.append(engine_output(seq))
+        return outs
+
+    def adapter_index(self, adapter: str | None) -> int:
+        """The engine's index of ``adapter`` (-1: the base model); unknown names are a clear error."""
+        if adapter in (None, BASE):
+            return -1
+        if adapter not in self.adapters:
+            raise InputError(f"no adapter named '{adapter}' is loaded" + ("" if self.adapters else " (none are)"),
+                             field="adapter", fix=f"use one of {', '.join([BASE] + self.adapters)}")
+        return self.lora.index(adapter)
+
+    def _say_fallback(self, problem: str) -> None:
+        if not self._said_fallback:
+            self._said_fallback = True
+            log.warning("generating with transformers' generate, not glmtune's engine: %s", problem)
+
+    # -- transformers' generate (the fallback) ------------------------------------------------------
+    def _transformers_generate(self, prompts, adapter, stop_ids, gen: GenConfig, on_tokens, cancel) -> list[Output]:
+        """Generate for a left-padded batch with ``model.generate``."""
+        import torch
+
         input_ids, attention = self._left_pad(prompts)
         criteria = _stopping_criteria(cancel, on_tokens, input_ids.shape[1])
         kwargs = dict(max_new_tokens=gen.max_new_tokens, eos_token_id=stop_ids,
@@ -116,7 +216,7 @@ class HFBackend:
                                       attention_mask=attention.to(self.device), **kwargs)
         new = out[:, input_ids.shape[1]:].tolist()
         cancelled = cancel is not None and cancel.is_set()
-        return [_cut_at_stop(ids, stop_ids, cancelled) for ids in new]
+        return [cut_at_stop(ids, stop_ids, cancelled) for ids in new]
 
     def _left_pad(self, prompts: list[list[int]]):
         """(B, T) ids and mask, padded on the left so every row's next token sits at position T."""
@@ -166,6 +266,10 @@ class HFBackend:
             yield self.model
 
     def adapter_scope(self, adapter: str | None):
+        """``adapter`` active for every token of the forwards inside (scoring, the fallback)."""
+        if self.lora is not None:
+            index = self.adapter_index(adapter)
+            return self.lora.select(index) if index >= 0 else contextlib.nullcontext()
         if not self.adapters:
             if adapter not in (None, BASE):
                 raise InputError(f"no adapter named '{adapter}' is loaded (none are)", field="adapter")
@@ -177,6 +281,52 @@ class HFBackend:
                              fix=f"use one of {', '.join([BASE] + self.adapters)}")
         self.model.set_adapter(adapter)
         return contextlib.nullcontext()
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+
+
+def engine_output(seq) -> Output:
+    """A finished engine request as an Output (the stop token cut off)."""
+    if seq.finish_reason == "stop":
+        return Output(list(seq.tokens[:-1]), "stop")
+    return Output(list(seq.tokens), seq.finish_reason if seq.finish_reason != "error" else "cancelled")
+
+
+def _engine_settings(engine):
+    """``engine``: None / "auto" (defaults), "off", a dict or EngineSettings -> EngineSettings or None."""
+    from glmtune.infer.engine import EngineSettings
+
+    if engine in (None, "auto"):
+        return EngineSettings()
+    if engine in ("off", False):
+        return None
+    if isinstance(engine, EngineSettings):
+        return engine
+    if isinstance(engine, dict):
+        unknown = set(engine) - set(EngineSettings.__dataclass_fields__)
+        if unknown:
+            raise InputError(f"unknown engine setting(s) {sorted(unknown)}", field="engine",
+                             fix=f"use {', '.join(EngineSettings.__dataclass_fields__)}")
+        return EngineSettings(**engine)
+    raise InputError(f"engine must be auto, off or a dict of settings, not {engine!r}", field="engine")
+
+
+def _vision_problem(prompts) -> str | None:
+    if any(getattr(p, "inputs", None) for p in prompts):
+        return "the prompt has pictures (their pixel inputs go through transformers)"
+    return None
+
+
+def _check_adapter_folders(adapters: dict[str, Path]) -> None:
+    for name, path in adapters.items():
+        if name == BASE:
+            raise InputError(f"'{BASE}' is reserved for the model without adapters", field="adapter",
+                             fix="give the adapter another name (NAME=DIR)")
+        if not (Path(path) / "adapter_config.json").exists():
+            raise InputError("not a LoRA adapter folder (adapter_config.json is missing)", file=path,
+                             fix="pass the folder that training wrote the adapter to")
 
 
 KERNELS = ("none", "auto", "liger")
@@ -208,13 +358,6 @@ def _load_adapters(model, adapters: dict[str, Path]):
     from peft import PeftModel
 
     items = list(adapters.items())
-    for name, path in items:
-        if name == BASE:
-            raise InputError(f"'{BASE}' is reserved for the model without adapters", field="adapter",
-                             fix="give the adapter another name (NAME=DIR)")
-        if not (Path(path) / "adapter_config.json").exists():
-            raise InputError("not a LoRA adapter folder (adapter_config.json is missing)", file=path,
-                             fix="pass the folder that training wrote the adapter to")
     first_name, first_path = items[0]
     peft_model = PeftModel.from_pretrained(model, str(first_path), adapter_name=first_name)
     for name, path in items[1:]:
@@ -236,7 +379,7 @@ def _stopping_criteria(cancel, on_tokens, prompt_len: int):
     return StoppingCriteriaList([_Hook()])
 
 
-def _cut_at_stop(ids: list[int], stop_ids: list[int], cancelled: bool) -> Output:
+def cut_at_stop(ids: list[int], stop_ids: list[int], cancelled: bool) -> Output:
     stops = set(stop_ids)
     for i, tid in enumerate(ids):
         if tid in stops:
@@ -282,7 +425,7 @@ class VLLMBackend:
         with self._lock:
             outs = self.llm.generate([_vllm_prompt(p) for p in prompts], params,
                                      lora_request=self._lora_request(adapter), use_tqdm=False)
-        results = [_cut_at_stop(list(o.outputs[0].token_ids), stop_ids, False) for o in outs]
+        results = [cut_at_stop(list(o.outputs[0].token_ids), stop_ids, False) for o in outs]
         if on_tokens is not None:
             on_tokens(results[0].token_ids)
         return results

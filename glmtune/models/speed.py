@@ -50,7 +50,6 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     Returns (1, T, Hq, D) like transformers' other attention functions.
     """
     import torch
-    from torch.nn.attention.varlen import varlen_attn
 
     if query.shape[0] != 1:
         raise ValueError("glmtune_varlen attention expects one packed row (batch size 1)")
@@ -58,17 +57,28 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         raise ValueError("glmtune_varlen attention needs the packed row's cu_seq_lens_q/max_length_q kwargs "
                          "(glmtune.train.data.pack_batch(..., varlen=True) adds them)")
     cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
-    opts = dict(_varlen_call_options())
-    has_gqa = opts.pop("_gqa")
     out_dtype = query.dtype
     if query.dtype not in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(query.device.type):
         # FlashAttention runs in half precision only: fp32 q/k/v (fp32 master weights under autocast)
         # are cast to the autocast dtype, as autocast does for SDPA.
         half = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(half), key.to(half), value.to(half)
-    q = query[0].transpose(0, 1)  # (T, Hq, D)
-    k = key[0].transpose(0, 1)
-    v = value[0].transpose(0, 1)
+    out = varlen_gqa_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                               cu, cu, longest, longest, scale=scaling)
+    return out.unsqueeze(0).to(out_dtype), None
+
+
+def varlen_gqa_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, *, scale: float | None = None):
+    """Causal FlashAttention over packed sequences: q (Tq, Hq, D), k/v (Tk, Hkv, D) -> (Tq, Hq, D).
+
+    Fewer K/V heads than query heads go to the kernel as they are where this torch can (an
+    ``enable_gqa`` switch, or a kernel probed to share them), else they are expanded. Where a
+    sequence has fewer queries than keys (a prompt chunk after cached positions), the causal mask is
+    aligned to the last key, as FlashAttention does."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    opts = dict(_varlen_call_options())
+    has_gqa = opts.pop("_gqa")
     if k.shape[1] != q.shape[1]:
         if has_gqa:
             opts["enable_gqa"] = True
@@ -77,8 +87,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         else:  # expand the KV heads (GLM-4: 2 -> 32) when the kernel cannot share them
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **opts)
-    return out.unsqueeze(0).to(out_dtype), None
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **opts)
 
 
 def varlen_support() -> str | None:

@@ -42,6 +42,8 @@ def create_app(predictor, *, api_key: str | None = None, max_queue: int = 64, ti
 
     engine = make_engine(predictor, max_queue=max_queue)
     context = context_length(predictor)
+    if getattr(engine, "max_positions", None):  # the engine's slots may hold less than the model can
+        context = min(context or engine.max_positions, engine.max_positions)
     base_name = model_name or Path(predictor.model_dir).name
     # Which model ids select what: the base name (and "base") -> no adapter; each adapter by name.
     targets = {base_name: BASE, BASE: BASE, **{a: a for a in predictor.adapters}}
@@ -97,7 +99,11 @@ def create_app(predictor, *, api_key: str | None = None, max_queue: int = 64, ti
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": base_name, "waiting": engine.waiting, "max_queue": max_queue}
+        # the engine's loop, not only the HTTP layer: a dead engine answers nothing, so say so (503)
+        alive = engine.alive
+        body = {"status": "ok" if alive else "engine stopped", "model": base_name, "waiting": engine.waiting,
+                "max_queue": max_queue, "engine_alive": alive}
+        return body if alive else JSONResponse(body, status_code=503)
 
     @app.get("/v1/models")
     async def models():
@@ -298,4 +304,7 @@ def serve(predictor, host: str = "127.0.0.1", port: int = 8000, **app_kwargs) ->
     started = time.strftime("%H:%M:%S")
     print(f"[{started}] glmtune serving {Path(predictor.model_dir).name} on http://{host}:{port}/v1 "
           f"(adapters: {', '.join(predictor.adapters) or 'none'})", flush=True)
+    summary = getattr(predictor.backend, "engine_summary", None)
+    if summary:
+        print(f"[{started}] {summary}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

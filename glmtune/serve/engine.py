@@ -1,12 +1,10 @@
 """The serving engines: how requests become generations.
 
-``BatchingEngine`` (the HF back-end): transformers' continuous batching
-(``model.init_continuous_batching`` -> ``ContinuousBatchingManager``). Every request in flight joins
-the same forward steps as soon as it arrives, and one that ends or is cancelled leaves at the next
-step, so 64 clients cost little more wall time than 8 and an abandoned request frees its place
-within one token. transformers owns the scheduler, the paged KV cache and the sampling; this
-module only maps requests to it (stop ids, per-request temperature / top_p / top_k, adapters,
-cancellation) and results back to the requests' events.
+``BatchingEngine`` (the HF back-end): glmtune's generation engine (:mod:`glmtune.infer.engine`).
+Every request in flight joins the same decode steps as soon as it arrives, whatever adapter it
+names, and one that ends, times out or is cancelled frees its slot at the next step. The engine's
+thread owns the model; this module maps requests to it and its tokens back to the requests'
+events, decoding text on the event loop (never on the engine's thread).
 
 ``Engine`` (back-ends without an incremental batching API, e.g. vLLM's offline ``LLM``, and
 stand-ins in tests): one worker thread runs ``predictor.generate_stream``, fed by a bounded queue.
@@ -57,27 +55,17 @@ class Job:
 
 
 def make_engine(predictor, max_queue: int = 64):
-    """BatchingEngine where the back-end is transformers (HF) with continuous batching, else the
-    one-worker Engine."""
-    from glmtune.infer.backends import HFBackend
-
+    """BatchingEngine where the back-end runs glmtune's generation engine, else the one-worker Engine."""
+    backend = getattr(predictor, "backend", None)
     if getattr(predictor, "vision", None) is not None:
-        # continuous batching takes token ids only: a picture's pixel values would never reach the model
-        log.warning("vision-language model: serving one request at a time (continuous batching is text-only)")
+        # the engine takes token ids only: a picture's pixel values would never reach the model
+        log.warning("vision-language model: serving one request at a time (the batching engine is text-only)")
         return Engine(predictor, max_queue=max_queue)
-    if isinstance(getattr(predictor, "backend", None), HFBackend) and _has_continuous_batching():
+    problem = getattr(backend, "engine_problem", "this back-end has no batching engine")
+    if problem is None:
         return BatchingEngine(predictor, max_queue=max_queue)
-    log.warning("this back-end / transformers version cannot batch requests: serving one at a time")
+    log.warning("serving one request at a time: %s", problem)
     return Engine(predictor, max_queue=max_queue)
-
-
-def _has_continuous_batching() -> bool:
-    try:
-        from transformers.generation.continuous_batching import ContinuousBatchingManager
-    except ImportError:
-        return False
-    # the per-request result callbacks this engine relies on (transformers 5.x)
-    return hasattr(ContinuousBatchingManager, "register_result_handler")
 
 
 class Engine:
@@ -100,6 +88,10 @@ class Engine:
     def waiting(self) -> int:
         return self._jobs.qsize()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def close(self) -> None:
         self._jobs.put(None)  # blocks only if full, and then the worker is draining it
 
@@ -118,184 +110,107 @@ class Engine:
 
 
 class BatchingEngine:
-    """Continuous batching through transformers' ContinuousBatchingManager (see the module docstring).
+    """Requests of every adapter batched together by the back-end's generation engine.
 
-    Two managers at most, made on first use: greedy (the default, reproducible) and sampling
-    (per-request temperature / top_p / top_k). A request's adapter is switched in while no other
-    request of another adapter is in flight: peft's active adapter is model state shared by every
-    row of a batch, so requests for different adapters take turns, each turn batched.
-    """
+    The engine's thread only appends a finished step's requests to ``_dirty`` and wakes the event
+    loop once; the loop turns their tokens into text pieces and events (so 64 streams cost the
+    engine one wake-up per step, not 64 calls)."""
 
     def __init__(self, predictor, max_queue: int = 64):
-        from glmtune.infer.backends import BASE
-
         self.predictor = predictor
         self.backend = predictor.backend
         self.max_queue = max_queue
-        self._managers: dict[bool, object] = {}
-        self._lock = threading.Lock()
-        self._jobs: dict[str, Job] = {}  # request id -> job, for every request in flight
-        self._active = BASE if not self.backend.adapters else None  # adapter the model runs now
-        self._waiting: list[tuple[Job, str]] = []  # jobs for another adapter, FIFO
-        self._counter = 0
+        self.engine = self.backend.engine(list(predictor.stop_ids))
+        self.engine.warmup()  # capture decode graphs before the first client waits on them
+        self._in_flight: dict[int, tuple] = {}   # id(seq) -> (job, decoder)
+        self._dirty: list = []
+        self._dirty_lock = threading.Lock()
+        self._wake_scheduled = False
 
     @property
     def waiting(self) -> int:
-        return len(self._jobs) + len(self._waiting)
+        return len(self._in_flight)
+
+    @property
+    def alive(self) -> bool:
+        return self.engine.alive
+
+    @property
+    def max_positions(self) -> int:
+        """Prompt + answer tokens one request may have."""
+        return self.engine.max_positions
 
     def submit(self, job: Job) -> None:
-        from glmtune.infer.backends import BASE
-
-        adapter = BASE if job.adapter is None else job.adapter
-        if adapter != BASE and adapter not in self.backend.adapters:  # a 400 now, not a failure later
-            from glmtune.errors import InputError
-            raise InputError(f"no adapter named '{adapter}' is loaded", field="model",
-                             fix=f"use one of {', '.join([BASE] + self.backend.adapters)}")
-        with self._lock:
-            if self.waiting >= self.max_queue:
-                raise QueueFull(f"the server is busy ({self.max_queue} requests in flight); retry later")
-            if self._active is None or (adapter == self._active) or not (self._jobs or self._waiting):
-                self._start(job, adapter)
-            else:
-                self._waiting.append((job, adapter))
-                job.on_stop = lambda: self._drop_waiting(job)
+        index = self.backend.adapter_index(job.adapter)  # an unknown adapter is a 400 now
+        gen = self.predictor.gen_config(job.gen)
+        if len(self._in_flight) >= self.max_queue:
+            raise QueueFull(f"the server is busy ({self.max_queue} requests in flight); retry later")
+        decoder = _Decoder(self.predictor, job)
+        seq = self.engine.submit(job.prompt_ids, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                                 top_p=gen.top_p, top_k=gen.top_k, repetition_penalty=gen.repetition_penalty,
+                                 seed=gen.seed, adapter=index, cancel=job.cancel,
+                                 on_update=lambda s: self._mark(job.loop, s))
+        self._in_flight[id(seq)] = (job, decoder)
 
     def close(self) -> None:
-        for manager in self._managers.values():
-            manager.stop(block=True, timeout=10)
+        """Stop this server's requests; the engine belongs to the predictor, which may serve on."""
+        for job, _ in list(self._in_flight.values()):
+            job.stop()
 
-    # -- adapters -----------------------------------------------------------------------------------
-    def _start(self, job: Job, adapter: str) -> None:
-        """Run ``job`` now (lock held): switch the model to its adapter if no request is in flight."""
-        if adapter != self._active:
-            self._switch_adapter(adapter)
-        self._counter += 1
-        rid = f"glmtune-{self._counter}"
-        gen = self.predictor._gen(job.gen)
-        manager = self._manager(sample=not gen.greedy)
-        self._jobs[rid] = job
-        decoder = _Decoder(self.predictor, job, gen.max_new_tokens)
-        job.on_stop = lambda: self._cancel(manager, rid)
-        kwargs = {} if gen.greedy else {"temperature": float(gen.temperature), "top_p": float(gen.top_p),
-                                        "top_k": int(gen.top_k or self._vocab_size())}
-        manager.register_result_handler(rid, lambda out: self._on_result(rid, decoder, out))
-        manager.add_request(job.prompt_ids, request_id=rid, max_new_tokens=gen.max_new_tokens,
-                            streaming=True, eos_token_id=list(self.predictor.stop_ids), **kwargs)
-
-    def _switch_adapter(self, adapter: str) -> None:
-        """Make ``adapter`` the model's active one; only called with nothing in flight."""
-        from glmtune.infer.backends import BASE
-
-        model = self.backend.model
-        if self.backend.adapters:
-            if adapter == BASE:
-                model.base_model.disable_adapter_layers()
-            else:
-                model.base_model.enable_adapter_layers()
-                model.set_adapter(adapter)
-        self._active = adapter
-
-    def _cancel(self, manager, rid: str) -> None:
-        """Free a running request's place: transformers drops it before the next step (and sends
-        nothing more for it), so it leaves the in-flight set here."""
-        with self._lock:
-            if self._jobs.pop(rid, None) is None:
-                return  # already finished
-            manager.cancel_request(rid)
-            with manager.output_router._lock:
-                manager.output_router.result_handlers.pop(rid, None)
-            self._next_turn()
-
-    def _drop_waiting(self, job: Job) -> None:
-        with self._lock:
-            self._waiting = [(j, a) for j, a in self._waiting if j is not job]
-            self._next_turn()
-
-    def _next_turn(self) -> None:
-        """With nothing in flight, start every waiting job of the first waiting adapter (lock held)."""
-        if self._jobs or not self._waiting:
-            return
-        adapter = self._waiting[0][1]
-        now = [j for j, a in self._waiting if a == adapter]
-        self._waiting = [(j, a) for j, a in self._waiting if a != adapter]
-        for job in now:
-            self._start(job, adapter)
-
-    # -- results (called on the event loop by transformers' output router) ---------------------------
-    def _on_result(self, rid: str, decoder: "_Decoder", out) -> None:
-        job = self._jobs.get(rid)
-        if job is None:
-            return
+    def _mark(self, loop, seq) -> None:
+        """On the engine's thread: note ``seq`` changed; wake the event loop once per batch of changes."""
+        with self._dirty_lock:
+            self._dirty.append(seq)
+            if self._wake_scheduled:
+                return
+            self._wake_scheduled = True
         try:
-            finished = decoder.feed(out)
-        except Exception as e:  # report to that request; the engine lives on
-            log.exception("decoding failed")
-            job.send("error", e)
-            finished = True
-        if finished:
-            with self._lock:
-                self._jobs.pop(rid, None)
-                self._next_turn()
+            loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            pass
 
-    # -- managers -----------------------------------------------------------------------------------
-    def _manager(self, sample: bool):
-        if sample not in self._managers:
-            self._managers[sample] = self._make_manager(sample)
-        return self._managers[sample]
-
-    def _make_manager(self, sample: bool):
-        from transformers import GenerationConfig
-        from transformers.generation.configuration_utils import ContinuousBatchingConfig
-
-        model = self.backend.model
-        stop_ids = list(self.predictor.stop_ids)
-        # Sampling processors exist only when the config asks for them; the values here are
-        # placeholders that each request overrides (per_request_processors).
-        gen_config = (GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, top_k=50, eos_token_id=stop_ids)
-                      if sample else GenerationConfig(do_sample=False, eos_token_id=stop_ids))
-        gen_config.pad_token_id = self.backend.pad_id(stop_ids)
-        on_gpu = str(self.backend.device).startswith("cuda")
-        # On a GPU transformers sizes the paged cache from free memory. On a CPU it would take a
-        # GPU-sized guess, and each step's attention mask spans the whole cache: give it 256 token
-        # slots per allowed request in 32-token pages (a longer answer takes the pages others leave).
-        cpu = {"page_size": 32, "num_blocks": max(64, self.max_queue * 8), "max_batch_tokens": 2048,
-               "use_cuda_graph": False}
-        cb_config = ContinuousBatchingConfig(per_request_processors=sample, auto_switch_to_flash=on_gpu,
-                                             max_queue_size=0, **({} if on_gpu else cpu))
-        manager = model.init_continuous_batching(generation_config=gen_config, continuous_batching_config=cb_config)
-        manager.start()
-        return manager
-
-    def _vocab_size(self) -> int:
-        return int(self.backend.model.config.get_text_config().vocab_size)
+    def _drain(self) -> None:
+        """On the event loop: hand every changed request its new text, or its end."""
+        with self._dirty_lock:
+            dirty, self._dirty, self._wake_scheduled = self._dirty, [], False
+        for seq in dict.fromkeys(dirty):
+            entry = self._in_flight.get(id(seq))
+            if entry is None:
+                continue
+            job, decoder = entry
+            try:
+                finished = decoder.feed(seq)
+            except Exception as e:  # report to that request; the others go on
+                log.exception("decoding failed")
+                job.send("error", e)
+                finished = True
+            if finished:
+                self._in_flight.pop(id(seq), None)
 
 
 class _Decoder:
     """One request's growing token ids -> text pieces (streamed jobs) and the final (text, Output)."""
 
-    def __init__(self, predictor, job: Job, max_new_tokens: int):
+    def __init__(self, predictor, job: Job):
         from glmtune.infer.predictor import StreamDecoder
 
-        self.p, self.job, self.max_new = predictor, job, max_new_tokens
+        self.p, self.job = predictor, job
         self.stream = StreamDecoder(predictor) if job.stream else None
 
-    def feed(self, out) -> bool:
-        """Handle one GenerationOutput; True once the request is over."""
-        from glmtune.infer.backends import Output, _cut_at_stop
+    def feed(self, seq) -> bool:
+        """Handle the request's state now; True once it is over."""
+        from glmtune.infer.backends import engine_output
 
-        tokens = list(out.generated_tokens)
-        if self.stream is not None and tokens:
-            piece = self.stream.update(tokens)
+        if self.stream is not None and seq.tokens:
+            piece = self.stream.update(list(seq.tokens))
             if piece:
                 self.job.send("text", piece)
-        if not out.is_finished():
+        if seq.finish_reason is None:
             return False
-        if out.error is not None:
-            self.job.send("error", RuntimeError(out.error))
+        if seq.error is not None:
+            self.job.send("error", seq.error)
             return True
-        result = _cut_at_stop(tokens, self.p.stop_ids, self.job.cancel.is_set())
-        if result.finish_reason != "stop" and len(tokens) < self.max_new:
-            result = Output(result.token_ids, "cancelled")
+        result = engine_output(seq)
         text = self.p.decode(result.token_ids)
         if self.stream is not None:
             piece = self.stream.finish(text)

@@ -1,0 +1,361 @@
+"""Generation speed on one GPU, through the product: `glmtune serve` (OpenAI client, streaming), and
+plain `model.generate` beside it in the same call. Issue 24.
+
+Phases (``--phases``, comma-separated, in this order):
+  check     engine correctness on the GPU, in process: the engine's per-step logits against an eager
+            forward of the same tokens (bf16 tolerance), CUDA-graph steps against eager steps (same
+            tokens), a prefix-cache hit and chunked prefill against a cold prefill (same first logits).
+  serve     `python -m glmtune serve --model DIR --adapter a0=.. a3=..`, then 1 / 16 / 64 concurrent
+            streaming requests (prompts ~200 tokens, 128 new tokens, greedy), and 64 spread over the 4
+            adapters: aggregate tok/s, TTFT p50/p90, peak GPU memory of the server (nvidia-smi).
+  baseline  plain `model.generate` (eager, dynamic cache) at batch 1 and 64 on the same prompts.
+  predict   `glmtune predict` over N prompts (64 new tokens) with the engine, and with --engine off on
+            a slice of them; `glmtune eval classify --mode generate` over CMCC-34-shaped dialogues.
+
+    python3 bench/serve_gpu.py --phases check,serve,baseline --out $OUT/serve_gpu.jsonl
+
+The model folder is bench/train_product.py's GLM-4-9B-0414 shape (random bf16 weights): random
+answers never hit a stop token, so every request generates exactly its max_tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+WORDS = ("model data train serve token batch graph cache slot prefix adapter river mountain city music "
+         "garden window planet ocean library station market winter summer forest language science").split()
+
+
+def emit(out: Path | None, row: dict) -> None:
+    line = json.dumps(row, ensure_ascii=False)
+    print(line, flush=True)
+    if out is not None:
+        with out.open("a") as f:
+            f.write(line + "\n")
+
+
+def prompts(n: int, words: int = 150, seed: int = 0) -> list[str]:
+    """Distinct questions of ~200 tokens (the GLM-4 tokenizer: ~1.3 tokens per word + the template)."""
+    rng = random.Random(seed)
+    return [f"Request {i}: " + " ".join(rng.choice(WORDS) for _ in range(words)) + " ?" for i in range(n)]
+
+
+# -- check ------------------------------------------------------------------------------------------
+def phase_check(model_dir: Path, out: Path | None) -> None:
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+
+    from glmtune.infer.engine import EngineSettings, create_engine
+    from glmtune.infer.engine import runner as runner_mod
+    from glmtune.models.loading import load_model
+    from glmtune.models.tokenizer import load_tokenizer
+    from glmtune.templates import get_template
+
+    model = load_model(model_dir, dtype="bfloat16").to(dev).eval()
+    tok, tpl = load_tokenizer(model_dir), get_template("glm4")
+    stop = tpl.stop_token_ids(tok)
+    ids = [tpl.encode_prompt(tok, [{"role": "user", "content": q}]) for q in prompts(8, seed=1)]
+
+    recorded: list = []
+    real = runner_mod.next_tokens
+
+    def recording(logits, *a, **k):
+        recorded.append(logits.float().clone())
+        return real(logits, *a, **k)
+
+    # 1. eager engine steps: logits against a plain forward over prompt + answer (teacher forcing)
+    runner_mod.next_tokens = recording
+    engine, _, summary = create_engine(model, stop_ids=stop, settings=EngineSettings(cuda_graphs=False))
+    seq = engine.submit(ids[0], max_new_tokens=24)
+    seq.done.wait(300)
+    runner_mod.next_tokens = real
+    steps = [r[0] for r in recorded]
+    with torch.inference_mode():
+        full = torch.tensor([ids[0] + seq.tokens[:-1]], device=dev)
+        ref = model(full).logits[0, len(ids[0]) - 1:].float()
+    diffs = [(s - r).abs().max().item() for s, r in zip(steps, ref)]
+    scale = ref.abs().max().item()
+    agree = sum(int(s.argmax() == r.argmax()) for s, r in zip(steps, ref)) / len(steps)
+    emit(out, {"check": "engine step logits vs eager forward", "steps": len(steps), "max_abs_diff": max(diffs),
+               "logit_scale": scale, "argmax_agreement": agree, "engine": summary})
+    seqs = [engine.submit(p, max_new_tokens=32) for p in ids]
+    for s in seqs:
+        s.done.wait(300)
+    eager_tokens = [s.tokens for s in seqs]
+    engine.close()
+
+    # 2. graphed steps give the eager steps' tokens; 3. prefix hits and chunks give the cold logits
+    engine, _, summary = create_engine(model, stop_ids=stop, settings=EngineSettings(prefill_tokens=96))
+    seqs = [engine.submit(p, max_new_tokens=32) for p in ids]
+    for s in seqs:
+        s.done.wait(300)
+    same = sum(int(s.tokens == e) for s, e in zip(seqs, eager_tokens))
+    emit(out, {"check": "graphed decode vs eager decode", "requests": len(ids), "identical": same,
+               "graphs": engine.graphs_note, "engine": summary})
+    shared = tpl.encode_prompt(tok, [{"role": "system", "content": " ".join(WORDS * 3)},
+                                     {"role": "user", "content": "first question about rivers"}])
+    recorded.clear()
+    runner_mod.next_tokens = recording
+    for q in ("first question about rivers", "second question about rivers", "third question about rivers"):
+        p = tpl.encode_prompt(tok, [{"role": "system", "content": " ".join(WORDS * 3)}, {"role": "user", "content": q}])
+        first = len(recorded)  # the prefill's logits come first (a decode step may follow them)
+        engine.submit(p, max_new_tokens=1).done.wait(300)
+    runner_mod.next_tokens = real
+    stored = list(engine.prefix.stored.values()) if engine.prefix else []
+    with torch.inference_mode():
+        cold = model(torch.tensor([p], device=dev)).logits[0, -1].float()
+    emit(out, {"check": "prefix hit + chunked prefill vs cold forward", "prompt_tokens": len(p),
+               "prefix_stored": stored, "first_logits_max_abs_diff": (recorded[first][0] - cold).abs().max().item(),
+               "argmax_same": bool(recorded[first][0].argmax() == cold.argmax()), "shared_len": len(shared)})
+    engine.close()
+    del model
+    torch.cuda.empty_cache()
+
+
+# -- serve ------------------------------------------------------------------------------------------
+def make_adapters(model_dir: Path, root: Path, n: int) -> dict[str, Path]:
+    """n random LoRA adapters, r64 on every linear layer (the issue's adapter), saved like training."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from glmtune.models.loading import load_model
+
+    dirs = {f"a{i}": root / f"a{i}" for i in range(n)}
+    if all((d / "adapter_config.json").exists() for d in dirs.values()):
+        return dirs
+    base = load_model(model_dir, dtype="bfloat16").to("cuda" if torch.cuda.is_available() else "cpu")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
+    model = get_peft_model(base, LoraConfig(r=64, lora_alpha=128, target_modules=targets))
+    for i, (name, folder) in enumerate(dirs.items()):
+        torch.manual_seed(100 + i)
+        for pname, p in model.named_parameters():
+            if "lora_B" in pname:
+                torch.nn.init.normal_(p, std=1e-3)
+        model.save_pretrained(folder)
+    del model, base
+    torch.cuda.empty_cache()
+    return dirs
+
+
+async def one_stream(client, model: str, question: str, max_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    first, tokens = None, 0
+    stream = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                                  max_tokens=max_tokens, temperature=0, stream=True,
+                                                  stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content and first is None:
+            first = time.perf_counter() - t0
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return {"ttft": first if first is not None else time.perf_counter() - t0,
+            "latency": time.perf_counter() - t0, "tokens": tokens}
+
+
+async def load_level(url: str, models: list[str], questions: list[str], max_tokens: int) -> dict:
+    import httpx
+    import openai
+
+    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=len(questions) + 8), timeout=600)
+    client = openai.AsyncOpenAI(base_url=url, api_key="none", http_client=http, max_retries=0)
+    t0 = time.perf_counter()
+    rows = await asyncio.gather(*[one_stream(client, models[i % len(models)], q, max_tokens)
+                                  for i, q in enumerate(questions)], return_exceptions=True)
+    wall = time.perf_counter() - t0
+    await http.aclose()
+    ok = [r for r in rows if isinstance(r, dict)]
+    failed = [repr(r)[:200] for r in rows if not isinstance(r, dict)]
+    ttfts = sorted(r["ttft"] for r in ok) or [float("nan")]
+    tokens = sum(r["tokens"] for r in ok)
+    return {"streams": len(questions), "ok": len(ok), "failed": len(failed), "first_failure": failed[:1],
+            "wall_s": round(wall, 3), "completion_tokens": tokens, "tok_per_s": round(tokens / wall, 1),
+            "ttft_p50_s": round(ttfts[len(ttfts) // 2], 3), "ttft_p90_s": round(ttfts[int(len(ttfts) * 0.9)], 3),
+            "tok_per_s_per_stream": round(statistics.mean(r["tokens"] / r["latency"] for r in ok), 1) if ok else None}
+
+
+def gpu_memory_mib() -> int | None:
+    try:
+        text = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=20).stdout
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def phase_serve(model_dir: Path, out: Path | None, max_tokens: int, port: int) -> None:
+    import httpx
+
+    adapters = make_adapters(model_dir, Path("/tmp/glmtune_bench_adapters"), 4)
+    cmd = [sys.executable, "-m", "glmtune", "serve", "--model", str(model_dir), "--port", str(port),
+           "--max-queue", "512", "--timeout", "600", "--max-tokens", str(max_tokens), "--model-name", "glm4-9b"]
+    for name, folder in adapters.items():
+        cmd += ["--adapter", f"{name}={folder}"]
+    t0 = time.perf_counter()
+    log = open("/tmp/glmtune_serve.log", "w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.perf_counter() - t0 > 400:
+                raise RuntimeError("server did not start: " + Path("/tmp/glmtune_serve.log").read_text()[-3000:])
+            time.sleep(1)
+        emit(out, {"serve_startup_s": round(time.perf_counter() - t0, 1),
+                   "server_log": Path("/tmp/glmtune_serve.log").read_text()[-1500:]})
+        qs = prompts(200, seed=2)
+        asyncio.run(load_level(f"{url}/v1", ["glm4-9b"], qs[:64], 16))           # warm-up (untimed)
+        asyncio.run(load_level(f"{url}/v1", list(adapters), qs[64:128], 16))
+        for n, models in ((1, ["glm4-9b"]), (1, ["glm4-9b"]), (16, ["glm4-9b"]), (64, ["glm4-9b"]),
+                          (64, list(adapters)), (1, ["a0"]), (128, ["glm4-9b"])):
+            row = asyncio.run(load_level(f"{url}/v1", models, qs[:n], max_tokens))
+            emit(out, {"phase": "serve", "adapters": len(models) if models[0] != "glm4-9b" else 0, **row,
+                       "gpu_memory_mib": gpu_memory_mib()})
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        emit(out, {"server_log_tail": Path("/tmp/glmtune_serve.log").read_text()[-1500:]})
+
+
+# -- baseline ---------------------------------------------------------------------------------------
+def sync() -> None:
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def phase_baseline(model_dir: Path, out: Path | None, max_tokens: int) -> None:
+    import torch
+
+    from glmtune.models.loading import load_model
+    from glmtune.models.tokenizer import load_tokenizer
+    from glmtune.templates import get_template
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(model_dir, dtype="bfloat16").to(dev).eval()
+    tok, tpl = load_tokenizer(model_dir), get_template("glm4")
+    ids = [tpl.encode_prompt(tok, [{"role": "user", "content": q}]) for q in prompts(64, seed=2)]
+    for batch in (1, 64):
+        rows = ids[:batch]
+        width = max(len(r) for r in rows)
+        x = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=dev)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=dev)
+        with torch.inference_mode():
+            model.generate(input_ids=x, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            sync()
+            t0 = time.perf_counter()
+            y = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                               do_sample=False, pad_token_id=0)
+            sync()
+        wall = time.perf_counter() - t0
+        new = (y.shape[1] - width) * batch
+        emit(out, {"phase": "baseline", "what": "model.generate eager, dynamic cache", "batch": batch,
+                   "prompt_tokens_mean": sum(map(len, rows)) / batch, "new_tokens": new, "wall_s": round(wall, 2),
+                   "tok_per_s": round(new / wall, 1)})
+    del model
+    torch.cuda.empty_cache()
+
+
+# -- predict / eval ---------------------------------------------------------------------------------
+def phase_predict(model_dir: Path, out: Path | None, n: int, n_off: int, n_eval: int) -> None:
+    data = Path("/tmp/glmtune_bench_predict.jsonl")
+    with data.open("w") as f:
+        for q in prompts(n, words=120, seed=3):
+            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "x"}]}) + "\n")
+    runs = (("engine", n, ["--engine", "auto", "--batch-size", "256"]),
+            ("engine off (transformers generate, batch 8: the old default)", n_off,
+             ["--engine", "off", "--batch-size", "8"]),
+            ("engine off, batch 32", n_off, ["--engine", "off", "--batch-size", "32"]))
+    for what, count, flags in runs:
+        sub = Path(f"/tmp/glmtune_bench_predict_{count}.jsonl")
+        sub.write_text("".join(data.read_text().splitlines(keepends=True)[:count]))
+        pred = Path(f"/tmp/glmtune_bench_pred_{abs(hash(what))}.jsonl")
+        pred.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "glmtune", "predict", "--model", str(model_dir), "--data", str(sub),
+                            "--out", str(pred), "--max-new-tokens", "64", *flags], capture_output=True, text=True,
+                           cwd=REPO, timeout=540)
+        wall = time.perf_counter() - t0
+        emit(out, {"phase": "predict", "what": what, "prompts": count, "rc": r.returncode, "wall_s": round(wall, 1),
+                   "samples_per_s_incl_load": round(count / wall, 2), "stderr_tail": r.stderr[-600:]})
+    if n_eval:
+        cmcc = Path("/tmp/glmtune_bench_cmcc.jsonl")
+        labels = ["办理开通", "查询费用", "取消业务", "投诉", "咨询"]
+        rng = random.Random(4)
+        with cmcc.open("w") as f:
+            for i in range(n_eval):
+                turns = " ".join(rng.choice(WORDS) for _ in range(60))
+                f.write(json.dumps({"messages": [{"role": "system", "content": "对话意图分类，只回答标签。"},
+                                                 {"role": "user", "content": f"客户: {turns}"},
+                                                 {"role": "assistant", "content": labels[i % 5]}],
+                                    "label": labels[i % 5]}, ensure_ascii=False) + "\n")
+        report = Path("/tmp/glmtune_bench_eval")
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "glmtune", "eval", "classify", "--model", str(model_dir),
+                            "--data", str(cmcc), "--out", str(report), "--mode", "generate", "--batch-size", "256"],
+                           capture_output=True, text=True, cwd=REPO, timeout=540)
+        wall = time.perf_counter() - t0
+        emit(out, {"phase": "eval classify --mode generate", "dialogues": n_eval, "rc": r.returncode,
+                   "wall_s": round(wall, 1), "samples_per_s_incl_load": round(n_eval / wall, 2),
+                   "stderr_tail": r.stderr[-600:]})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--phases", default="check,serve,baseline")
+    p.add_argument("--model-dir", default="/tmp/glmtune_bench_glm4_9b")
+    p.add_argument("--layers", type=int, default=40)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--predict", type=int, default=1000)
+    p.add_argument("--predict-off", type=int, default=128)
+    p.add_argument("--eval", type=int, default=489)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--tiny", action="store_true", help="a 2-layer tiny folder: a CPU dry run of this script")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from train_product import write_model_folder
+
+    t0 = time.perf_counter()
+    model_dir = write_model_folder(Path(args.model_dir), args.layers, tiny=args.tiny)
+    emit(args.out, {"model_dir": str(model_dir), "build_s": round(time.perf_counter() - t0, 1)})
+    for phase in args.phases.split(","):
+        t0 = time.perf_counter()
+        try:
+            if phase == "check":
+                phase_check(model_dir, args.out)
+            elif phase == "serve":
+                phase_serve(model_dir, args.out, args.max_tokens, args.port)
+            elif phase == "baseline":
+                phase_baseline(model_dir, args.out, args.max_tokens)
+            elif phase == "predict":
+                phase_predict(model_dir, args.out, args.predict, args.predict_off, args.eval)
+            else:
+                raise SystemExit(f"unknown phase {phase}")
+        except Exception as e:  # noqa: BLE001 - report and go on to the next phase
+            import traceback
+            emit(args.out, {"phase": phase, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2500:]})
+        emit(args.out, {"phase_done": phase, "s": round(time.perf_counter() - t0, 1)})
+
+
+if __name__ == "__main__":
+    main()

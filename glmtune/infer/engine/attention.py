@@ -1,0 +1,144 @@
+"""The engine's attention: transformers calls it with each layer's new q/k/v; it writes k/v into the
+slot cache and attends over what the slot holds.
+
+Registered with transformers' ``AttentionInterface`` under :data:`ENGINE_ATTENTION` and switched on
+only while the engine runs a forward (:func:`engine_forward`), so the same loaded model still serves
+``generate``, label scoring and training code with its usual attention. transformers skips building
+a mask for an implementation that has no mask function, so the model hands us q/k/v only.
+
+Two shapes of step (the :class:`StepContext` of the forward in flight says which):
+  * prefill: one packed row (1, T) of prompt chunks, chunk i = T_i tokens of slot s_i written at
+    positions [p_i, p_i + T_i); each chunk attends causally to its slot's first p_i + T_i positions.
+  * decode: (B, 1), row r = slot r (the scheduler keeps running requests in slots 0..n-1), writes
+    at ``write_pos[r]`` and attends to the first ``kv_len[r]`` positions of its slot, over a
+    (B, Hkv, L, D) view of the cache with L a bucket >= every row's length, so a captured CUDA
+    graph covers every step whose rows fit it.
+Grouped-query heads are handled by viewing the G = Hq / Hkv query heads of one KV head as G query
+rows (decode) or by SDPA's ``enable_gqa`` / FlashAttention's native GQA (prefill), never by copying
+K/V to every query head.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+ENGINE_ATTENTION = "glmtune_engine"
+
+
+@dataclass
+class PrefillChunk:
+    slot: int
+    start: int     # first position written (tokens before it are already in the slot)
+    length: int    # tokens in this chunk
+    offset: int    # where the chunk starts in the packed row
+
+
+@dataclass
+class StepContext:
+    """What the attention function needs for the forward in flight (set by the runner)."""
+    cache: object                                  # glmtune.infer.engine.cache.SlotCache
+    mode: str                                      # "prefill" | "decode" | "probe"
+    chunks: list[PrefillChunk] = field(default_factory=list)
+    varlen: dict | None = None                     # packed-K/V FlashAttention inputs (prefill on CUDA)
+    write_pos: object = None                       # (B,) int64: where row r's new k/v go (decode)
+    kv_mask: object = None                         # (B, 1, 1, L) bool: positions row r attends (decode)
+    probed: dict = field(default_factory=dict)     # layer -> (k shape, v shape, dtype) (probe)
+
+
+_CURRENT: list[StepContext] = []
+
+
+@contextlib.contextmanager
+def engine_forward(model, ctx: StepContext):
+    """Run a forward of ``model`` with the engine's attention and ``ctx`` as its step context."""
+    config = model.config
+    old = config._attn_implementation
+    config._attn_implementation = ENGINE_ATTENTION
+    _CURRENT.append(ctx)
+    try:
+        yield ctx
+    finally:
+        _CURRENT.pop()
+        config._attn_implementation = old
+
+
+def engine_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs):
+    """transformers attention function: q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, T, Hq, Dv)."""
+    ctx = _CURRENT[-1]
+    layer = module.layer_idx
+    if ctx.mode == "probe":
+        import torch
+        ctx.probed[layer] = (tuple(key.shape[1:2]) + (key.shape[-1],), tuple(value.shape[1:2]) + (value.shape[-1],),
+                             key.dtype)
+        return torch.zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1],
+                           dtype=query.dtype, device=query.device), None
+    if ctx.mode == "decode":
+        return _decode(ctx, layer, query, key, value, scaling), None
+    return _prefill(ctx, layer, query, key, value, scaling), None
+
+
+def _decode(ctx: StepContext, layer: int, query, key, value, scaling):
+    import torch
+
+    k_cache, v_cache = ctx.cache.layer(layer)
+    batch, hq, _, d = query.shape
+    hkv = key.shape[1]
+    rows = torch.arange(batch, device=query.device)
+    k_cache[rows, :, ctx.write_pos] = key[:, :, 0]
+    v_cache[rows, :, ctx.write_pos] = value[:, :, 0]
+    width = ctx.kv_mask.shape[-1]
+    keys, values = k_cache[:batch, :, :width], v_cache[:batch, :, :width]
+    # (B, Hq, 1, D) -> (B, Hkv, G, D): the G query heads sharing a KV head are G query rows.
+    q = query.reshape(batch, hkv, hq // hkv, d)
+    out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.kv_mask, scale=scaling)
+    return out.reshape(batch, hq, 1, -1).transpose(1, 2)
+
+
+def _prefill(ctx: StepContext, layer: int, query, key, value, scaling):
+    import torch
+
+    k_cache, v_cache = ctx.cache.layer(layer)
+    for c in ctx.chunks:
+        k_cache[c.slot, :, c.start:c.start + c.length] = key[0, :, c.offset:c.offset + c.length]
+        v_cache[c.slot, :, c.start:c.start + c.length] = value[0, :, c.offset:c.offset + c.length]
+    if ctx.varlen is not None:
+        return _prefill_varlen(ctx, k_cache, v_cache, query, scaling)
+    out = query.new_empty(1, query.shape[2], query.shape[1], value.shape[-1])
+    gqa = query.shape[1] != key.shape[1]
+    for c in ctx.chunks:
+        q = query[:, :, c.offset:c.offset + c.length]
+        end = c.start + c.length
+        keys, values = k_cache[c.slot:c.slot + 1, :, :end], v_cache[c.slot:c.slot + 1, :, :end]
+        if c.start == 0:
+            att = torch.nn.functional.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scaling,
+                                                                   enable_gqa=gqa)
+        else:  # query i sits at position start + i and sees positions 0 .. start + i
+            mask = (torch.arange(end, device=q.device)[None, :]
+                    <= torch.arange(c.start, end, device=q.device)[:, None])
+            att = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling,
+                                                                   enable_gqa=gqa)
+        out[0, c.offset:c.offset + c.length] = att[0].transpose(0, 1)
+    return out
+
+
+def _prefill_varlen(ctx: StepContext, k_cache, v_cache, query, scaling):
+    """One FlashAttention varlen call over the packed chunks; each chunk's keys are its slot's first
+    start + length positions gathered into one packed (T_k, Hkv, D) tensor (bottom-right causal)."""
+    import torch
+
+    from glmtune.models.speed import varlen_gqa_attention
+
+    keys = torch.cat([k_cache[c.slot, :, :c.start + c.length].transpose(0, 1) for c in ctx.chunks])
+    values = torch.cat([v_cache[c.slot, :, :c.start + c.length].transpose(0, 1) for c in ctx.chunks])
+    v = ctx.varlen
+    out = varlen_gqa_attention(query[0].transpose(0, 1), keys, values, v["cu_q"], v["cu_k"], v["max_q"],
+                               v["max_k"], scale=scaling)
+    return out.unsqueeze(0)
+
+
+def register_engine_attention() -> str:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ENGINE_ATTENTION, engine_attention_forward)
+    return ENGINE_ATTENTION
