@@ -116,7 +116,7 @@ class HFBackend:
                                       attention_mask=attention.to(self.device), **kwargs)
         new = out[:, input_ids.shape[1]:].tolist()
         cancelled = cancel is not None and cancel.is_set()
-        return [_cut_at_stop(ids, stop_ids, cancelled) for ids in new]
+        return [cut_at_stop(ids, stop_ids, cancelled) for ids in new]
 
     def _left_pad(self, prompts: list[list[int]]):
         """(B, T) ids and mask, padded on the left so every row's next token sits at position T."""
@@ -236,7 +236,8 @@ def _stopping_criteria(cancel, on_tokens, prompt_len: int):
     return StoppingCriteriaList([_Hook()])
 
 
-def _cut_at_stop(ids: list[int], stop_ids: list[int], cancelled: bool) -> Output:
+def cut_at_stop(ids: list[int], stop_ids: list[int], cancelled: bool) -> Output:
+    """Generated ids up to the first stop id, and why generation ended (stop / cancelled / length)."""
     stops = set(stop_ids)
     for i, tid in enumerate(ids):
         if tid in stops:
@@ -282,7 +283,7 @@ class VLLMBackend:
         with self._lock:
             outs = self.llm.generate([_vllm_prompt(p) for p in prompts], params,
                                      lora_request=self._lora_request(adapter), use_tqdm=False)
-        results = [_cut_at_stop(list(o.outputs[0].token_ids), stop_ids, False) for o in outs]
+        results = [cut_at_stop(list(o.outputs[0].token_ids), stop_ids, False) for o in outs]
         if on_tokens is not None:
             on_tokens(results[0].token_ids)
         return results

@@ -165,7 +165,7 @@ class Predictor:
 
     def generate(self, prompt_ids: list[int], adapter: str | None = None, **gen) -> tuple[str, Output]:
         """Answer one prepared prompt: ``(text, Output)`` (ids, finish reason) for servers."""
-        out = self.backend.generate([prompt_ids], self._adapter(adapter), self.stop_ids, self._gen(gen))[0]
+        out = self.backend.generate([prompt_ids], self._adapter(adapter), self.stop_ids, self.gen_config(gen))[0]
         return self.decode(out.token_ids), out
 
     def stream(self, query: str | list[dict], history=None, system: str | None = None, adapter: str | None = None,
@@ -203,7 +203,7 @@ class Predictor:
         """Generate on the calling thread, calling ``on_text(piece)`` as text becomes final."""
         decoder = StreamDecoder(self)
         on_tokens = lambda ids: _emit(on_text, decoder.update(ids))  # noqa: E731
-        out = self.backend.generate([prompt_ids], self._adapter(adapter), self.stop_ids, self._gen(gen),
+        out = self.backend.generate([prompt_ids], self._adapter(adapter), self.stop_ids, self.gen_config(gen),
                                     on_tokens=on_tokens, cancel=cancel)[0]
         text = self.decode(out.token_ids)
         _emit(on_text, decoder.finish(text))
@@ -219,7 +219,7 @@ class Predictor:
         answers: list[str] = []
         for start in range(0, len(prompts), batch_size):
             outs = self.backend.generate(prompts[start:start + batch_size], self._adapter(adapter),
-                                         self.stop_ids, self._gen(gen))
+                                         self.stop_ids, self.gen_config(gen))
             answers += [self.decode(o.token_ids) for o in outs]
         return answers
 
@@ -243,7 +243,8 @@ class Predictor:
     def _adapter(self, adapter: str | None) -> str | None:
         return self.default_adapter if adapter is None else adapter
 
-    def _gen(self, gen: dict) -> GenConfig:
+    def gen_config(self, gen: dict) -> GenConfig:
+        """The settings of one call: the predictor's defaults, overridden by ``gen`` (GenConfig's keywords)."""
         return GenConfig.from_kwargs(**{**self.default_gen, **gen})
 
 

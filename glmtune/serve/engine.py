@@ -171,7 +171,7 @@ class BatchingEngine:
             self._switch_adapter(adapter)
         self._counter += 1
         rid = f"glmtune-{self._counter}"
-        gen = self.predictor._gen(job.gen)
+        gen = self.predictor.gen_config(job.gen)
         manager = self._manager(sample=not gen.greedy)
         self._jobs[rid] = job
         decoder = _Decoder(self.predictor, job, gen.max_new_tokens)
@@ -202,8 +202,10 @@ class BatchingEngine:
             if self._jobs.pop(rid, None) is None:
                 return  # already finished
             manager.cancel_request(rid)
-            with manager.output_router._lock:
-                manager.output_router.result_handlers.pop(rid, None)
+            # transformers drops its result handler only when a request finishes, which a cancelled one
+            # never does: drop it here. No public call does it; one dict.pop is atomic, so the router's
+            # lock (held only around single dict reads and writes) is not needed.
+            manager.output_router.result_handlers.pop(rid, None)
             self._next_turn()
 
     def _drop_waiting(self, job: Job) -> None:
@@ -281,7 +283,7 @@ class _Decoder:
 
     def feed(self, out) -> bool:
         """Handle one GenerationOutput; True once the request is over."""
-        from glmtune.infer.backends import Output, _cut_at_stop
+        from glmtune.infer.backends import Output, cut_at_stop
 
         tokens = list(out.generated_tokens)
         if self.stream is not None and tokens:
@@ -293,7 +295,7 @@ class _Decoder:
         if out.error is not None:
             self.job.send("error", RuntimeError(out.error))
             return True
-        result = _cut_at_stop(tokens, self.p.stop_ids, self.job.cancel.is_set())
+        result = cut_at_stop(tokens, self.p.stop_ids, self.job.cancel.is_set())
         if result.finish_reason != "stop" and len(tokens) < self.max_new:
             result = Output(result.token_ids, "cancelled")
         text = self.p.decode(result.token_ids)

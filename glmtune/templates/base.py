@@ -86,7 +86,7 @@ class Template:
         ``add_eos`` defaults to False here because official chat templates do not append the
         end-of-text token; :meth:`encode` appends it for training.
         """
-        msgs = self._checked(messages, tools)
+        msgs = self.checked_messages(messages, tools)
         return "".join(s.text for s in self.segments(msgs, tools, add_generation_prompt, add_eos))
 
     def encode(self, tokenizer, messages: Sequence[dict], tools: list | None = None,
@@ -95,7 +95,7 @@ class Template:
         if train_on not in TRAIN_ON:
             raise InputError(f"unknown train_on '{train_on}'", field="train_on",
                              fix=f"use one of {', '.join(TRAIN_ON)}")
-        msgs = self._checked(messages, tools)
+        msgs = self.checked_messages(messages, tools)
         segs = self.segments(msgs, tools, False, add_eos)
         last = max((s.turn for s in segs if s.trained), default=None)
         ids, labels, spans = [], [], {}
@@ -123,7 +123,7 @@ class Template:
                         image_ids: Sequence[list[int]] | None = None) -> list[tuple[Segment, list[int]]]:
         """The generation prompt as (segment, its ids) pairs, in order: what `encode_prompt` joins.
         ``Segment.turn`` indexes ``messages`` (or is negative / past the end for template text)."""
-        msgs = self._checked(messages, tools)
+        msgs = self.checked_messages(messages, tools)
         if msgs[-1]["role"] == "assistant":
             raise InputError("the conversation ends with an assistant turn", field="messages",
                              fix="drop the last assistant message to build the prompt for it")
@@ -143,9 +143,10 @@ class Template:
         ids = [_special_id(tokenizer, t, required=False) for t in self.stop_tokens]
         return list(dict.fromkeys(i for i in ids if i is not None))
 
-    # -- helpers for subclasses ----------------------------------------------------------------
-    def _checked(self, messages: Sequence[dict], tools: list | None) -> list[dict]:
-        """Validate the shape a template relies on; the data stage checks records more fully."""
+    # -- validation (glmtune.data.cutoff, which walks the segments itself, calls it too) -------
+    def checked_messages(self, messages: Sequence[dict], tools: list | None) -> list[dict]:
+        """The messages, checked for the shape a template relies on (roles, system first, string content,
+        tools only where supported), content None as "". The data stage checks records more fully."""
         if not messages:
             raise InputError("a conversation needs at least one message", field="messages")
         if tools and not self.supports_tools:
