@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from glmtune.data.formats import RowContext, register_format
-from glmtune.data.formats_chat import canonical_role, conversation_turns, require_text, row_extras, row_system, with_system
+from glmtune.data.formats_chat import (canonical_role, conversation_turns, require_text, row_extras, row_system,
+                                      with_system)
 
 
 def _answer_text(value: Any, ctx: RowContext, field: str) -> str:
