@@ -115,6 +115,17 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def check_output_dir(path: str | Path, overwrite: bool) -> None:
+    """Refuse, before anything is written, an output folder that is a file, or one that holds files
+    unless ``overwrite`` (``atomic_dir`` then replaces it whole)."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise InputError("exists and is not a folder", file=path, fix="choose another --out")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise InputError("output folder is not empty", file=path,
+                         fix="choose another --out, delete it, or pass --overwrite")
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

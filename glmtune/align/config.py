@@ -13,8 +13,8 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from glmtune.errors import ConfigError
-from glmtune.train.config import (DataSection, EvalSection, MethodSection, ModelSection, OutputSection, TrainSection,
-                                  _Section, _validation_error, check_model, read_raw_config)
+from glmtune.train.config import (ConfigSection, DataSection, EvalSection, MethodSection, ModelSection, OutputSection,
+                                  TrainSection, check_model, config_error, read_raw_config)
 
 ALGORITHMS = ("rm", "dpo", "grpo", "ppo")
 
@@ -26,7 +26,7 @@ class AlignModelSection(ModelSection):
                                                   "reference is model.path itself (the new adapter disabled).")
 
 
-class RewardSpec(_Section):
+class RewardSpec(ConfigSection):
     name: str = Field(description="label, format, similarity, length, reward_model, judge, or module:function "
                                   "(called as TRL reward functions: fn(prompts, completions, **columns) -> floats).")
     weight: float = Field(1.0, description="Weight of this reward in the sum TRL optimises.")
@@ -34,7 +34,7 @@ class RewardSpec(_Section):
                                                                        "glmtune.align.rewards).")
 
 
-class AlignSection(_Section):
+class AlignSection(ConfigSection):
     beta: float = Field(0.1, gt=0, description="dpo: inverse temperature of the DPO loss (the starter kit uses "
                                                "0.1-0.5); higher stays closer to the reference.")
     loss_type: str | None = Field(None, description="TRL loss: dpo sigmoid (default), ipo, hinge, robust...; "
@@ -54,7 +54,7 @@ class AlignSection(_Section):
                                                                         "weights. Example: [{name: label}].")
 
 
-class AlignConfig(_Section):
+class AlignConfig(ConfigSection):
     model: AlignModelSection
     data: DataSection
     method: MethodSection = Field(default_factory=MethodSection)
@@ -85,7 +85,7 @@ def load_align_config(path: str | Path | dict, overrides: list[str] | None = Non
     try:
         cfg = AlignConfig.model_validate(raw)
     except ValidationError as e:
-        err = _validation_error(e, source)
+        err = config_error(e, source)
         if err.fix and "glmtune train --explain" in err.fix:
             err = ConfigError(err.problem, file=source, field=err.field,
                               fix="check the spelling; `glmtune align --explain` lists every key")

@@ -3,8 +3,8 @@
 TRL never renders a prompt itself here: every id comes from `Template.encode_prompt` / `encode`, the
 same code `glmtune train`, `glmtune data render --ids`, evaluation and serving use. A prompt's ids
 are a prefix of the ids of the prompt plus an answer (templates guarantee it), so an answer's ids
-are `encode(prompt + answer)[len(prompt_ids):]`: the trained tokens and the end-of-turn token the
-model must learn to stop with.
+are `Template.answer_ids`: the trained tokens after the prompt, with the end-of-turn token the model
+must learn to stop with (the same ids evaluation scores a label by).
 
 Rows per algorithm:
 - dpo: {prompt_ids, chosen_ids, rejected_ids}               (TRL DataCollatorForPreference)
@@ -15,18 +15,8 @@ Rows per algorithm:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from glmtune.errors import InputError
-
-
-def load_align_records(spec: str) -> list[dict]:
-    """A file through glmtune's readers (prompt-only records allowed), else a datasets.yaml name."""
-    if Path(spec).exists():
-        from glmtune.data.readers import read_records
-        return read_records(spec, require_assistant=False)
-    from glmtune.train.data import load_records
-    return load_records(spec)
 
 
 def _where(rec: dict) -> dict:
@@ -50,14 +40,6 @@ def answer_pairs(rec: dict) -> list[tuple[str, str]]:
                      field="chosen", **_where(rec), fix="convert the data with `glmtune data convert`")
 
 
-def answer_ids(template, tokenizer, prompt: list[dict], prompt_ids: list[int], answer: str, tools=None) -> list[int]:
-    """Ids of `answer` as the assistant's next turn, end token included (the template's training ids)."""
-    full = template.encode(tokenizer, [*prompt, {"role": "assistant", "content": answer}], tools=tools).input_ids
-    if full[:len(prompt_ids)] != prompt_ids:  # a template bug: training and generation would see different text
-        raise InputError(f"template {template.name!r} renders the prompt differently inside the conversation")
-    return list(full[len(prompt_ids):])
-
-
 def _check_length(n: int, cutoff: int, policy: str, rec: dict) -> bool:
     """True to keep the row. truncate: TRL truncates to max_length=cutoff_len (prompt side kept)."""
     if n <= cutoff or policy == "truncate":
@@ -75,8 +57,8 @@ def preference_rows(records: list[dict], template, tokenizer, *, cutoff_len: int
         prompt = prompt_of(rec)
         p_ids = template.encode_prompt(tokenizer, prompt, tools=rec.get("tools"))
         for chosen, rejected in answer_pairs(rec):
-            c = answer_ids(template, tokenizer, prompt, p_ids, chosen, rec.get("tools"))
-            r = answer_ids(template, tokenizer, prompt, p_ids, rejected, rec.get("tools"))
+            c = template.answer_ids(tokenizer, prompt, chosen, rec.get("tools"), p_ids)
+            r = template.answer_ids(tokenizer, prompt, rejected, rec.get("tools"), p_ids)
             if _check_length(len(p_ids) + max(len(c), len(r)), cutoff_len, on_overflow, rec):
                 rows.append({"prompt_ids": p_ids, "chosen_ids": c, "rejected_ids": r})
     return rows

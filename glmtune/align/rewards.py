@@ -162,12 +162,17 @@ def reward_model_reward(ctx: RewardContext, path: str | None = None, batch_size:
                           field="align.rewards.options.path")
     model, tok, tpl = load_reward_model(path)
 
+    def conversation_ids(prompt: str, completion: str) -> list[int]:
+        # the ids of an `align rm` row (glmtune.align.data.reward_model_rows): prompt + the answer's ids
+        msgs = ctx.prompt_messages[prompt]
+        prompt_ids = tpl.encode_prompt(tok, msgs)
+        return prompt_ids + tpl.answer_ids(tok, msgs, completion or " ", prompt_ids=prompt_ids)
+
     @torch.no_grad()
     def reward_model(prompts, completions, **_):
         scores = []
         for i in range(0, len(completions), batch_size):
-            ids = [tpl.encode(tok, [*ctx.prompt_messages[p], {"role": "assistant", "content": c or " "}]).input_ids
-                   for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
+            ids = [conversation_ids(p, c) for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
             scores += score_ids(model, ids, tok.pad_token_id)
         return scores
     return _named(reward_model, "reward_model")

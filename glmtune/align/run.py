@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from glmtune.align.config import AlignConfig, check_for, load_align_config, save_resolved
-from glmtune.align.data import (PromptTable, load_align_records, preference_rows, prompt_table,
-                                reward_model_rows)
+from glmtune.align.data import PromptTable, preference_rows, prompt_table, reward_model_rows
 from glmtune.align.trainers import ALGORITHMS, Algorithm, training_arguments
 from glmtune.errors import ConfigError, InputError
 
@@ -34,12 +33,19 @@ class AlignResult:
 # data
 
 def load_splits(cfg: AlignConfig) -> tuple[list[dict], list[dict]]:
+    """Train and dev records, read as `glmtune train` reads them (a file in any format, or a name in
+    data.registry); prompt-only records (grpo/ppo) need no assistant turn."""
+    from glmtune.data.registry import load_dataset
     from glmtune.train.data import split_dev
-    records = [r for spec in cfg.data.datasets for r in load_align_records(spec)]
+
+    def read(spec: str) -> list[dict]:
+        return load_dataset(spec, registry=cfg.data.registry, require_assistant=False)
+
+    records = [r for spec in cfg.data.datasets for r in read(spec)]
     if cfg.data.max_samples:
         records = records[: cfg.data.max_samples]
     if cfg.data.dev:
-        return records, load_align_records(cfg.data.dev)
+        return records, read(cfg.data.dev)
     return split_dev(records, cfg.data.val_size, cfg.train.seed)
 
 

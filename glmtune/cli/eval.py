@@ -90,7 +90,7 @@ def judge(data: Path = typer.Option(..., "--data", help='JSONL rows {"prediction
 
 @eval_app.command("classify")
 def classify(model: Path = typer.Option(..., "--model", help="Model folder (merged checkpoint or base)."),
-             data: Path = typer.Option(..., "--data", help="Canonical JSONL test file (messages + label)."),
+             data: Path = typer.Option(..., "--data", help="Test data with labels: a file in any format `glmtune data convert` reads (PATH:FORMAT names one), or a name in ./datasets.yaml."),
              out: Path = typer.Option(..., "--out", help="Output folder: metrics.json, report.md, confusion_matrix.png, ..."),
              adapter: Optional[Path] = typer.Option(None, "--adapter", help="LoRA adapter folder."),
              labels: Optional[Path] = typer.Option(None, "--labels", help="Label list or id->name mapping (YAML/JSON/txt); default: labels in the data."),

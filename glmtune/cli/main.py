@@ -18,7 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 err = Console(stderr=True)
 
 
-def _register_all() -> None:
+def register_commands() -> None:
+    """Import every command group so each registers its commands on ``app`` (a missing optional group is skipped)."""
     from glmtune.cli import data, demo  # noqa: F401  (each module registers its commands)
     for name in ("train", "align", "model", "eval", "infer", "serve", "rag", "ui"):
         try:
@@ -29,7 +30,7 @@ def _register_all() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    _register_all()
+    register_commands()
     try:
         # Non-standalone click *returns* a typer.Exit's code instead of exiting: pass it on, or a
         # failed `--nproc N` run (exit code of `accelerate launch`) would end with status 0.

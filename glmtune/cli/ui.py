@@ -36,6 +36,6 @@ def cli_commands():
     """Every `glmtune` command as a click tree (the UI builds its command forms from it)."""
     import typer
 
-    from glmtune.cli.main import _register_all
-    _register_all()
+    from glmtune.cli.main import register_commands
+    register_commands()
     return typer.main.get_command(app)

@@ -101,7 +101,7 @@ def segment_pieces(template, tokenizer, messages: Sequence[dict], tools: list | 
     else the training encoding, labels from ``template.encode`` and the last answer protected whole."""
     from glmtune.templates import segment_ids
 
-    msgs = template._checked(messages, tools)
+    msgs = template.checked_messages(messages, tools)
     segs = template.segments(msgs, tools, prompt, not prompt)
     ids = [segment_ids(tokenizer, s) for s in segs]
     labels = [[IGNORE_INDEX] * len(i) for i in ids]

@@ -14,7 +14,8 @@ ROLE_ALIASES = {
 }
 
 
-def _canonical_role(name: Any, ctx: RowContext, field: str) -> str:
+def canonical_role(name: Any, ctx: RowContext, field: str) -> str:
+    """A speaker name of a public data set (``human``, ``gpt``, ...) as a canonical role."""
     role = ROLE_ALIASES.get(str(name).strip().lower()) if isinstance(name, str) else None
     if role is None:
         raise ctx.error(f"unknown speaker {name!r}", field=field,
@@ -22,13 +23,14 @@ def _canonical_role(name: Any, ctx: RowContext, field: str) -> str:
     return role
 
 
-def _text(value: Any, ctx: RowContext, field: str) -> str:
+def require_text(value: Any, ctx: RowContext, field: str) -> str:
+    """``value`` if it is a string, else the row's error naming ``field``."""
     if not isinstance(value, str):
         raise ctx.error(f"expected text, got {type(value).__name__}", field=field)
     return value
 
 
-def _with_system(messages: list[dict], system: str | None) -> list[dict]:
+def with_system(messages: list[dict], system: str | None) -> list[dict]:
     """Prepend the row's system prompt, or the --system-file one when the row has none."""
     if messages and messages[0]["role"] == "system":
         return messages
@@ -37,14 +39,15 @@ def _with_system(messages: list[dict], system: str | None) -> list[dict]:
     return messages
 
 
-def _row_system(row: dict, ctx: RowContext, keys=("system", "system_prompt")) -> str | None:
+def row_system(row: dict, ctx: RowContext, keys=("system", "system_prompt")) -> str | None:
+    """The row's own system prompt (the first of ``keys`` it has), else the --system-file one."""
     for key in keys:
         if row.get(key):
-            return _text(row[key], ctx, key)
+            return require_text(row[key], ctx, key)
     return ctx.options.get("system")
 
 
-def _extras(row: dict, ctx: RowContext) -> dict:
+def row_extras(row: dict, ctx: RowContext) -> dict:
     """Fields carried over unchanged: tools (a list, or a JSON string as LLaMA-Factory writes it), label."""
     out: dict = {}
     tools = row.get("tools")
@@ -69,11 +72,11 @@ def messages_record(row: dict, ctx: RowContext) -> dict:
         if not isinstance(m, dict):
             raise ctx.error("a message must be an object", field=f"messages[{i}]")
         msg = {k: v for k, v in m.items() if k in ("content", "tool_calls", "metadata")}
-        msg = {"role": _canonical_role(m.get("role"), ctx, f"messages[{i}].role"), **msg}
+        msg = {"role": canonical_role(m.get("role"), ctx, f"messages[{i}].role"), **msg}
         if msg.get("content") is None and msg.get("tool_calls"):
             msg["content"] = ""
         messages.append(msg)
-    record = {"messages": _with_system(messages, ctx.options.get("system")), **_extras(row, ctx)}
+    record = {"messages": with_system(messages, ctx.options.get("system")), **row_extras(row, ctx)}
     if isinstance(row.get("meta"), dict):
         record["meta"] = dict(row["meta"])
     return record
@@ -103,37 +106,37 @@ def sharegpt_record(row: dict, ctx: RowContext) -> dict:
         if turn["from"] == "function_call":
             messages.append(_sharegpt_function_call(turn["value"], ctx, f"{field}.value"))
             continue
-        role = _canonical_role(turn["from"], ctx, f"{field}.from")
-        messages.append({"role": role, "content": _text(turn["value"], ctx, f"{field}.value")})
-    return {"messages": _with_system(messages, _row_system(row, ctx)), **_extras(row, ctx)}
+        role = canonical_role(turn["from"], ctx, f"{field}.from")
+        messages.append({"role": role, "content": require_text(turn["value"], ctx, f"{field}.value")})
+    return {"messages": with_system(messages, row_system(row, ctx)), **row_extras(row, ctx)}
 
 
 @register_format("alpaca", detect=(("instruction", "output"),))
 def alpaca_record(row: dict, ctx: RowContext) -> dict:
     """Alpaca: instruction, input, output, optional system and history ([[question, answer], ...])."""
-    instruction = _text(ctx.require(row, "instruction"), ctx, "instruction")
+    instruction = require_text(ctx.require(row, "instruction"), ctx, "instruction")
     extra_input = row.get("input") or ""
-    prompt = f"{instruction}\n{_text(extra_input, ctx, 'input')}" if extra_input else instruction
+    prompt = f"{instruction}\n{require_text(extra_input, ctx, 'input')}" if extra_input else instruction
     messages: list[dict] = []
     for i, pair in enumerate(row.get("history") or []):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             raise ctx.error("each history entry must be [question, answer]", field=f"history[{i}]")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     messages += [{"role": "user", "content": prompt},
-                 {"role": "assistant", "content": _text(ctx.require(row, "output"), ctx, "output")}]
-    return {"messages": _with_system(messages, _row_system(row, ctx)), **_extras(row, ctx)}
+                 {"role": "assistant", "content": require_text(ctx.require(row, "output"), ctx, "output")}]
+    return {"messages": with_system(messages, row_system(row, ctx)), **row_extras(row, ctx)}
 
 
 @register_format("prompt_completion", detect=(("prompt", "completion"), ("prompt", "response")))
 def prompt_completion_record(row: dict, ctx: RowContext) -> dict:
     """Single turn: `prompt` and `completion` (or `response`), optional `system`."""
     answer_key = "completion" if "completion" in row else "response"
-    messages = [{"role": "user", "content": _text(ctx.require(row, "prompt"), ctx, "prompt")},
-                {"role": "assistant", "content": _text(ctx.require(row, answer_key), ctx, answer_key)}]
-    return {"messages": _with_system(messages, _row_system(row, ctx)), **_extras(row, ctx)}
+    messages = [{"role": "user", "content": require_text(ctx.require(row, "prompt"), ctx, "prompt")},
+                {"role": "assistant", "content": require_text(ctx.require(row, answer_key), ctx, answer_key)}]
+    return {"messages": with_system(messages, row_system(row, ctx)), **row_extras(row, ctx)}
 
 
-def _conversation_turns(items: list, ctx: RowContext, key: str) -> list[dict]:
+def conversation_turns(items: list, ctx: RowContext, key: str) -> list[dict]:
     """Turns as {role, content}, {from, value}, or pairs {human|user, assistant} (Firefly style)."""
     messages = []
     for i, item in enumerate(items):
@@ -142,12 +145,12 @@ def _conversation_turns(items: list, ctx: RowContext, key: str) -> list[dict]:
             raise ctx.error("each turn must be an object", field=field)
         if "role" in item or "from" in item:
             speaker, text = ("role", "content") if "role" in item else ("from", "value")
-            role = _canonical_role(item[speaker], ctx, f"{field}.{speaker}")
-            messages.append({"role": role, "content": _text(item.get(text), ctx, f"{field}.{text}")})
+            role = canonical_role(item[speaker], ctx, f"{field}.{speaker}")
+            messages.append({"role": role, "content": require_text(item.get(text), ctx, f"{field}.{text}")})
         elif ("human" in item or "user" in item) and "assistant" in item:
             q = "human" if "human" in item else "user"
-            messages += [{"role": "user", "content": _text(item[q], ctx, f"{field}.{q}")},
-                         {"role": "assistant", "content": _text(item["assistant"], ctx, f"{field}.assistant")}]
+            messages += [{"role": "user", "content": require_text(item[q], ctx, f"{field}.{q}")},
+                         {"role": "assistant", "content": require_text(item["assistant"], ctx, f"{field}.assistant")}]
         else:
             raise ctx.error("cannot read this turn (expected role/content, from/value or human/assistant)",
                             field=field)
@@ -165,9 +168,9 @@ def _conversation_key(row: dict, ctx: RowContext) -> str:
 def conversation_record(row: dict, ctx: RowContext) -> dict:
     """Multi-turn `conversation` list (role/content, from/value or human/assistant pairs), optional system."""
     key = _conversation_key(row, ctx)
-    messages = _conversation_turns(ctx.require(row, key, kind=list), ctx, key)
-    system = _row_system(row, ctx, keys=("system", "system_prompt", "persona"))
-    return {"messages": _with_system(messages, system), **_extras(row, ctx)}
+    messages = conversation_turns(ctx.require(row, key, kind=list), ctx, key)
+    system = row_system(row, ctx, keys=("system", "system_prompt", "persona"))
+    return {"messages": with_system(messages, system), **row_extras(row, ctx)}
 
 
 @register_format("roleplay", detect=(("persona", "conversation"), ("persona", "dialogue")))

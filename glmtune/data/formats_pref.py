@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from glmtune.data.formats import RowContext, register_format
-from glmtune.data.formats_chat import _canonical_role, _conversation_turns, _extras, _row_system, _text, _with_system
+from glmtune.data.formats_chat import (canonical_role, conversation_turns, require_text, row_extras, row_system,
+                                      with_system)
 
 
 def _answer_text(value: Any, ctx: RowContext, field: str) -> str:
@@ -26,28 +27,28 @@ def _answer_text(value: Any, ctx: RowContext, field: str) -> str:
         value = value[-1]
     if isinstance(value, dict):
         speaker, text = ("role", "content") if "role" in value else ("from", "value")
-        if _canonical_role(value.get(speaker), ctx, f"{field}.{speaker}") != "assistant":
+        if canonical_role(value.get(speaker), ctx, f"{field}.{speaker}") != "assistant":
             raise ctx.error("the answer must be an assistant turn", field=f"{field}.{speaker}")
         value = value.get(text)
-    return _text(value, ctx, field)
+    return require_text(value, ctx, field)
 
 
 def _prompt_messages(row: dict, ctx: RowContext) -> list[dict]:
     """The conversation to answer, from messages / conversations / prompt (text or turns) / instruction+input."""
     for key in ("messages", "conversations", "conversation"):
         if key in row:
-            msgs = _conversation_turns(ctx.require(row, key, kind=list), ctx, key)
+            msgs = conversation_turns(ctx.require(row, key, kind=list), ctx, key)
             break
     else:
         if "instruction" in row:
-            text = _text(row["instruction"], ctx, "instruction")
+            text = require_text(row["instruction"], ctx, "instruction")
             extra = row.get("input") or ""
-            msgs = [{"role": "user", "content": f"{text}\n{_text(extra, ctx, 'input')}" if extra else text}]
+            msgs = [{"role": "user", "content": f"{text}\n{require_text(extra, ctx, 'input')}" if extra else text}]
         else:
             prompt = ctx.require(row, "prompt", kind=(str, list))
             msgs = ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
-                    else _conversation_turns(prompt, ctx, "prompt"))
-    return _with_system(msgs, _row_system(row, ctx))
+                    else conversation_turns(prompt, ctx, "prompt"))
+    return with_system(msgs, row_system(row, ctx))
 
 
 def _text_list(row: dict, key: str, ctx: RowContext) -> list[str]:
@@ -64,18 +65,18 @@ def preference_record(row: dict, ctx: RowContext) -> dict:
     rejected = _answer_text(ctx.require(row, "rejected", kind=(str, dict, list)), ctx, "rejected")
     if not any(k in row for k in ("messages", "conversations", "conversation", "prompt", "instruction")):
         # TRL's implicit-prompt form: chosen and rejected are whole conversations sharing the prompt
-        full = _conversation_turns(ctx.require(row, "chosen", kind=list), ctx, "chosen")
+        full = conversation_turns(ctx.require(row, "chosen", kind=list), ctx, "chosen")
         msgs = full[:-1]
     else:
         msgs = _prompt_messages(row, ctx)
-    return {"messages": msgs, "chosen": chosen, "rejected": rejected, **_extras(row, ctx)}
+    return {"messages": msgs, "chosen": chosen, "rejected": rejected, **row_extras(row, ctx)}
 
 
 @register_format("rlhf", detect=(("gold_answers",), ("references",)), priority=1)
 def rlhf_record(row: dict, ctx: RowContext) -> dict:
     """RLHF starter kit: {conversations|messages|prompt, gold_answers|references, bad_answers?}."""
     key = "gold_answers" if "gold_answers" in row else "references"
-    record = {"messages": _prompt_messages(row, ctx), "references": _text_list(row, key, ctx), **_extras(row, ctx)}
+    record = {"messages": _prompt_messages(row, ctx), "references": _text_list(row, key, ctx), **row_extras(row, ctx)}
     if row.get("bad_answers") is not None:
         record["bad_answers"] = _text_list(row, "bad_answers", ctx)
     if record["messages"] and record["messages"][-1]["role"] == "assistant":

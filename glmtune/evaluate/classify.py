@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from glmtune.errors import InputError
-from glmtune.templates import IGNORE_INDEX
 
 MODES = ("constrained", "generate")
 SIDES = ("left", "right")
@@ -37,19 +36,18 @@ class LabelSet:
 
 
 # -- data ------------------------------------------------------------------------------------------
-def load_records(path: str | Path) -> list[dict]:
-    from glmtune.io import iter_jsonl
-    recs = []
-    for line, row in iter_jsonl(path):
-        if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or "label" not in row:
-            raise InputError("each row needs 'messages' and 'label'", file=path, line=line,
+def labelled_records(records: Sequence[dict]) -> list[dict]:
+    """``records`` (read with glmtune.data.registry.load_dataset, as every command reads data), checked for
+    what classification needs: a label, and a last message that is the assistant's answer (the label's text)."""
+    for rec in records:
+        meta = rec.get("meta") or {}
+        where = {"file": meta.get("source"), "line": meta.get("line")}
+        if rec.get("label") is None:
+            raise InputError("the record has no label", field="label", **where,
                              fix="convert the data with `glmtune data convert` (classification/cmcc formats)")
-        if not row["messages"] or row["messages"][-1].get("role") != "assistant":
-            raise InputError("the last message must be the assistant's answer", file=path, line=line)
-        recs.append(row)
-    if not recs:
-        raise InputError("no records in the test file", file=path)
-    return recs
+        if rec["messages"][-1]["role"] != "assistant":
+            raise InputError("the last message must be the assistant's answer", field="messages", **where)
+    return list(records)
 
 
 def build_label_set(records: Sequence[dict], labels_file: str | Path | None = None) -> LabelSet:
@@ -116,18 +114,6 @@ def truncate_prompt(tpl, tokenizer, messages: list[dict], ids: list[int], max_le
         return ids, False
     from glmtune.data.cutoff import truncate_prompt_ids
     return truncate_prompt_ids(tpl, tokenizer, messages, max_len, side)
-
-
-def answer_ids(tpl, tokenizer, prompt_msgs: list[dict], prompt_ids: list[int], answer: str) -> list[int]:
-    """The trained ids of ``answer`` as the last assistant turn (metadata line and end token included)."""
-    enc = tpl.encode(tokenizer, prompt_msgs + [{"role": "assistant", "content": answer}], train_on="last_assistant")
-    spans = enc.trained_spans()
-    if not spans:
-        raise InputError("the template trains no tokens of the answer", field="template")
-    start, end = spans[-1]
-    if enc.input_ids[:start] != prompt_ids:
-        raise InputError("the generation prompt is not a prefix of the training ids", field="template")
-    return [t for t in enc.labels[start:end] if t != IGNORE_INDEX]
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -197,7 +183,7 @@ def classify(predictor, records: Sequence[dict], label_set: LabelSet, mode: str 
         prompt_msgs.append((msgs, full))
     # Answer ids depend only on the template, not on the prompt: compute once from the first record.
     msgs0, full0 = prompt_msgs[0]
-    ans = [answer_ids(tpl, tok, msgs0, full0, label_set.answers[n]) for n in names]
+    ans = [tpl.answer_ids(tok, msgs0, label_set.answers[n], prompt_ids=full0) for n in names]
     room = max(len(a) for a in ans)
     for msgs, full in prompt_msgs:
         budget = None if not max_len else max(1, max_len - (room if mode == "constrained" else 0))
@@ -283,8 +269,9 @@ def classify_report(model: str | Path, data: str | Path, out: str | Path, *, ada
 
     Predictions go to OUT/predictions.partial.jsonl as they are made; a rerun with the same settings
     continues from it, and it is removed once the report (with predictions.jsonl) is complete."""
+    from glmtune.data.registry import load_dataset
     from glmtune.evaluate.classification import classification_report_files
-    records = load_records(data)
+    records = labelled_records(load_dataset(data))
     label_set = build_label_set(records, labels)
     if quick:
         records = quick_subset(records, quick, seed)

@@ -380,6 +380,7 @@ def _stopping_criteria(cancel, on_tokens, prompt_len: int):
 
 
 def cut_at_stop(ids: list[int], stop_ids: list[int], cancelled: bool) -> Output:
+    """Generated ids up to the first stop id, and why generation ended (stop / cancelled / length)."""
     stops = set(stop_ids)
     for i, tid in enumerate(ids):
         if tid in stops:

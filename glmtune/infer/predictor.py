@@ -228,7 +228,7 @@ class Predictor:
         """Answer text of generated ids (stop token already cut), without the GLM metadata line."""
         text = self.tokenizer.decode(token_ids, skip_special_tokens=False,
                                      clean_up_tokenization_spaces=False)
-        return strip_metadata(self.template.name, text, final)
+        return self.template.answer_text(text, final)
 
     def _as_prompt(self, item) -> tuple[list[dict], list | None]:
         if isinstance(item, str):
@@ -244,30 +244,11 @@ class Predictor:
         return self.default_adapter if adapter is None else adapter
 
     def gen_config(self, gen: dict) -> GenConfig:
-        """Decoding settings of one call: this predictor's defaults overridden by ``gen``."""
+        """The settings of one call: the predictor's defaults, overridden by ``gen`` (GenConfig's keywords)."""
         return GenConfig.from_kwargs(**{**self.default_gen, **gen})
 
 
 _DONE = object()
-
-
-def strip_metadata(template_name: str, text: str, final: bool = True) -> str:
-    """GLM-4/ChatGLM3 answers start with a metadata line (a tool name, usually empty) and a newline.
-
-    Only an EMPTY metadata line is cut; a non-empty one (a tool call) or an answer without any
-    newline is returned whole. So mid-stream, only leading whitespace without a newline yet is held
-    back (it may still turn out to be the empty line): once a non-space character has come, the text
-    is returned whole whatever follows, and streams. (Holding everything until the first newline
-    froze the stream of a model that answers without the metadata line until generation ended.)
-    """
-    if template_name not in ("glm4", "chatglm3"):
-        return text
-    meta, sep, content = text.partition("\n")
-    if not sep:
-        return text if final or text.strip() else ""
-    if meta.strip():  # a tool call (`name\n{arguments}`): keep it whole for the caller to parse
-        return text
-    return content[1:] if template_name == "chatglm3" and content.startswith(" ") else content
 
 
 class StreamDecoder:

@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from glmtune.errors import InputError
-from glmtune.io import atomic_dir
-from glmtune.models.gguf import DTYPES, _prepare_out
+from glmtune.io import atomic_dir, check_output_dir
+from glmtune.models.gguf import DTYPES
 
 FAMILIES = ("chatglm2", "chatglm3", "glm4")
 # 2 GB output shards, as in the GGUF import: lazy loading stays cheap on small machines.
@@ -391,7 +391,7 @@ def import_chatglm(src: str | Path, out_dir: str | Path, *, dtype: str = "bf16",
     cfg = read_source_config(src)
     family = detect_source_family(src, cfg, template)
     files = source_weight_files(src)
-    _prepare_out(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite)
     step(f"{family} checkpoint, {len(files)} shard(s); converting the tokenizer")
     tokenizer = load_tokenizer(src, family=family)
     if stop_ids_for is None:

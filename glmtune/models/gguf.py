@@ -396,14 +396,6 @@ def load_hf_folder(out_dir: Path, dtype: str):
 # ---------------------------------------------------------------- the whole import
 
 
-def _prepare_out(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError("exists and is not a folder", file=out_dir, fix="choose another --out")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise InputError("output folder is not empty", file=out_dir,
-                         fix="choose another --out, delete it, or pass --overwrite")
-
-
 def import_gguf(paths: list[str | Path], out_dir: str | Path, *, dtype: str = "bf16", template: str = "auto",
                 verify: bool = True, overwrite: bool = False,
                 on_step: Callable[[str], None] | None = None) -> ImportReport:
@@ -412,7 +404,7 @@ def import_gguf(paths: list[str | Path], out_dir: str | Path, *, dtype: str = "b
     The folder is written under a temporary name next to `out_dir` and renamed at the end, so an
     interrupted import never leaves a half-written model behind.
     """
-    from glmtune.io import atomic_dir
+    from glmtune.io import atomic_dir, check_output_dir
     from glmtune.models.folder import write_glmtune_meta
 
     if dtype not in DTYPES:
@@ -420,7 +412,7 @@ def import_gguf(paths: list[str | Path], out_dir: str | Path, *, dtype: str = "b
     step = on_step or (lambda _msg: None)
     start = time.monotonic()
     out_dir = Path(out_dir)
-    _prepare_out(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     sources = [Path(p) for p in paths]
     step(f"checking {len(sources)} file(s)" + (" and joining the parts" if len(sources) > 1 else ""))

@@ -73,6 +73,11 @@ class Template:
     name: str = ""
     stop_tokens: tuple[str, ...] = ()
     supports_tools: bool = False
+    # The model writes a metadata line (a tool name, usually empty) and "\n" before an answer (GLM-4,
+    # ChatGLM3): `answer_text` cuts an empty one. `content_lead`: text the rendering puts before the
+    # content that decoding gives back (ChatGLM3's sentencepiece dummy-prefix space).
+    metadata_line: bool = False
+    content_lead: str = ""
 
     def segments(self, messages: list[dict], tools: list | None = None,
                  add_generation_prompt: bool = False, add_eos: bool = True) -> list[Segment]:
@@ -86,7 +91,7 @@ class Template:
         ``add_eos`` defaults to False here because official chat templates do not append the
         end-of-text token; :meth:`encode` appends it for training.
         """
-        msgs = self._checked(messages, tools)
+        msgs = self.checked_messages(messages, tools)
         return "".join(s.text for s in self.segments(msgs, tools, add_generation_prompt, add_eos))
 
     def encode(self, tokenizer, messages: Sequence[dict], tools: list | None = None,
@@ -95,7 +100,7 @@ class Template:
         if train_on not in TRAIN_ON:
             raise InputError(f"unknown train_on '{train_on}'", field="train_on",
                              fix=f"use one of {', '.join(TRAIN_ON)}")
-        msgs = self._checked(messages, tools)
+        msgs = self.checked_messages(messages, tools)
         segs = self.segments(msgs, tools, False, add_eos)
         last = max((s.turn for s in segs if s.trained), default=None)
         ids, labels, spans = [], [], {}
@@ -123,7 +128,7 @@ class Template:
                         image_ids: Sequence[list[int]] | None = None) -> list[tuple[Segment, list[int]]]:
         """The generation prompt as (segment, its ids) pairs, in order: what `encode_prompt` joins.
         ``Segment.turn`` indexes ``messages`` (or is negative / past the end for template text)."""
-        msgs = self._checked(messages, tools)
+        msgs = self.checked_messages(messages, tools)
         if msgs[-1]["role"] == "assistant":
             raise InputError("the conversation ends with an assistant turn", field="messages",
                              fix="drop the last assistant message to build the prompt for it")
@@ -138,14 +143,53 @@ class Template:
             raise InputError("more images than image marks in the messages", field="messages")
         return pairs
 
+    def answer_ids(self, tokenizer, messages: Sequence[dict], answer: str, tools: list | None = None,
+                   prompt_ids: Sequence[int] | None = None) -> list[int]:
+        """The ids the model must write after the generation prompt of ``messages`` to answer ``answer``:
+        the trained tokens of that assistant turn (GLM: the metadata line too), end token included and
+        nothing after it (ChatML's newline after ``<|im_end|>`` is not the model's to write).
+
+        ``prompt_ids``: the prompt already encoded (saves encoding it again); checked to be the prefix."""
+        enc = self.encode(tokenizer, [*messages, {"role": "assistant", "content": answer}], tools=tools,
+                          train_on="last_assistant")
+        spans = enc.trained_spans()
+        if not spans:
+            raise InputError(f"template {self.name!r} trains no token of the answer {answer!r}", field="template")
+        start, end = spans[-1]
+        prompt = self.encode_prompt(tokenizer, messages, tools) if prompt_ids is None else list(prompt_ids)
+        if enc.input_ids[:start] != prompt:  # a template bug: training and generation would see different text
+            raise InputError(f"template {self.name!r} renders the prompt differently inside the conversation",
+                             field="template")
+        return enc.input_ids[start:end]
+
+    def answer_text(self, text: str, final: bool = True) -> str:
+        """The answer in the decoded text a model generated after the prompt (stop token already cut).
+
+        With ``metadata_line`` (GLM-4, ChatGLM3) the model first writes a metadata line (a tool name,
+        usually empty) and a newline. Only an EMPTY metadata line is cut; a non-empty one (a tool call)
+        or an answer without any newline is returned whole. So mid-stream (``final=False``) only leading
+        whitespace without a newline yet is held back (it may still turn out to be the empty line): once
+        a non-space character has come, the text is returned whole whatever follows, and streams.
+        (Holding everything until the first newline froze the stream of a model that answers without the
+        metadata line until generation ended.) ``content_lead`` (ChatGLM3's space) is then dropped."""
+        if not self.metadata_line:
+            return text
+        meta, sep, content = text.partition("\n")
+        if not sep:
+            return text if final or text.strip() else ""
+        if meta.strip():  # a tool call (`name\n{arguments}`): keep it whole for the caller to parse
+            return text
+        return content.removeprefix(self.content_lead)
+
     def stop_token_ids(self, tokenizer) -> list[int]:
         """Ids that end generation: the template's end tokens present in this tokenizer."""
         ids = [_special_id(tokenizer, t, required=False) for t in self.stop_tokens]
         return list(dict.fromkeys(i for i in ids if i is not None))
 
-    # -- helpers for subclasses ----------------------------------------------------------------
-    def _checked(self, messages: Sequence[dict], tools: list | None) -> list[dict]:
-        """Validate the shape a template relies on; the data stage checks records more fully."""
+    # -- validation (glmtune.data.cutoff, which walks the segments itself, calls it too) -------
+    def checked_messages(self, messages: Sequence[dict], tools: list | None) -> list[dict]:
+        """The messages, checked for the shape a template relies on (roles, system first, string content,
+        tools only where supported), content None as "". The data stage checks records more fully."""
         if not messages:
             raise InputError("a conversation needs at least one message", field="messages")
         if tools and not self.supports_tools:

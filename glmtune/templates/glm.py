@@ -35,6 +35,7 @@ class _RoleTokenTemplate(Template):
 
     prefix: tuple[str, ...] = ()
     eos: str = ""
+    metadata_line = True  # `<|assistant|>{metadata}\n{content}`: the model writes the metadata line
 
     def segments(self, messages, tools=None, add_generation_prompt=False, add_eos=True):
         segs = [Segment(t, special=True) for t in self.prefix] + self._tool_segments(tools)
@@ -125,6 +126,7 @@ class ChatGLM3Template(_RoleTokenTemplate):
     name = "chatglm3"
     prefix = ("[gMASK]", "sop")
     eos = "</s>"
+    content_lead = " "  # rendered `\n {content}`: decoding gives the dummy-prefix space back
     stop_tokens = ("</s>", "<|user|>", "<|observation|>")
     supports_tools = True
 

@@ -17,11 +17,12 @@ from glmtune.errors import ConfigError
 from glmtune.models.peft_setup import method_traits
 
 
-class _Section(BaseModel):
+class ConfigSection(BaseModel):
+    """Base of every config section (train's and align's): unknown keys and wrong types are errors."""
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelSection(_Section):
+class ModelSection(ConfigSection):
     path: str = Field(description="Local model folder (config.json + safetensors + tokenizer). Never downloaded.")
     dtype: Literal["bf16", "fp32", "fp16"] = Field(
         "bf16", description="Weight/compute dtype. GLM models must use bf16 or fp32: fp16 overflows in "
@@ -34,7 +35,7 @@ class ModelSection(_Section):
                            "checkpoints; HF-native GLM-4 folders don't need it).")
 
 
-class DataSection(_Section):
+class DataSection(ConfigSection):
     datasets: list[str] = Field(description="Training data: names from datasets.yaml or file paths "
                                             "(JSONL/JSON/CSV in any format `glmtune data convert` reads, "
                                             "auto-detected or named as PATH:FORMAT). One name or path may "
@@ -70,7 +71,7 @@ class DataSection(_Section):
         return [value] if isinstance(value, str) else value
 
 
-class MethodSection(_Section):
+class MethodSection(ConfigSection):
     name: Literal["lora", "qlora", "prefix", "full", "freeze"] = Field(
         "lora", description="lora; qlora (LoRA on 4-bit nf4 weights, CUDA + bitsandbytes); prefix (P-Tuning v2 "
                             "= PEFT prefix tuning: trained key/value prefixes in every layer); full (all "
@@ -90,7 +91,7 @@ class MethodSection(_Section):
                                                         "(plus the final norm); everything else stays frozen.")
 
 
-class TrainSection(_Section):
+class TrainSection(ConfigSection):
     epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     batch_size: int = Field(4, gt=0, description="Conversations per micro-batch per process.")
@@ -108,7 +109,7 @@ class TrainSection(_Section):
     log_every: int = Field(1, gt=0, description="Write a metrics line every N optimizer steps.")
 
 
-class SpeedSection(_Section):
+class SpeedSection(ConfigSection):
     """Speed levers (issue 6, bench/RESULTS.md). `auto` turns a lever on where it is measured to help and
     is available (a CUDA GPU, liger-kernel installed, a transformers-native model) and logs why not
     otherwise; naming a lever explicitly makes a missing requirement an error instead."""
@@ -156,12 +157,12 @@ class SpeedSection(_Section):
                                 "rounded up to 128). Memory grows with it (GLM-4-9B: ~6 MB per token).")
 
 
-class EvalSection(_Section):
+class EvalSection(ConfigSection):
     every: int = Field(0, ge=0, description="Eval loss on the dev split every N optimizer steps (0 = only at the end).")
     batch_size: int | None = Field(None, gt=0, description="Eval micro-batch size (default: train.batch_size).")
 
 
-class OutputSection(_Section):
+class OutputSection(ConfigSection):
     dir: str = Field(description="Output folder: checkpoints, final adapter, metrics.jsonl, loss.png, config.yaml.")
     save_every: int = Field(0, ge=0, description="Write a checkpoint every N optimizer steps (0 = only at the end).")
     keep_last: int = Field(3, gt=0, description="Keep only the newest K step checkpoints.")
@@ -172,7 +173,7 @@ class OutputSection(_Section):
                                                     "the time; DIR/profile_trace.json opens in Perfetto.")
 
 
-class TrainConfig(_Section):
+class TrainConfig(ConfigSection):
     model: ModelSection
     data: DataSection
     method: MethodSection = Field(default_factory=MethodSection)
@@ -229,7 +230,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _validation_error(e: ValidationError, source: str | None) -> ConfigError:
+def config_error(e: ValidationError, source: str | None) -> ConfigError:
+    """pydantic's first error as a one-line ConfigError naming the key (``source``: the YAML file)."""
     err = e.errors()[0]
     key = ".".join(str(x) for x in err["loc"]) or None
     if err["type"] == "extra_forbidden":
@@ -246,7 +248,7 @@ def validate_config(raw: dict, source: str | None = None, *, check_paths: bool =
     try:
         cfg = TrainConfig.model_validate(raw)
     except ValidationError as e:
-        raise _validation_error(e, source) from None
+        raise config_error(e, source) from None
     if check_paths:
         check_model(cfg, source)
     return cfg

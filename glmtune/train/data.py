@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
@@ -23,15 +22,6 @@ from glmtune.templates import IGNORE_INDEX
 
 # --------------------------------------------------------------------------------------------------
 # records
-
-def load_records(spec: str, registry: str | Path | None = None) -> list[dict]:
-    """Records of a data spec, read exactly as `glmtune data` reads it (glmtune.data.registry.load_dataset):
-    a file in any format `glmtune data convert` reads (auto-detected, or `path:format`), else a name in
-    the datasets.yaml registry (``registry``, default ./datasets.yaml)."""
-    from glmtune.data.registry import load_dataset
-
-    return load_dataset(spec, registry=registry)
-
 
 def split_dev(records: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Seeded shuffle, then hold out val_size (share if <1, else count) as the dev split."""

@@ -10,6 +10,7 @@ step number, and accelerate restores optimizer, scheduler and RNG.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,11 +18,12 @@ from pathlib import Path
 
 import torch
 
+from glmtune.data.registry import load_dataset
 from glmtune.templates import IGNORE_INDEX
 from glmtune.train.checkpoint import (list_checkpoints, load_checkpoint, register_state_hooks, resolve_resume,
                                       save_checkpoint)
 from glmtune.train.config import TrainConfig, load_config, resolve_template, save_resolved
-from glmtune.train.data import (BatchStream, collate, encode_records, load_records, split_dev, token_loss_sum,
+from glmtune.train.data import (BatchStream, collate, encode_records, split_dev, token_loss_sum,
                                 total_steps, trained_tokens)
 from glmtune.train.monitor import Monitor, progress_bar, read_metrics
 from glmtune.train.profile import StepProfiler
@@ -54,11 +56,11 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def build_datasets(cfg: TrainConfig, tokenizer, template):
-    records = [r for spec in cfg.data.datasets for r in load_records(spec, cfg.data.registry)]
+    records = [r for spec in cfg.data.datasets for r in load_dataset(spec, registry=cfg.data.registry)]
     if cfg.data.max_samples:
         records = records[: cfg.data.max_samples]
     if cfg.data.dev:
-        dev_records = load_records(cfg.data.dev, cfg.data.registry)
+        dev_records = load_dataset(cfg.data.dev, registry=cfg.data.registry)
     else:
         records, dev_records = split_dev(records, cfg.data.val_size, cfg.train.seed)
     kw = dict(cutoff_len=cfg.data.cutoff_len, on_overflow=cfg.data.on_overflow, train_on=cfg.data.train_on,
@@ -199,7 +201,7 @@ def _eager_step(model, micro_batches, accelerator, plan: SpeedPlan, cfg: TrainCo
     loss_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     for j, batch in enumerate(batches):
         batch = _to(batch, accelerator.device, dtype)
-        sync = accelerator.no_sync(model) if j < len(batches) - 1 else _nullcontext()
+        sync = accelerator.no_sync(model) if j < len(batches) - 1 else contextlib.nullcontext()
         with sync, _saved_tensors_place(cfg.speed.offload_activations):
             s, _ = forward_loss_sum(model, batch, fused=plan.fused_loss)
             # DDP averages gradients over processes, so scale by world size
@@ -252,7 +254,7 @@ def _graphed_step(graphed, micro_batches, accelerator, pad_id: int) -> StepResul
 def _saved_tensors_place(offload: bool):
     """Where autograd keeps what backward needs: on the device, or in (pinned) CPU memory."""
     if not offload:
-        return _nullcontext()
+        return contextlib.nullcontext()
     return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
 
 
@@ -529,14 +531,6 @@ def finish(run: Run, *, return_model: bool) -> TrainResult:
     return TrainResult(output_dir=run.out, adapter_path=final, steps=run.step, final_loss=run.last_loss,
                        eval_loss=run.last_eval, metrics=read_metrics(run.out / "metrics.jsonl") if run.main else [],
                        model=trained.eval() if return_model else None)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 __all__ = ["TrainResult", "run_training", "list_checkpoints"]

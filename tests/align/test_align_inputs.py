@@ -11,7 +11,7 @@ import pytest
 from glmtune.align.config import load_align_config
 from glmtune.data.readers import read_records
 from glmtune.errors import ConfigError, InputError
-from toy_task import write_jsonl
+from toy_task import toy_prompts, write_jsonl
 
 
 def test_preference_formats_read_to_canonical(tmp_path):
@@ -55,6 +55,22 @@ def test_bad_rows_name_file_and_line(tmp_path, row, line_field):
     assert f"{path}:{2 if 'chosen' in row else 1}:" in msg and line_field in msg and "\n" not in msg
 
 
+def test_pair_answers_are_what_the_model_writes(glm4_tokenizer_dir):
+    """DPO's chosen/rejected ids are the template's answer ids (the ones evaluation scores labels by): they
+    end at the end-of-turn token, without ChatML's newline after <|im_end|> that no model generates."""
+    from glmtune.align.data import preference_rows, reward_model_rows
+    from glmtune.models.tokenizer import load_tokenizer
+    from glmtune.templates import get_template
+    tok = load_tokenizer(glm4_tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    recs = [{"messages": [{"role": "user", "content": "红色的水果？"}], "chosen": "苹果", "rejected": "河流"}]
+    kw = dict(cutoff_len=64, on_overflow="error")
+    row, = preference_rows(recs, get_template("qwen"), tok, **kw)
+    assert (tok.decode(row["chosen_ids"]), tok.decode(row["rejected_ids"])) == ("苹果<|im_end|>", "河流<|im_end|>")
+    rm, = reward_model_rows(recs, get_template("qwen"), tok, **kw)
+    assert tok.decode(rm["chosen_ids"]).endswith("<|im_start|>assistant\n苹果<|im_end|>")
+
+
 def _cfg(tiny_model, tmp_path, **align) -> dict:
     return {"model": {"path": str(tiny_model), "dtype": "fp32"}, "data": {"datasets": ["x.jsonl"]},
             "output": {"dir": str(tmp_path / "out")}, "align": align}
@@ -71,6 +87,22 @@ def test_config_errors_name_the_key(tiny_model, tmp_path):
     profiled["output"]["profile_steps"] = 2  # a train-only key: refused, never silently ignored
     with pytest.raises(ConfigError, match="output.profile_steps profiles `glmtune train`"):
         load_align_config(profiled)
+
+
+def test_data_names_come_from_data_registry(tiny_model, tmp_path):
+    """align reads data as `glmtune train` does (glmtune.data.registry.load_dataset): a name is looked up in
+    data.registry, and prompt-only records (grpo/ppo) need no assistant turn."""
+    from glmtune.align.run import load_splits
+    prompts = toy_prompts(6, 0)
+    write_jsonl(tmp_path / "prompts.jsonl", [{"messages": [{"role": "user", "content": p}], "label": k}
+                                             for p, k in prompts])
+    registry = tmp_path / "my_datasets.yaml"
+    registry.write_text("toy_prompts:\n  file: prompts.jsonl\n", encoding="utf-8")
+    raw = _cfg(tiny_model, tmp_path)
+    raw["data"] = {"datasets": ["toy_prompts"], "dev": "toy_prompts", "registry": str(registry)}
+    train, dev = load_splits(load_align_config(raw))
+    assert [(r["messages"][-1]["content"], r["label"]) for r in train] == prompts
+    assert [r["meta"]["line"] for r in dev] == [1, 2, 3, 4, 5, 6]
 
 
 def test_bad_reward_and_missing_data_write_nothing(tiny_model, align_data, tmp_path):

@@ -77,9 +77,10 @@ def test_file(tmp_path_factory):
 def test_constrained_never_invalid_and_metrics_match_sklearn(trained_cls_dir, test_file):
     from sklearn.metrics import accuracy_score, f1_score
 
-    from glmtune.evaluate.classify import build_label_set, classify, load_records
+    from glmtune.data.registry import load_dataset
+    from glmtune.evaluate.classify import build_label_set, classify
     from glmtune.infer.predictor import Predictor
-    recs = load_records(test_file)
+    recs = load_dataset(test_file)
     assert len(recs) >= 100
     ls = build_label_set(recs)
     p = Predictor(trained_cls_dir)
@@ -95,9 +96,10 @@ def test_constrained_never_invalid_and_metrics_match_sklearn(trained_cls_dir, te
 
 
 def test_constrained_agrees_with_generate_where_valid(trained_cls_dir, test_file):
-    from glmtune.evaluate.classify import build_label_set, classify, load_records
+    from glmtune.data.registry import load_dataset
+    from glmtune.evaluate.classify import build_label_set, classify
     from glmtune.infer.predictor import Predictor
-    recs = load_records(test_file)
+    recs = load_dataset(test_file)
     ls = build_label_set(recs)
     p = Predictor(trained_cls_dir)
     con = classify(p, recs, ls, "constrained", batch_size=16)
@@ -176,10 +178,11 @@ def test_truncation_cuts_dialogue_only_from_the_chosen_side(glm4_tokenizer_dir):
 
 
 def test_report_counts_truncation_and_quick_is_stratified(trained_cls_dir, test_file, tmp_path):
-    from glmtune.evaluate.classify import classify_report, load_records, quick_subset
+    from glmtune.data.registry import load_dataset
+    from glmtune.evaluate.classify import classify_report, quick_subset
     from glmtune.infer.predictor import Predictor
     p = Predictor(trained_cls_dir)
-    recs = quick_subset(load_records(test_file), 10, 0)
+    recs = quick_subset(load_dataset(test_file), 10, 0)
     max_len = 36
     room = max(len(p.tokenizer.encode("\n" + r["messages"][-1]["content"], add_special_tokens=False)) + 1 for r in recs)
     longer = sum(len(p.prompt_ids(r["messages"][:-1])) > max_len - room for r in recs)
@@ -203,13 +206,10 @@ def test_cli_writes_metrics(trained_cls_dir, test_file, tmp_path):
     assert (out / "confusion_matrix.png").exists()
 
 
-def test_a_backend_that_cannot_score_is_named(glm4_tokenizer_dir):
-    """Constrained mode runs the model's own forward passes through the back-end's public `scoring`;
-    a back-end without it (vLLM's offline engine) gets a clear error, and generate mode still runs."""
+def _generate_only_predictor(tokenizer_dir):
+    """A stand-in Predictor whose back-end (named like vLLM's) can only generate; it always answers 意图：7."""
     from types import SimpleNamespace
 
-    from glmtune.errors import InputError
-    from glmtune.evaluate.classify import build_label_set, classify
     from glmtune.infer.backends import Output
     from glmtune.models.tokenizer import load_tokenizer
     from glmtune.templates import get_template
@@ -220,9 +220,50 @@ def test_a_backend_that_cannot_score_is_named(glm4_tokenizer_dir):
         def generate(self, prompts, adapter, stop_ids, gen):
             return [Output(tok("意图：7", add_special_tokens=False)["input_ids"], "stop") for _ in prompts]
 
-    tok, tpl = load_tokenizer(glm4_tokenizer_dir), get_template("glm4")
-    predictor = SimpleNamespace(tokenizer=tok, template=tpl, backend=GenerateOnly(), default_adapter=None,
-                                stop_ids=tpl.stop_token_ids(tok), decode=lambda ids: tok.decode(ids))
+    tok, tpl = load_tokenizer(tokenizer_dir), get_template("glm4")
+    return SimpleNamespace(tokenizer=tok, template=tpl, backend=GenerateOnly(), default_adapter=None,
+                           stop_ids=tpl.stop_token_ids(tok), decode=lambda ids: tok.decode(ids))
+
+
+def test_test_data_is_read_as_every_command_reads_it(glm4_tokenizer_dir, tmp_path, monkeypatch):
+    """`eval classify --data` takes what `glmtune train` takes (glmtune.data.registry.load_dataset): here a
+    datasets.yaml name (the old JSONL-only reader said "file not found")."""
+    from glmtune.evaluate.classify import classify_report
+    recs = _records()
+    (tmp_path / "cls.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs),
+                                        encoding="utf-8")
+    (tmp_path / "datasets.yaml").write_text("cls_test:\n  file: cls.jsonl\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    m = classify_report("stand-in", "cls_test", tmp_path / "o", mode="generate",
+                        predictor=_generate_only_predictor(glm4_tokenizer_dir))
+    assert m["n_samples"] == 20 and m["invalid_count"] == 0
+    assert m["accuracy"] == pytest.approx(4 / 20)  # always 意图：7, and 4 of the 20 dialogues are intent 7
+
+
+def test_records_without_label_or_answer_name_file_and_line(tmp_path):
+    from glmtune.data.registry import load_dataset
+    from glmtune.errors import InputError
+    from glmtune.evaluate.classify import labelled_records
+    good = _records()[0]
+    cases = [({"messages": good["messages"]}, "field 'label': the record has no label"),
+             ({**good, "messages": good["messages"] + [{"role": "user", "content": "还有吗"}]},
+              "the last message must be the assistant's answer")]
+    for i, (bad, problem) in enumerate(cases):
+        path = tmp_path / f"bad{i}.jsonl"
+        path.write_text(json.dumps(good, ensure_ascii=False) + "\n" + json.dumps(bad, ensure_ascii=False) + "\n",
+                        encoding="utf-8")
+        with pytest.raises(InputError) as e:
+            labelled_records(load_dataset(path))
+        assert f"{path}:2:" in str(e.value) and problem in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_backend_that_cannot_score_is_named(glm4_tokenizer_dir):
+    """Constrained mode runs the model's own forward passes through the back-end's public `scoring`;
+    a back-end without it (vLLM's offline engine) gets a clear error, and generate mode still runs."""
+    from glmtune.errors import InputError
+    from glmtune.evaluate.classify import build_label_set, classify
+
+    predictor = _generate_only_predictor(glm4_tokenizer_dir)
     records = _records()[:8]
     labels = build_label_set(records)
     with pytest.raises(InputError, match=r"the vllm back-end cannot score labels.*--mode generate"):

@@ -1,41 +1,21 @@
-"""GLM's metadata line and streaming: what is held back mid-stream, what the final answer keeps.
-
-GLM-4/ChatGLM3 answers start with a metadata line (empty, or a tool name) and a newline. Only an
-empty line is cut, so the only text a stream may hold back is leading whitespace without a newline
-yet; anything else streams at once (a model that never writes the line must not be frozen).
-"""
+"""GLM's metadata line in the predictor: cut by the template's `answer_text` (tests/templates/test_answers.py
+has the cases), whatever the template is called, and a model that never writes it still streams."""
 from __future__ import annotations
 
-import pytest
-
-from glmtune.infer.predictor import Predictor, strip_metadata
-
-CASES = [  # (template, generated text, the answer)
-    ("glm4", "\n你好！我是一个小模型。", "你好！我是一个小模型。"),
-    ("glm4", "  \nHi", "Hi"),
-    ("glm4", 'get_weather\n{"city": "北京"}', 'get_weather\n{"city": "北京"}'),  # a tool call: whole
-    ("glm4", "你好，没有元数据行", "你好，没有元数据行"),  # no metadata line at all
-    ("glm4", " Hello world\nsecond line", " Hello world\nsecond line"),
-    ("chatglm3", "\n Hi there", "Hi there"),
-    ("chatglm3", "interpreter\n```python\nprint(1)\n```", "interpreter\n```python\nprint(1)\n```"),
-    ("qwen", "\nHi", "\nHi"),  # other families have no metadata line
-]
+from glmtune.infer.predictor import Predictor
 
 
-@pytest.mark.parametrize("template,text,answer", CASES)
-def test_every_stream_state_grows_into_the_answer(template, text, answer):
-    assert strip_metadata(template, text) == answer
-    states = [strip_metadata(template, text[:n], final=False) for n in range(len(text) + 1)]
-    assert states[-1] == answer
-    assert all(later.startswith(earlier) for earlier, later in zip(states, states[1:])), states
+def test_the_metadata_line_is_the_templates_not_its_names(random_glm4_dir):
+    """A GLM-4 family registered under its own name (a fine-tune's template) reads answers as GLM-4 does:
+    the predictor used to branch on the names "glm4" / "chatglm3" and left the metadata line in."""
+    from glmtune.templates.glm import GLM4Template
 
+    class FineTunedGLM4(GLM4Template):
+        name = "my-glm4"
 
-def test_only_leading_whitespace_is_held_back():
-    held = ["", " ", "  ", "\n"]
-    assert [strip_metadata("glm4", t, final=False) for t in held] == ["", "", "", ""]
-    assert strip_metadata("glm4", "你", final=False) == "你"
-    assert strip_metadata("glm4", " get_we", final=False) == " get_we"
-    assert strip_metadata("glm4", "\n你", final=False) == "你"
+    p = Predictor(random_glm4_dir, max_new_tokens=4)
+    p.template = FineTunedGLM4()
+    assert p.decode(p.tokenizer.encode("\n你好", add_special_tokens=False)) == "你好"
 
 
 def test_a_model_without_the_metadata_line_streams_piece_by_piece(random_glm4_dir):

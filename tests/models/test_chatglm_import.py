@@ -132,11 +132,11 @@ def test_cli_import_bf16_and_input_errors(imported, tmp_path):
     from safetensors import safe_open
     from typer.testing import CliRunner
 
-    from glmtune.cli.main import _register_all, app
+    from glmtune.cli.main import app, register_commands
     from glmtune.errors import InputError
     from glmtune.models.chatglm_import import import_chatglm
 
-    _register_all()
+    register_commands()
     src = imported["chatglm3"][0]
     res = CliRunner().invoke(app, ["model", "import-chatglm", str(src), "--out", str(tmp_path / "m")])
     assert res.exit_code == 0, res.output

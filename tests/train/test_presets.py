@@ -30,11 +30,11 @@ def cpu_swaps(preset: dict, tiny_model: Path, out: Path) -> list[str]:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_trains_two_steps(preset, tiny_model, tmp_path, monkeypatch):
-    from glmtune.cli.main import _register_all, app
+    from glmtune.cli.main import app, register_commands
     from glmtune.train.monitor import read_metrics
 
     monkeypatch.chdir(REPO)  # the README runs presets from the checkout: ./datasets.yaml names their data
-    _register_all()
+    register_commands()
     raw = yaml.safe_load((REPO / "configs" / preset).read_text(encoding="utf-8"))
     out = tmp_path / "run"
     args = ["train", f"configs/{preset}"]

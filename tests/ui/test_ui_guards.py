@@ -169,7 +169,7 @@ def test_cli_refuses_an_open_host_without_login():
 
 def test_cli_without_gradio_still_works(monkeypatch, capsys, tmp_path):
     """`glmtune --help` never imports gradio; without it `glmtune ui` says what to install."""
-    r = subprocess.run([sys.executable, "-c", "import glmtune.cli.main as m, sys; m._register_all(); "
+    r = subprocess.run([sys.executable, "-c", "import glmtune.cli.main as m, sys; m.register_commands(); "
                         "print('gradio' in sys.modules)"], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "False", r.stderr
     import importlib.util
