@@ -141,6 +141,8 @@ def test_every_way_of_reaching_in_is_found():
 # Anything else (`predictor._gen`, `template._checked`, transformers' `output_router._lock`) is another
 # class's private state: ask for a public method instead.
 OTHER_OBJECTS_PRIVATE = {
+    ("glmtune/infer/engine/attention.py", "config._attn_implementation"):
+        "transformers: switched for each engine forward and back (set_attn_implementation re-validates the model)",
     ("glmtune/models/fused_lora.py", "module._glmtune_peft_forward"):
         "glmtune's own attribute on a peft layer, set and removed in that module",
     ("glmtune/models/speed.py", "layer._compiled_call_impl"): "torch: nn.Module.compile() has no public undo",
