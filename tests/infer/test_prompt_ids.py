@@ -8,8 +8,11 @@ from glmtune.models.tiny import build_tiny_glm4
 from glmtune.models.tokenizer import load_tokenizer
 from glmtune.templates import get_template
 
-# Tokenizer-compatible tiny model shapes: ChatGLM2/3 tokenizers have 64,798 ids.
-CHATGLM_OVERRIDES = {"vocab_size": 65024, "pad_token_id": 0, "eos_token_id": 2}
+def chatglm_overrides(tok_dir) -> dict:
+    """A tiny model shape for a ChatGLM tokenizer: an embedding row per id (rounded up to 64, as
+    ChatGLM pads 64,798 ids to 65,024 rows), pad = unk = 0, eos = </s> = 2."""
+    rows = -(-len(load_tokenizer(tok_dir)) // 64) * 64
+    return {"vocab_size": rows, "pad_token_id": 0, "eos_token_id": 2}
 
 
 @pytest.fixture(scope="module", params=["glm4", "chatglm3", "chatglm2"])
@@ -19,7 +22,7 @@ def family_predictor(request, tmp_path_factory):
     family = request.param
     tok_dir = request.getfixturevalue(f"{family}_tokenizer_dir")
     out = tmp_path_factory.mktemp(family) / "model"
-    build_tiny_glm4(out, tok_dir, overrides=None if family == "glm4" else CHATGLM_OVERRIDES)
+    build_tiny_glm4(out, tok_dir, overrides=None if family == "glm4" else chatglm_overrides(tok_dir))
     if family != "glm4":
         # The tiny builder saves a fast tokenizer; keep the family explicit for detection.
         write_glmtune_meta(out, template=family)

@@ -1,5 +1,5 @@
-"""Tokenizers for template tests: the real GLM ones from ../shared/data, plus ChatML and Llama-3
-tokenizers built offline from the GLM-4 vocabulary with their control tokens added."""
+"""Tokenizers for template tests: GLM-4's, the synthetic ChatGLM2/3 one (tests/synthetic_chatglm.py),
+plus ChatML and Llama-3 tokenizers built offline from the GLM-4 vocabulary with their control tokens added."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,7 @@
-"""Golden tests: rendered text equals the official chat templates, ids equal reference tokenizers."""
+"""Golden tests: rendered text equals the official chat templates, ids equal reference tokenizers.
+
+The ChatGLM2/3 references (sentencepiece + tokenization_chatglm's id rule) run on the synthetic
+tokenizer and, where ../shared/data has them, on the real files (`chatglm_tokenizer_dirs`)."""
 from __future__ import annotations
 
 import base64
@@ -44,10 +47,22 @@ def tiktoken_ref(glm4_tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def sp_ref(chatglm3_tokenizer_dir):
+def chatglm(chatglm_tokenizer_dirs):
+    """(chatglm3 tokenizer, chatglm2 tokenizer, sentencepiece reference) of one model file."""
     import sentencepiece
 
-    return sentencepiece.SentencePieceProcessor(model_file=str(chatglm3_tokenizer_dir / "tokenizer.model"))
+    from glmtune.models.tokenizer import load_tokenizer
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(chatglm_tokenizer_dirs["chatglm3"] / "tokenizer.model"))
+    return load_tokenizer(chatglm_tokenizer_dirs["chatglm3"]), load_tokenizer(chatglm_tokenizer_dirs["chatglm2"]), sp
+
+
+def chatglm_special_ids(sp) -> dict[str, int]:
+    """tokenization_chatglm.SPTokenizer's rule, not glmtune's loader: the special tokens follow the
+    sentencepiece vocabulary in this order (64790 = [gMASK] for the real 64,789-piece model)."""
+    names = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>",
+             "<|observation|>"]
+    return {name: sp.vocab_size() + i for i, name in enumerate(names)}
 
 
 def _cases():
@@ -93,15 +108,16 @@ def test_glm4_tools_match_official_template(glm4_official, glm4_tok, tiktoken_re
 
 def _chatglm3_reference(sp, conv, gen):
     """ChatGLM3's build_chat_input: role token, sp.encode(metadata + "\\n"), sp.encode(content)."""
-    ids = [64790, 64792]
-    roles = {"system": 64794, "user": 64795, "assistant": 64796, "observation": 64797}
+    special = chatglm_special_ids(sp)
+    ids = [special["[gMASK]"], special["sop"]]
     for msg in conv:
-        ids += [roles[msg["role"]]] + sp.encode("\n") + sp.encode(msg["content"])
-    return ids + ([64796] if gen else [])
+        ids += [special[f"<|{msg['role']}|>"]] + sp.encode("\n") + sp.encode(msg["content"])
+    return ids + ([special["<|assistant|>"]] if gen else [])
 
 
 @pytest.mark.parametrize("conv,gen", list(_cases()))
-def test_chatglm3_matches_official_template_and_sentencepiece(conv, gen, chatglm3_tok, sp_ref):
+def test_chatglm3_matches_official_template_and_sentencepiece(conv, gen, chatglm):
+    chatglm3_tok, _, sp_ref = chatglm
     tpl = get_template("chatglm3")
     text = tpl.render(conv, add_generation_prompt=gen)
     assert text == render_jinja(CHATGLM3_CHAT_TEMPLATE, conv, add_generation_prompt=gen)
@@ -110,15 +126,18 @@ def test_chatglm3_matches_official_template_and_sentencepiece(conv, gen, chatglm
     assert ids == chatglm3_tok(text, add_special_tokens=False)["input_ids"]
 
 
-def test_chatglm2_matches_build_prompt(chatglm2_tok, sp_ref):
+def test_chatglm2_matches_build_prompt(chatglm):
     """ChatGLM2 chat(): prefix + sp.encode(build_prompt(query)); fine-tuning adds answer + </s>."""
+    _, chatglm2_tok, sp_ref = chatglm
+    special = chatglm_special_ids(sp_ref)
+    prefix = [special["[gMASK]"], special["sop"]]
     conv = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好👋！有什么可以帮你？"}]
     tpl = get_template("chatglm2")
     prompt = "[Round 1]\n\n问：你好\n\n答："
     assert tpl.render(conv[:1], add_generation_prompt=True) == "[gMASK]sop" + prompt
-    assert tpl.encode_prompt(chatglm2_tok, conv[:1]) == [64790, 64792] + sp_ref.encode(prompt)
+    assert tpl.encode_prompt(chatglm2_tok, conv[:1]) == prefix + sp_ref.encode(prompt)
     assert tpl.encode(chatglm2_tok, conv).input_ids == \
-        [64790, 64792] + sp_ref.encode(prompt) + sp_ref.encode(conv[1]["content"]) + [2]
+        prefix + sp_ref.encode(prompt) + sp_ref.encode(conv[1]["content"]) + [sp_ref.eos_id()]
 
 
 QWEN25_TEMPLATE = (

@@ -101,7 +101,9 @@ def test_stop_ids(glm4_tok, chatml_tok):
 
 
 def test_chatglm_stop_ids(chatglm3_tok, chatglm2_tok):
-    assert get_template("chatglm3").stop_token_ids(chatglm3_tok) == [2, 64795, 64797]
+    # </s> (2) and the roles that end an answer: <|user|>, <|observation|> (64795, 64797 in the real model)
+    assert get_template("chatglm3").stop_token_ids(chatglm3_tok) == \
+        [2] + chatglm3_tok.convert_tokens_to_ids(["<|user|>", "<|observation|>"])
     assert get_template("chatglm2").stop_token_ids(chatglm2_tok) == [2]
 
 
