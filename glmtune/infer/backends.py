@@ -8,6 +8,7 @@ boundary: ``BACKENDS`` maps a name to a class. A prompt with images is a
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,20 @@ from typing import Callable
 from glmtune.errors import GlmtuneError, InputError
 
 BASE = "base"  # reserved adapter name meaning "the base model, adapters switched off"
+# An adapter's name becomes a module key inside peft (torch refuses "." in those: a KeyError deep in
+# loading) and the `model` id requests pick it by, so it is a plain name: no dots, no path separators.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_adapter_name(name: str, *, field: str = "adapter") -> str:
+    """``name`` if it can name an adapter, else an InputError naming ``field`` (e.g. ``--adapter``)."""
+    if name == BASE:
+        raise InputError(f"'{BASE}' is reserved for the model without adapters", field=field,
+                         fix="give the adapter another name (NAME=DIR)")
+    if not ADAPTER_NAME.fullmatch(name):
+        raise InputError(f"adapter name '{name}' is not a plain name (letters, digits, - and _ only)", field=field,
+                         fix="name it explicitly as NAME=DIR, e.g. intent-v2=out/run/final")
+    return name
 
 
 @dataclass
@@ -207,14 +222,15 @@ def _load_adapters(model, adapters: dict[str, Path]):
     """Wrap the model in peft with every adapter loaded under its name (chosen per call later)."""
     from peft import PeftModel
 
+    from glmtune.models.loading import check_safetensors_files
+
     items = list(adapters.items())
     for name, path in items:
-        if name == BASE:
-            raise InputError(f"'{BASE}' is reserved for the model without adapters", field="adapter",
-                             fix="give the adapter another name (NAME=DIR)")
+        check_adapter_name(name)
         if not (Path(path) / "adapter_config.json").exists():
             raise InputError("not a LoRA adapter folder (adapter_config.json is missing)", file=path,
                              fix="pass the folder that training wrote the adapter to")
+        check_safetensors_files(path)
     first_name, first_path = items[0]
     peft_model = PeftModel.from_pretrained(model, str(first_path), adapter_name=first_name)
     for name, path in items[1:]:
