@@ -16,7 +16,7 @@ from glmtune.data.formats import CONTAINERS, RecordFormat, RowContext, detect_fo
 from glmtune.data.labels import load_label_map
 from glmtune.data.records import validate_record
 from glmtune.errors import InputError
-from glmtune.io import decode_strict_at, iter_jsonl, loads_strict, read_text_utf8
+from glmtune.io import check_input_file, decode_strict_at, iter_jsonl, loads_strict, read_text_utf8
 
 EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
 # Columns a table format cannot do without, checked against the CSV header (line 1) up front.
@@ -59,6 +59,7 @@ def _check_exists(path: Path) -> None:
         raise InputError("file not found", file=path, field="path", fix="check the path or the registry entry")
     if path.is_dir():
         raise InputError("expected a file, got a folder", file=path, field="path")
+    check_input_file(path)  # a FIFO, socket or device: refused before anything opens it
 
 
 def _resolve_options(options: dict) -> dict:
