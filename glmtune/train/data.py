@@ -80,7 +80,7 @@ def nothing_left_error(report, train_on: str) -> InputError:
     if report.no_loss:
         reasons.append(f"{report.no_loss} without a trained token (train_on: {train_on})")
         fixes.append("check data.train_on and that each conversation ends with an assistant answer")
-    fixes.append("`glmtune data stats DATA --cutoff N` prints what a cutoff keeps")
+    fixes.append("`glmtune data stats DATA --template T --tokenizer MODEL --cutoff N` prints what a cutoff keeps")
     return InputError(f"no training examples left after encoding: of {report.total} conversations at "
                       f"data.cutoff_len {report.cutoff}, {'; '.join(reasons)}",
                       field="data.cutoff_len" if needs else "data.train_on", fix="; ".join(fixes))
