@@ -243,6 +243,15 @@ def _non_finite_field(obj: Any, path: str = "") -> str | None:
     return None
 
 
+def _non_finite_field_at(text: str, start: int) -> str | None:
+    """The field of the first non-finite number in the JSON value at ``text[start]``, decoded again
+    leniently (only on this error path); None when the rest of the value is not valid JSON either."""
+    try:
+        return _non_finite_field(json.JSONDecoder().raw_decode(text, start)[0])
+    except (ValueError, RecursionError):
+        return None
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     obj = dict(pairs)
     if len(obj) != len(pairs):
@@ -294,13 +303,12 @@ def decode_strict_at(text: str, pos: int, *, file: str | Path | None = None,
         at = (line or 1) + text.count("\n", start, e.pos)
         raise InputError(f"invalid JSON ({e.msg} at column {e.colno})", file=file, line=at,
                          fix="each line must be one complete JSON object") from None
-    except _NonFinite as e:  # decoded again leniently (only here, on the error path) to name the field
-        field = _non_finite_field(json.JSONDecoder().raw_decode(text, start)[0])
-        raise InputError(str(e), file=file, line=line, field=field,
+    except _NonFinite as e:
+        raise InputError(str(e), file=file, line=line, field=_non_finite_field_at(text, start),
                          fix="write null or a finite number instead") from None
     except ValueError as e:  # from the hooks: duplicate key
         raise InputError(f"invalid JSON ({e})", file=file, line=line,
-                         fix="keep one value per key; write null instead of NaN/Infinity") from None
+                         fix="keep one value per key") from None
     except RecursionError:
         raise InputError("JSON nested too deeply to read", file=file, line=line,
                          fix="records are flat objects: messages, label, meta") from None

@@ -301,9 +301,9 @@ def _emit(on_text, piece: str) -> None:
 
 
 def _adapter_map(adapter) -> dict[str, Path]:
+    """Predictor's ``adapter`` as {name: folder}, every name checked before any weights load."""
     if adapter is None:
         return {}
-    """Predictor's ``adapter`` as {name: folder}, every name checked before any weights load."""
     if isinstance(adapter, dict):
         return {check_adapter_name(str(k)): Path(v) for k, v in adapter.items()}
     path = Path(adapter)

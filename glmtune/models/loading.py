@@ -38,7 +38,7 @@ def check_safetensors_files(folder: str | Path) -> None:
         try:
             with safe_open(str(file), framework="pt"):
                 pass
-        except (SafetensorError, OSError) as e:
+        except SafetensorError as e:
             raise InputError(f"damaged weight file, probably cut short by a copy or download ({e})", file=file,
                              fix="copy or download this file again (compare its size with the original)") from None
 

@@ -54,6 +54,7 @@ def test_convert_split_round_trip_keeps_the_text_exactly(tmp_path):
     ('{"messages": [], "label": -Infinity}', "-Infinity is not valid JSON"),
     ('{"messages": [], "label": 1e400}', "field 'label': the number 1e400 is out of range"),
     ('{"messages": [], "meta": {"scores": [0.5, -2E999]}}', "field 'meta.scores[1]': the number -2E999"),
+    ('{"messages": [], "label": NaN, "x": }', "NaN is not valid JSON"),  # invalid after it too: no traceback
     ('{"label": 1, "label": 2}', "duplicate key 'label'"),
     ('{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "lone surrogate"),
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
