@@ -30,7 +30,13 @@ class InputError(GlmtuneError):
             where = f"line {self.line}: "
         field = f"field '{self.field}': " if self.field else ""
         fix = f" Fix: {self.fix}" if self.fix else ""
-        return f"{where}{field}{self.problem}.{fix}".replace("..", ".")
+        return f"{where}{field}{end_sentence(self.problem)}{fix}"
+
+
+def end_sentence(text: str) -> str:
+    """``text`` ending in one period: a problem that already ends in one (often a quoted message) gets
+    none added. Only the end is looked at, so a path such as ``../data`` inside is printed as given."""
+    return text if text.endswith(".") else f"{text}."
 
 
 class ConfigError(InputError):

@@ -4,14 +4,16 @@ and JSONL reading with file:line error positions.
 JSONL follows JSON's own line rules: a record ends at ``\n`` only. ``str.splitlines`` would also
 split at U+2028/U+2029/U+0085 (legal raw inside JSON strings), so readers split on ``\n`` and writers
 escape those three characters, which keeps the output readable by line-splitting tools too.
-NaN/Infinity (not JSON), duplicate keys (JSON leaves them undefined) and lone surrogates (not
-characters; no tokenizer takes them) are refused with the file and line.
+NaN/Infinity (not JSON) and numbers that overflow a float (1e400 reads as infinity), duplicate keys
+(JSON leaves them undefined) and lone surrogates (not characters; no tokenizer takes them) are refused
+with the file and line. Inputs that are not regular files (a FIFO would block) are refused unopened.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import stat
@@ -191,11 +193,29 @@ def append_jsonl_synced(f, rows: Iterable[dict], *, file: str | Path | None = No
     os.fsync(f.fileno())
 
 
+def check_input_file(path: str | Path) -> Path:
+    """``path`` if it is a regular file (or a symlink to one), else an InputError, decided by ``stat``
+    before anything opens it: opening a FIFO blocks until a writer comes, so a FIFO with none would
+    hang the command silently; a folder, socket or device is no input file either."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError("file not found", file=path, fix="check the path") from None
+    except OSError as e:
+        raise InputError(f"cannot read ({e.strerror or e})", file=path, fix="check the path and its permissions") from None
+    if stat.S_ISDIR(mode):
+        raise InputError("expected a file, got a folder", file=path, fix="name a file inside it")
+    if not stat.S_ISREG(mode):
+        kind = "FIFO (named pipe)" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
+        raise InputError(f"the input is a {kind}, not a regular file", file=path,
+                         fix="write the data to a regular file and pass that")
+    return path
+
+
 def read_text_utf8(path: str | Path) -> str:
     """Read a text file as UTF-8 (BOM allowed), with a clear error for other encodings."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError("file not found", file=path, fix="check the path")
+    path = check_input_file(path)
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8-sig")
@@ -206,8 +226,41 @@ def read_text_utf8(path: str | Path) -> str:
                          fix="re-save the file as UTF-8 (e.g. `iconv -f GBK -t UTF-8 IN > OUT`)") from None
 
 
+class _NonFinite(ValueError):
+    """NaN / Infinity, or a number too large for a float (1e400 overflows to inf): nothing downstream
+    can use it, and JSON writers refuse it, so a reader names the input line instead."""
+
+
 def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
+    raise _NonFinite(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite(f"the number {text[:40]} is out of range: it reads as infinity")
+    return value
+
+
+def _non_finite_field(obj: Any, path: str = "") -> str | None:
+    """Where the first non-finite float in ``obj`` is, as a field path (``label``, ``messages[0].score``)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return path or "(the value)"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        found = _non_finite_field(v, f"{path}[{k}]" if isinstance(k, int) else f"{path}.{k}" if path else str(k))
+        if found:
+            return found
+    return None
+
+
+def _non_finite_field_at(text: str, start: int) -> str | None:
+    """The field of the first non-finite number in the JSON value at ``text[start]``, decoded again
+    leniently (only on this error path); None when the rest of the value is not valid JSON either."""
+    try:
+        return _non_finite_field(json.JSONDecoder().raw_decode(text, start)[0])
+    except (ValueError, RecursionError):
+        return None
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
@@ -219,7 +272,8 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return obj
 
 
-_STRICT = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+_STRICT = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_reject_constant,
+                           parse_float=_finite_float)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _WS = re.compile(r"[ \t\r\n]*")
 
@@ -260,9 +314,12 @@ def decode_strict_at(text: str, pos: int, *, file: str | Path | None = None,
         at = (line or 1) + text.count("\n", start, e.pos)
         raise InputError(f"invalid JSON ({e.msg} at column {e.colno})", file=file, line=at,
                          fix="each line must be one complete JSON object") from None
-    except ValueError as e:  # from the hooks: duplicate key, NaN/Infinity
+    except _NonFinite as e:
+        raise InputError(str(e), file=file, line=line, field=_non_finite_field_at(text, start),
+                         fix="write null or a finite number instead") from None
+    except ValueError as e:  # from the hooks: duplicate key
         raise InputError(f"invalid JSON ({e})", file=file, line=line,
-                         fix="keep one value per key; write null instead of NaN/Infinity") from None
+                         fix="keep one value per key") from None
     except RecursionError:
         raise InputError("JSON nested too deeply to read", file=file, line=line,
                          fix="records are flat objects: messages, label, meta") from None

@@ -30,6 +30,7 @@ def engine_option(value: str, max_model_len: int | None = None):
 def adapter_option(values: Optional[List[str]]):
     """`DIR` or `NAME=DIR` (repeatable) -> what Predictor's ``adapter`` takes."""
     from glmtune.errors import InputError
+    from glmtune.infer.backends import check_adapter_name
 
     if not values:
         return None
@@ -40,6 +41,7 @@ def adapter_option(values: Optional[List[str]]):
             name, path = Path(v).name, v
         if not name or not path:
             raise InputError(f"bad --adapter '{v}'", field="--adapter", fix="use DIR or NAME=DIR")
+        check_adapter_name(name, field="--adapter")
         if name in named:
             raise InputError(f"adapter name '{name}' given twice", field="--adapter", fix="use NAME=DIR")
         named[name] = path

@@ -65,6 +65,7 @@ class OverflowReport:
     truncated: int = 0
     dropped: int = 0                      # on_overflow: drop
     answer_too_long: int = 0              # the fixed part + last answer alone exceed the cutoff
+    answer_too_long_needs: int = 0        # the cutoff that would keep all of those (their longest fixed part)
     no_loss: int = 0                      # nothing left to train (e.g. train_on picks no token)
     longest: int = 0
     trained_tokens: int = 0               # label tokens of the kept records, after the cut
@@ -230,6 +231,7 @@ def _fit_one(rec: dict, template, tokenizer, cutoff: int, train_on: str, on_over
         pieces, cut_turns = cut_pieces(pieces, n - cutoff, side)
     except ValueError:
         report.answer_too_long += 1
+        report.answer_too_long_needs = max(report.answer_too_long_needs, sum(p.keep for p in pieces))
         return None
     report.truncated += 1
     return _join(pieces, cut_turns)

@@ -16,7 +16,7 @@ from glmtune.data.formats import CONTAINERS, RecordFormat, RowContext, detect_fo
 from glmtune.data.labels import load_label_map
 from glmtune.data.records import validate_record
 from glmtune.errors import InputError
-from glmtune.io import decode_strict_at, iter_jsonl, loads_strict, read_text_utf8
+from glmtune.io import check_input_file, decode_strict_at, iter_jsonl, loads_strict, read_text_utf8
 
 EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
 # Columns a table format cannot do without, checked against the CSV header (line 1) up front.
@@ -59,6 +59,7 @@ def _check_exists(path: Path) -> None:
         raise InputError("file not found", file=path, field="path", fix="check the path or the registry entry")
     if path.is_dir():
         raise InputError("expected a file, got a folder", file=path, field="path")
+    check_input_file(path)  # a FIFO, socket or device: refused before anything opens it
 
 
 def _resolve_options(options: dict) -> dict:
@@ -101,26 +102,53 @@ def _read_rows(path: Path, container: str, delimiter: str | None) -> Iterator[Ro
 
 
 def _csv_rows(path: Path, delimiter: str) -> Iterator[Row]:
+    """Rows of a CSV table as dicts keyed by the header (line 1), each with the line it ends on.
+
+    A quote that is never closed swallows the rest of the file into one field, which then shows up as
+    a row with too few fields at the end; the row that reaches the end of the file is checked for
+    that, so the error names the line the quote opens on."""
     text = read_text_utf8(path)
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    lines = io.StringIO(text, newline="").readlines()  # the physical lines, as csv counts them
+    reader = csv.reader(lines, delimiter=delimiter)
+    header, start = None, 1
     try:
-        header = reader.fieldnames or []
-        dup = next((h for i, h in enumerate(header) if h in header[:i]), None)
-        if dup is not None:
-            raise InputError(f"column '{dup}' appears twice in the header", file=path, line=1, field=dup,
-                             fix="rename one of the columns")
-        for row in reader:
+        for cells in reader:
             line = reader.line_num
-            if None in row:
-                raise InputError(f"row has {len(header) + len(row[None])} fields but the header has "
-                                 f"{len(header)}", file=path, line=line, fix="quote cells that contain commas")
-            missing = [k for k, v in row.items() if v is None]
-            if missing:
+            if line == len(lines) and _unclosed_quote(lines[start - 1:], delimiter):
+                raise InputError("a quoted field opens on this line and is never closed", file=path, line=start,
+                                 fix='close the quote, or double a quote meant literally ("")')
+            start = line + 1
+            if header is None:
+                header = cells
+                dup = next((h for i, h in enumerate(header) if h in header[:i]), None)
+                if dup is not None:
+                    raise InputError(f"column '{dup}' appears twice in the header", file=path, line=1, field=dup,
+                                     fix="rename one of the columns")
+                continue
+            if not cells:  # a blank line (csv.DictReader skips them too)
+                continue
+            if len(cells) > len(header):
+                raise InputError(f"row has {len(cells)} fields but the header has {len(header)}", file=path,
+                                 line=line, fix="quote cells that contain commas")
+            if len(cells) < len(header):
+                missing = header[len(cells):]
                 raise InputError(f"row has fewer fields than the header (missing {', '.join(missing)})",
                                  file=path, line=line, field=missing[0])
-            yield line, row
+            yield line, dict(zip(header, cells))
     except csv.Error as e:
         raise InputError(f"malformed CSV ({e})", file=path, line=reader.line_num) from None
+
+
+def _unclosed_quote(lines: list[str], delimiter: str) -> bool:
+    """Whether the CSV text of ``lines`` ends inside a quoted field. The lenient reader takes such a
+    field to the end of the file; strict mode reports it as "unexpected end of data" (its only other
+    complaint, a character after a closing quote, is not this problem)."""
+    try:
+        for _ in csv.reader(lines, delimiter=delimiter, strict=True):
+            pass
+    except csv.Error as e:
+        return "unexpected end of data" in str(e)
+    return False
 
 
 def _json_rows(path: Path) -> Iterator[Row]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,20 @@ from glmtune.errors import GlmtuneError, InputError
 log = logging.getLogger("glmtune.infer")
 
 BASE = "base"  # reserved adapter name meaning "the base model, adapters switched off"
+# An adapter's name becomes a module key inside peft (torch refuses "." in those: a KeyError deep in
+# loading) and the `model` id requests pick it by, so it is a plain name: no dots, no path separators.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_adapter_name(name: str, *, field: str = "adapter") -> str:
+    """``name`` if it can name an adapter, else an InputError naming ``field`` (e.g. ``--adapter``)."""
+    if name == BASE:
+        raise InputError(f"'{BASE}' is reserved for the model without adapters", field=field,
+                         fix="give the adapter another name (NAME=DIR)")
+    if not ADAPTER_NAME.fullmatch(name):
+        raise InputError(f"adapter name '{name}' is not a plain name (letters, digits, - and _ only)", field=field,
+                         fix="name it explicitly as NAME=DIR, e.g. intent-v2=out/run/final")
+    return name
 
 
 @dataclass
@@ -320,13 +335,14 @@ def _vision_problem(prompts) -> str | None:
 
 
 def _check_adapter_folders(adapters: dict[str, Path]) -> None:
+    from glmtune.models.loading import check_safetensors_files
+
     for name, path in adapters.items():
-        if name == BASE:
-            raise InputError(f"'{BASE}' is reserved for the model without adapters", field="adapter",
-                             fix="give the adapter another name (NAME=DIR)")
+        check_adapter_name(name)
         if not (Path(path) / "adapter_config.json").exists():
             raise InputError("not a LoRA adapter folder (adapter_config.json is missing)", file=path,
                              fix="pass the folder that training wrote the adapter to")
+        check_safetensors_files(path)
 
 
 KERNELS = ("none", "auto", "liger")

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 from glmtune.data.records import content_images, content_text
 from glmtune.errors import GlmtuneError, InputError
-from glmtune.infer.backends import BACKENDS, GenConfig, Output
+from glmtune.infer.backends import BACKENDS, GenConfig, Output, check_adapter_name
 from glmtune.infer.vision import ImageLimits, first_image_field, has_images, text_messages
 
 # How a retrieved passage enters the prompt: prepended to the user's question in the last user turn
@@ -283,12 +283,13 @@ def _emit(on_text, piece: str) -> None:
 
 
 def _adapter_map(adapter) -> dict[str, Path]:
+    """Predictor's ``adapter`` as {name: folder}, every name checked before any weights load."""
     if adapter is None:
         return {}
     if isinstance(adapter, dict):
-        return {str(k): Path(v) for k, v in adapter.items()}
+        return {check_adapter_name(str(k)): Path(v) for k, v in adapter.items()}
     path = Path(adapter)
     if not path.is_dir():
         raise GlmtuneError(f"adapter folder not found: {path}. Fix: pass the folder training wrote "
                            f"(it holds adapter_config.json)")
-    return {path.name or "adapter": path}
+    return {check_adapter_name(path.name or "adapter"): path}

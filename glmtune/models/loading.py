@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from glmtune.errors import GlmtuneError, ModelNotFoundError
+from glmtune.errors import GlmtuneError, InputError, ModelNotFoundError
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
@@ -19,12 +19,28 @@ def check_model_dir(path: str | Path, *, trust_remote_code: bool = False) -> Pat
         raise ModelNotFoundError(path, "config.json")
     if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
         raise ModelNotFoundError(path, "the weight files (*.safetensors)")
+    check_safetensors_files(path)
     if not trust_remote_code and is_remote_chatglm(path):
         raise GlmtuneError(f"{path} is a remote-code ChatGLM checkpoint (model_type chatglm, modeling_chatglm.py): "
                            f"glmtune does not run a model folder's own code. Fix: `glmtune model import-chatglm {path} "
                            f"--out {path}-native` and use the new folder (a training config may set model.trust_remote_code: "
                            f"true to run the folder's code instead).")
     return path
+
+
+def check_safetensors_files(folder: str | Path) -> None:
+    """Every ``*.safetensors`` file in ``folder`` is whole: its header parses and its size is what the
+    header says. A copy or download cut short fails here as one line naming the file, before any
+    loading starts; safe_open reads only the header (the weights are memory-mapped, not read)."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except SafetensorError as e:
+            raise InputError(f"damaged weight file, probably cut short by a copy or download ({e})", file=file,
+                             fix="copy or download this file again (compare its size with the original)") from None
 
 
 def is_remote_chatglm(path: str | Path) -> bool:

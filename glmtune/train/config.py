@@ -70,6 +70,14 @@ class DataSection(ConfigSection):
         """`--set data.datasets=train.jsonl` parses as a string: a single source is a one-element list."""
         return [value] if isinstance(value, str) else value
 
+    @field_validator("datasets")
+    @classmethod
+    def _some_dataset(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("no training data (the list is empty). Fix: name at least one dataset: a "
+                             "datasets.yaml name or a data file (JSONL/JSON/CSV)")
+        return value
+
 
 class MethodSection(ConfigSection):
     name: Literal["lora", "qlora", "prefix", "full", "freeze"] = Field(
@@ -239,6 +247,9 @@ def config_error(e: ValidationError, source: str | None) -> ConfigError:
                            fix="check the spelling; `glmtune train --explain` lists every key")
     if err["type"] == "missing":
         return ConfigError("required key is missing", file=source, field=key)
+    if err["type"] == "value_error":  # our own validators' messages: the problem, with what to do
+        problem, _, fix = str(err.get("ctx", {}).get("error", err["msg"])).partition(" Fix: ")
+        return ConfigError(problem, file=source, field=key, fix=fix or None)
     got = err.get("input")
     got = "" if isinstance(got, dict) else f" (got {got!r})"
     return ConfigError(f"{err['msg']}{got}", file=source, field=key)

@@ -49,7 +49,31 @@ def encode_records(records: list[dict], tokenizer, template, *, cutoff_len: int,
     """
     examples, report = fit_records(records, template, tokenizer, cutoff_len, train_on=train_on,
                                    on_overflow=on_overflow, side=truncate_side)
+    if records and not examples:
+        raise nothing_left_error(report, train_on)
     return examples, report.counts()
+
+
+def nothing_left_error(report, train_on: str) -> InputError:
+    """Why encoding kept none of the records (glmtune.data.cutoff's report), and the setting that fixes it."""
+    reasons, fixes, needs = [], [], 0
+    if report.answer_too_long:
+        reasons.append(f"{report.answer_too_long} dropped because the tokens the cut never removes (template "
+                       f"tokens, role headers, system prompt, last answer) alone exceed it")
+        needs = report.answer_too_long_needs
+    if report.dropped:
+        reasons.append(f"{report.dropped} longer than it dropped (on_overflow: drop)")
+        needs = max(needs, report.longest)
+    if needs:
+        fixes.append(f"set data.cutoff_len to at least {needs}"
+                     + (" or on_overflow: truncate" if report.dropped else ""))
+    if report.no_loss:
+        reasons.append(f"{report.no_loss} without a trained token (train_on: {train_on})")
+        fixes.append("check data.train_on and that each conversation ends with an assistant answer")
+    fixes.append("`glmtune data stats DATA --template T --tokenizer MODEL --cutoff N` prints what a cutoff keeps")
+    return InputError(f"no training examples left after encoding: of {report.total} conversations at "
+                      f"data.cutoff_len {report.cutoff}, {'; '.join(reasons)}",
+                      field="data.cutoff_len" if needs else "data.train_on", fix="; ".join(fixes))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def export_merged(base: str | Path | None, adapter: str | Path, out: str | Path,
     import torch
     from peft import PeftConfig, PeftModel
 
-    from glmtune.models.loading import check_model_dir, load_model
+    from glmtune.models.loading import check_model_dir, check_safetensors_files, load_model
     from glmtune.models.folder import META_FILE, read_model_folder, write_glmtune_meta
     from glmtune.models.tokenizer import load_tokenizer
 
@@ -44,6 +44,7 @@ def export_merged(base: str | Path | None, adapter: str | Path, out: str | Path,
                           fix="pass --base DIR")
     if is_peft:
         check_model_dir(base)
+        check_safetensors_files(adapter)
         peft_type = str(PeftConfig.from_pretrained(str(adapter)).peft_type)
         if "LORA" not in peft_type.upper():
             raise ConfigError(f"a {peft_type} adapter cannot be merged into the weights", field="--adapter",

@@ -362,9 +362,6 @@ def setup(cfg: TrainConfig, accelerator, levers: SpeedLevers, console, *, resume
     from glmtune.models.tokenizer import load_tokenizer
 
     out = Path(cfg.output.dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, out)
     set_seed(cfg.train.seed)
 
     # data
@@ -400,6 +397,11 @@ def setup(cfg: TrainConfig, accelerator, levers: SpeedLevers, console, *, resume
     # checkpoints a block only in training mode (captured in eval mode, checkpointing never ran)
     run.model.train()
     run.graphed = levers.graphed_decoder(accelerator.unwrap_model(run.model), [len(e) for e in train_ex])
+    # output.dir is created only now that data, tokenizer and model have loaded: a run that fails on its
+    # inputs leaves no folder behind for the corrected rerun to refuse as "not empty"
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, out)
     ckpt = resolve_resume(resume, out)
     if ckpt is not None:
         run.step = load_checkpoint(accelerator, run.model, ckpt)["step"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -50,6 +52,9 @@ def test_convert_split_round_trip_keeps_the_text_exactly(tmp_path):
 @pytest.mark.parametrize("line, problem", [
     ('{"messages": [], "label": NaN}', "NaN is not valid JSON"),
     ('{"messages": [], "label": -Infinity}', "-Infinity is not valid JSON"),
+    ('{"messages": [], "label": 1e400}', "field 'label': the number 1e400 is out of range"),
+    ('{"messages": [], "meta": {"scores": [0.5, -2E999]}}', "field 'meta.scores[1]': the number -2E999"),
+    ('{"messages": [], "label": NaN, "x": }', "NaN is not valid JSON"),  # invalid after it too: no traceback
     ('{"label": 1, "label": 2}', "duplicate key 'label'"),
     ('{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "lone surrogate"),
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
@@ -131,3 +136,31 @@ def test_out_os_errors_are_one_line_and_keep_the_old_file(tmp_path, monkeypatch)
         with atomic_path(out) as tmp:
             tmp.write_text("new")
     assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["file", "keep.txt"]
+
+
+def _glmtune(*argv, cwd, timeout=120):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    return subprocess.run([sys.executable, "-m", "glmtune", *map(str, argv)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_overflowing_number_is_blamed_on_the_input_line(tmp_path):
+    """`{"label": 1e400}` read as inf and failed at the output ("cannot write a non-finite number")."""
+    (tmp_path / "in.jsonl").write_text(json.dumps(_rec("fine")) + "\n" + json.dumps(_rec("x"))[:-1] +
+                                       ', "label": 1e400}\n', encoding="utf-8")
+    proc = _glmtune("data", "convert", "in.jsonl", "--out", "out.jsonl", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == ("error: in.jsonl:2: field 'label': the number 1e400 is out of range: it reads as "
+                                   "infinity. Fix: write null or a finite number instead")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_fifo_input_is_refused_without_opening_it(tmp_path):
+    """A FIFO with no writer made `open()` block: the command hung silently."""
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    for argv in (["data", "convert", "pipe.jsonl", "--out", "out.jsonl"], ["data", "stats", "pipe.jsonl"]):
+        proc = _glmtune(*argv, cwd=tmp_path, timeout=60)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "error: pipe.jsonl: the input is a FIFO (named pipe), not a regular file" in proc.stderr
+    with pytest.raises(InputError, match="not a regular file"):
+        iter_jsonl(tmp_path / "pipe.jsonl").__next__()

@@ -139,3 +139,30 @@ def test_builtin_samples_read(name, count):
     assert len(recs) == count
     if name == "cmcc34":
         assert {r["label"] for r in recs} == set(range(34))
+
+
+def test_unclosed_csv_quote_is_reported_where_it_opens(tmp_path):
+    """The quote on line 2 swallowed the rest of the file: it was "line 4: fewer fields than the header"."""
+    import os
+    import subprocess
+    import sys
+
+    from glmtune.errors import InputError
+
+    write(tmp_path / "bad.csv", 'text,label\n"hello,a\nfoo,b\nbar,c\n')
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run([sys.executable, "-m", "glmtune", "data", "convert", "bad.csv", "--out", "x.jsonl"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == ('error: bad.csv:2: a quoted field opens on this line and is never closed. '
+                                   'Fix: close the quote, or double a quote meant literally ("")')
+    with pytest.raises(InputError, match="never closed") as e:  # further down, after good rows and a blank line
+        read_records(write(tmp_path / "late.csv", 'text,label\nok,a\n\nfine,b\nbad,"c\n'))
+    assert e.value.line == 5
+    # a closed multi-line cell, a blank line and a short row read as before (line = where the row ends)
+    recs = read_records(write(tmp_path / "ok.csv", 'text,label\n"two\nlines",a\n\nplain,b\n'))
+    assert [(r["meta"]["line"], r["messages"][0]["content"], r["label"]) for r in recs] == \
+        [(3, "two\nlines", "a"), (5, "plain", "b")]
+    with pytest.raises(InputError, match=r"fewer fields than the header \(missing label\)") as e:
+        read_records(write(tmp_path / "short.csv", "text,label\nok,a\nbad\n"))
+    assert e.value.line == 3 and e.value.field == "label"

@@ -113,3 +113,20 @@ def test_inference_kernels_choice_on_cpu(random_glm4_dir):
         Predictor(random_glm4_dir, kernels="liger", device="cpu")
     with pytest.raises(GlmtuneError, match="unknown kernels"):
         Predictor(random_glm4_dir, kernels="fast", device="cpu")
+
+
+def test_adapter_names_and_damaged_adapter_files(random_glm4_dir, two_adapters, tmp_path):
+    import os
+    import shutil
+
+    from glmtune import Predictor
+    from glmtune.errors import InputError
+
+    with pytest.raises(InputError, match=r"field 'adapter': adapter name 'x\.y' is not a plain name"):
+        Predictor(random_glm4_dir, adapter={"x.y": two_adapters["alpha"]})
+    cut = shutil.copytree(two_adapters["alpha"], tmp_path / "cut")
+    weights = cut / "adapter_model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 100)
+    with pytest.raises(InputError, match="damaged weight file") as e:
+        Predictor(random_glm4_dir, adapter=cut)
+    assert str(e.value).startswith(f"{weights}: ")

@@ -25,3 +25,40 @@ def test_tiny_glm4_loads_in_requested_dtype_with_native_lora_targets(tmp_path, g
     assert lora_targets(model, "auto") == LORA_TARGETS["glm4"]
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     assert set(LORA_TARGETS["glm4"]) <= names
+
+
+def _truncated_copy(src, dest):
+    """A model folder whose model.safetensors lost its second half (a copy or download cut short)."""
+    import os
+    import shutil
+    shutil.copytree(src, dest)
+    weights = dest / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    return weights
+
+
+def test_truncated_safetensors_is_one_line_naming_the_file(tmp_path, glm4_tokenizer_dir):
+    import os
+    import subprocess
+    import sys
+
+    from glmtune.errors import InputError
+    from glmtune.models.tiny import build_tiny_glm4
+
+    good = build_tiny_glm4(tmp_path / "m", glm4_tokenizer_dir)
+    check_model_dir(good)  # a whole file passes
+    weights = _truncated_copy(good, tmp_path / "cut")
+    with pytest.raises(InputError) as e:
+        load_model(tmp_path / "cut")
+    assert str(e.value).startswith(f"{weights}: damaged weight file") and "download this file again" in str(e.value)
+    # every command that loads the folder says the same, before loading anything
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model: {{path: {tmp_path / 'cut'}}}\ndata: {{datasets: [nope.jsonl]}}\n"
+                      f"output: {{dir: {tmp_path / 'out'}}}\n")
+    for argv in (["train", str(config)], ["chat", "--model", str(tmp_path / "cut")]):
+        proc = subprocess.run([sys.executable, "-m", "glmtune", *argv], env=env, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert f"{weights}: damaged weight file" in proc.stderr
+    assert not (tmp_path / "out").exists()

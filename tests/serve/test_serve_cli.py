@@ -38,3 +38,19 @@ def test_serve_subprocess_matches_predictor(trained_glm4_dir):
         proc.terminate()
         out, _ = proc.communicate(timeout=20)
     assert f"http://127.0.0.1:{port}/v1" in out  # binds to localhost by default, and says so
+
+
+def test_adapter_name_must_be_plain(trained_glm4_dir, tmp_path):
+    """`--adapter ../evil=DIR` was a KeyError traceback from torch once the model had loaded (a module
+    name holds no '.'); now one line naming the flag, before anything loads."""
+    adapter = tmp_path / "run.v2"
+    adapter.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}
+    for value, name in ((f"../evil={adapter}", "../evil"), (f"a/b={adapter}", "a/b"), (f"v1.2={adapter}", "v1.2"),
+                        (str(adapter), "run.v2"), (f"base={adapter}", None)):
+        proc = subprocess.run([sys.executable, "-m", "glmtune", "serve", "--model", str(trained_glm4_dir),
+                               "--adapter", value], env=env, capture_output=True, text=True, timeout=120)
+        err = proc.stderr.strip()
+        assert proc.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err[-2000:]
+        assert err.startswith("error: field '--adapter': ")
+        assert (f"adapter name '{name}' is not a plain name" if name else "'base' is reserved") in err

@@ -99,3 +99,11 @@ def test_method_names_are_the_method_table():
     from glmtune.models.peft_setup import METHODS
     from glmtune.train.config import MethodSection
     assert set(get_args(MethodSection.model_fields["name"].annotation)) == set(METHODS)
+
+
+def test_empty_datasets_is_a_config_error_naming_the_field(tiny_model):
+    """`datasets: []` passed validation and failed after encoding ("no training examples left")."""
+    with pytest.raises(ConfigError) as e:
+        load_config(_raw(tiny_model, data={"datasets": []}))
+    assert str(e.value) == ("field 'data.datasets': no training data (the list is empty). Fix: name at least one "
+                            "dataset: a datasets.yaml name or a data file (JSONL/JSON/CSV)")

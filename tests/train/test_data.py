@@ -110,3 +110,30 @@ def test_packed_training_equals_unpacked(make_cfg):
             for p in (False, True)]
     a, b = ([m["loss"] for m in r.metrics] for r in runs)
     assert len(a) == 3 and all(abs(x - y) / x < 1e-5 for x, y in zip(a, b)), (a, b)
+
+
+def test_nothing_left_after_encoding_says_why_and_the_cutoff_that_fits(tiny_model, qa_file):
+    """A cutoff shorter than every conversation's uncuttable part (`cutoff_len: 8` on the issue's data,
+    4 on these 8-token minimum ones) only said "no training examples left after encoding"."""
+    import pytest
+
+    from glmtune.data.registry import load_dataset
+    from glmtune.errors import InputError
+    from glmtune.models.tokenizer import load_tokenizer
+    from glmtune.templates import get_template
+    from glmtune.train.data import encode_records
+
+    tok, tpl, records = load_tokenizer(tiny_model), get_template("glm4"), load_dataset(str(qa_file))
+    with pytest.raises(InputError) as e:
+        encode_records(records, tok, tpl, cutoff_len=4)
+    msg = str(e.value)
+    assert msg.startswith("field 'data.cutoff_len': no training examples left after encoding: of 20 conversations "
+                          "at data.cutoff_len 4, 20 dropped because the tokens the cut never removes")
+    needs = int(msg.split("set data.cutoff_len to at least ")[1].split(";")[0])
+    # the suggestion is exact: one token less drops at least one conversation, the value itself keeps all
+    assert encode_records(records, tok, tpl, cutoff_len=needs)[1]["encoded"] == 20
+    assert encode_records(records, tok, tpl, cutoff_len=needs - 1)[1]["dropped"] >= 1
+    longest = max(len(tpl.encode(tok, r["messages"]).input_ids) for r in records)
+    with pytest.raises(InputError, match=rf"20 longer than it dropped \(on_overflow: drop\).*Fix: set "
+                                         rf"data.cutoff_len to at least {longest} or on_overflow: truncate"):
+        encode_records(records, tok, tpl, cutoff_len=4, on_overflow="drop")

@@ -68,3 +68,26 @@ def test_nproc_2_exit_code_is_the_failure(make_cfg, tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0, proc.stderr[-2000:]
     assert "missing.jsonl" in proc.stderr
+
+
+def test_a_failed_run_leaves_no_output_dir_so_the_fixed_rerun_starts(make_cfg, tmp_path, capsys):
+    """config.yaml was written before data and model were checked: the corrected rerun then found a
+    non-empty output.dir ("not empty"; with --resume, "config differs")."""
+    malformed = tmp_path / "bad.jsonl"
+    malformed.write_text('{"messages": [\n', encoding="utf-8")
+    good = make_cfg("run").model_dump(mode="json")
+    failing = [({"datasets": [str(tmp_path / "missing.jsonl")]}, "missing.jsonl: field 'path': file not found"),
+               ({"datasets": [str(malformed)]}, "bad.jsonl:1: invalid JSON"),
+               ({"cutoff_len": 4}, "20 dropped because the tokens the cut never removes"),
+               ({"datasets": []}, "field 'data.datasets': no training data")]
+    for data, expected in failing:
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump({**good, "data": {**good["data"], **data}}))
+        code, err = _exit(capsys, "train", path)
+        assert code == 2 and "Traceback" not in err and err.splitlines()[-1].startswith("error: "), err
+        assert expected in err.splitlines()[-1]
+        assert not (tmp_path / "run").exists(), data
+    path.write_text(yaml.safe_dump(good))
+    main(["train", str(path)])
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()) == good

@@ -79,7 +79,8 @@ def test_config_paths_must_stay_in_the_workspace(ws):
     model = ws.root / "models" / "tiny-glm4"  # what check_model looks at: config.json and weight files
     model.mkdir(parents=True)
     (model / "config.json").write_text('{"model_type": "glm4"}')
-    (model / "model.safetensors").write_bytes(b"")
+    # the smallest whole safetensors file (an empty header): an empty file is refused as cut short
+    (model / "model.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{}      ")
     (ws.root / "data").mkdir()
     for name in ("train", "dev"):
         (ws.root / "data" / f"{name}.jsonl").write_text("")
