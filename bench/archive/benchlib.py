@@ -1,4 +1,6 @@
-"""Shared pieces of the GPU benches (issue 6): GLM-4-9B's shape, one model build per process, the seed
+"""Superseded (bench/archive/README.md): a record of how the H100 figures of bench/RESULTS.md sessions 1-3 were measured, on a bench-side model set-up; current figures come from bench/train_product.py, which drives `glmtune train`.
+
+Shared pieces of the GPU benches (issue 6): GLM-4-9B's shape, one model build per process, the seed
 recipe's setup (mirrors bench/seed_recipe_baseline.py, which stays a verbatim copy) and glmtune's.
 
 Debug on a CPU: every bench takes `--tiny` (hidden 256, 2 layers, real vocabulary) and runs without
@@ -13,7 +15,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo
 
 GLM4_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
 

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Superseded (bench/archive/README.md): the session-1 lever table; current figures: bench/train_product.py.
 # Device call 1 of issue 6: seed recipe vs single levers, one process each. Output: $OUT/levers.jsonl
 set -u
 export PYTHONUNBUFFERED=1
@@ -9,11 +10,11 @@ python3 -c "import torch,transformers,peft;print('torch',torch.__version__,'tran
 R=${OUT:-/tmp}/levers.jsonl
 run() { timeout 150 "$@" 2>&1 | grep -E '^\{|Error|error' | tail -3 | tee -a $R; }
 run python3 bench/seed_recipe_baseline.py
-run python3 bench/profile_levers.py --pack 4 --adapter fp32 --liger
-run python3 bench/profile_levers.py --pack 4 --adapter bf16 --liger
-run python3 bench/profile_levers.py --pack 4 --adapter fp32-autocast --liger
-run python3 bench/profile_levers.py --pack 2 --adapter bf16 --liger
-run python3 bench/profile_levers.py --pack 1 --adapter bf16 --liger
-run python3 bench/profile_levers.py --pack 4 --adapter bf16 --liger --attn flex_attention
-run python3 bench/profile_levers.py --pack 4 --adapter bf16 --liger --ckpt --fused-adam
-timeout 150 python3 bench/profile_levers.py --pack 2 --adapter bf16 --liger --profile --steps 3 > ${OUT:-/tmp}/profile_pack2.txt 2>&1; tail -1 ${OUT:-/tmp}/profile_pack2.txt | tee -a $R
+run python3 bench/archive/profile_levers.py --pack 4 --adapter fp32 --liger
+run python3 bench/archive/profile_levers.py --pack 4 --adapter bf16 --liger
+run python3 bench/archive/profile_levers.py --pack 4 --adapter fp32-autocast --liger
+run python3 bench/archive/profile_levers.py --pack 2 --adapter bf16 --liger
+run python3 bench/archive/profile_levers.py --pack 1 --adapter bf16 --liger
+run python3 bench/archive/profile_levers.py --pack 4 --adapter bf16 --liger --attn flex_attention
+run python3 bench/archive/profile_levers.py --pack 4 --adapter bf16 --liger --ckpt --fused-adam
+timeout 150 python3 bench/archive/profile_levers.py --pack 2 --adapter bf16 --liger --profile --steps 3 > ${OUT:-/tmp}/profile_pack2.txt 2>&1; tail -1 ${OUT:-/tmp}/profile_pack2.txt | tee -a $R
