@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from glmtune.errors import ConfigError, GlmtuneError
+from glmtune.errors import ConfigError
 
 # LoRA targets per model_type (config.json). HF-native GLM-4 fuses gate+up into one projection;
 # the remote-code ChatGLM2/3/GLM-4 layout fuses q, k and v into `query_key_value`.
