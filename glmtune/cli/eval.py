@@ -100,13 +100,13 @@ def classify(model: Path = typer.Option(..., "--model", help="Model folder (merg
              truncate_side: str = typer.Option("left", "--truncate-side", help="left: keep the end of the dialogue; right: keep the start."),
              max_len: Optional[int] = typer.Option(None, "--max-len", help="Truncate prompts to this many tokens."),
              decision: str = typer.Option("greedy", "--decision", help="constrained mode: greedy (most likely token at each branch of the label trie; agrees with greedy generation) | likelihood (most likely label)."),
-             kernels: str = typer.Option("auto", "--kernels", help="auto: liger RMSNorm/SwiGLU on CUDA when installed | liger | none."),
+             liger: str = typer.Option("auto", "--liger", help="liger-kernel's RMSNorm/SwiGLU, as the training config's speed.liger: auto (on CUDA when installed) | all | none."),
              scoring: str = typer.Option("decisive", "--scoring", help="constrained mode: decisive (score each answer up to the token that sets it apart; fast) | full (whole answer + end token).")):
     """Classification report: accuracy, F1, per-class table, confusion matrix, failed predictions."""
     from glmtune.evaluate.classify import classify_report
     m = classify_report(model, data, out, adapter=adapter, labels=labels, quick=quick, batch_size=batch_size,
                         mode=mode, truncate_side=truncate_side, max_len=max_len,
-                        decision=decision, scoring=scoring, kernels=kernels)
+                        decision=decision, scoring=scoring, liger=liger)
     sps = m.get("samples_per_s")
     console.print(f"mode={mode} n={m['n_samples']} accuracy={m['accuracy']:.4f} f1_macro={m['f1_macro']:.4f} "
                   f"invalid={m['invalid_count']} truncated={m['truncated']} "

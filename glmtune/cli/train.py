@@ -53,7 +53,7 @@ def train_cmd(
         raise typer.Exit(subprocess.call(cmd))
     from glmtune.train import run_training
 
-    result = run_training(config, resume=resume, overrides=sets)
+    result = run_training(cfg, resume=resume)  # the config parsed above, not the file read again
     if result.metrics or os.environ.get("RANK", "0") == "0":
         console.print(f"[green]done[/]: {result.steps} steps, final loss {result.final_loss:.4f}"
                       + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")

@@ -264,7 +264,7 @@ def classify_report(model: str | Path, data: str | Path, out: str | Path, *, ada
                     labels: str | Path | None = None, quick: int | None = None, batch_size: int = 8,
                     mode: str = "constrained", truncate_side: str = "left", max_len: int | None = None,
                     predictor=None, seed: int = 0, decision: str = "greedy",
-                    scoring: str = "decisive", kernels: str = "none") -> dict:
+                    scoring: str = "decisive", liger: str = "auto") -> dict:
     """Load, classify, write the report folder; return metrics (what `glmtune eval classify` runs).
 
     Predictions go to OUT/predictions.partial.jsonl as they are made; a rerun with the same settings
@@ -282,7 +282,7 @@ def classify_report(model: str | Path, data: str | Path, out: str | Path, *, ada
     try:
         if predictor is None:
             from glmtune.infer.predictor import Predictor
-            predictor = Predictor(model, adapter=adapter, kernels=kernels)
+            predictor = Predictor(model, adapter=adapter, liger=liger)
         res = classify(predictor, records, label_set, mode, batch_size, max_len, truncate_side, decision, scoring,
                        log=log)
     finally:

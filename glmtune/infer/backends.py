@@ -90,7 +90,7 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, model_dir: str | Path, tokenizer, adapters: dict[str, Path], *,
-                 device: str | None = None, dtype: str = "auto", kernels: str = "none", engine=None):
+                 device: str | None = None, dtype: str = "auto", liger: str = "none", engine=None):
         import torch
 
         from glmtune.infer.engine import MultiLoRA, UnsupportedAdapter, engine_support
@@ -98,7 +98,7 @@ class HFBackend:
 
         self.tokenizer = tokenizer
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.kernels = _apply_inference_kernels(model_dir, kernels, self.device)
+        self.liger = _apply_inference_liger(model_dir, liger, self.device)
         model = load_model(model_dir, dtype=dtype).to(self.device)
         self.adapters = list(adapters)
         self.lora = None
@@ -345,28 +345,34 @@ def _check_adapter_folders(adapters: dict[str, Path]) -> None:
         check_safetensors_files(path)
 
 
-KERNELS = ("none", "auto", "liger")
+LIGER = ("auto", "all", "none")  # speed.liger's values without flce: inference computes no loss
 
 
-def _apply_inference_kernels(model_dir: str | Path, kernels: str, device: str) -> str:
+def _apply_inference_liger(model_dir: str | Path, liger: str, device: str) -> str:
     """liger-kernel's RMSNorm and SwiGLU (no fused loss: nothing is trained) patched into
     transformers before the model is built: +16% classification throughput on GLM-4-9B (bench/RESULTS.md).
-    ``auto`` uses them on CUDA when liger-kernel can patch this model type; returns what was applied."""
+    ``liger`` is named and valued as the training config's speed.liger: ``auto`` uses the kernels on
+    CUDA when liger-kernel can patch this model type, ``all`` insists, ``none``; returns what was
+    applied (all | none). The Python default is none: the patch is process-wide and stays (training
+    undoes its own), so a library caller opts in; `glmtune eval classify --liger` defaults to auto."""
     from glmtune.models import speed
     from glmtune.models.folder import read_model_folder
-    if kernels not in KERNELS:
-        raise InputError(f"unknown kernels '{kernels}'", field="kernels", fix="use none, auto or liger")
-    if kernels == "none":
+    if liger == "flce":
+        raise InputError("liger=flce fuses the training loss; inference computes none", field="liger",
+                         fix="use all (RMSNorm + SwiGLU), auto or none")
+    if liger not in LIGER:
+        raise InputError(f"unknown liger '{liger}'", field="liger", fix="use auto, all or none")
+    if liger == "none":
         return "none"
     model_type = read_model_folder(model_dir).model_type or ""
     why_not = "it needs a CUDA device" if not str(device).startswith("cuda") else speed.liger_support(model_type)
     if why_not is not None:
-        if kernels == "liger":
-            raise InputError(f"kernels=liger cannot run here: {why_not}", field="kernels",
-                             fix='on a CUDA GPU, pip install -e ".[gpu]"; or use kernels=auto / none')
+        if liger == "all":
+            raise InputError(f"liger=all cannot run here: {why_not}", field="liger",
+                             fix='on a CUDA GPU, pip install -e ".[gpu]"; or use liger=auto / none')
         return "none"
     speed.apply_liger(model_type, fused_linear_cross_entropy=False, rms_norm=True, swiglu=True)
-    return "liger"
+    return "all"
 
 
 def _load_adapters(model, adapters: dict[str, Path]):

@@ -1,6 +1,7 @@
 """Load a causal LM and its tokenizer from a local folder. Never downloads."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from glmtune.errors import GlmtuneError, InputError, ModelNotFoundError
@@ -106,3 +107,33 @@ def load_processor(path: str | Path):
         raise GlmtuneError(f"{path}: cannot load the image processor ({e}). Fix: copy the model's "
                            f"processor files (preprocessor_config.json / processor_config.json) into the "
                            f"folder") from None
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """Where a loaded causal LM keeps its transformer blocks."""
+    lm: object      # the causal LM itself (a PEFT wrapper removed)
+    body: object    # the module holding the blocks (transformers-native: `lm.model`, with embed_tokens / norm)
+    layers: object  # the blocks, in order (a ModuleList)
+
+
+# (module holding the blocks, its attribute with them); first match wins. transformers-native causal
+# LMs and ChatGLM's remote code (`transformer.encoder.layers`), GPT-2-style `transformer.h`, encoder-
+# decoder style `model.decoder.layers`, vision-language models' `model.language_model.layers`.
+DECODER_LAYOUTS = (("model", "layers"), ("transformer.encoder", "layers"), ("transformer", "h"),
+                   ("model.decoder", "layers"), ("model.language_model", "layers"))
+
+
+def find_decoder(model) -> Decoder:
+    """The transformer blocks of a (possibly PEFT-wrapped) causal LM: the one place that knows the
+    layouts, for freezing blocks (method freeze), compiling them and CUDA-graphing them."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for body_path, attr in DECODER_LAYOUTS:
+        body = lm
+        for part in body_path.split("."):
+            body = getattr(body, part, None)
+        layers = getattr(body, attr, None) if body is not None else None
+        if layers is not None and hasattr(layers, "__len__"):
+            return Decoder(lm, body, layers)
+    raise GlmtuneError(f"cannot find the transformer blocks of {type(lm).__name__} (looked for "
+                       f"{', '.join(f'{b}.{a}' for b, a in DECODER_LAYOUTS)})")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from glmtune.errors import ConfigError, GlmtuneError
+from glmtune.errors import ConfigError
 
 # LoRA targets per model_type (config.json). HF-native GLM-4 fuses gate+up into one projection;
 # the remote-code ChatGLM2/3/GLM-4 layout fuses q, k and v into `query_key_value`.
@@ -39,23 +39,11 @@ def lora_targets(model, choice) -> list[str] | str:
     return list(choice)
 
 
-def decoder_layers(model):
-    """The list of transformer blocks for HF-native (`model.layers`) and remote-code ChatGLM
-    (`transformer.encoder.layers`) layouts."""
-    for path in ("model.layers", "transformer.encoder.layers", "transformer.h", "model.decoder.layers"):
-        obj = model
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-            return obj
-        except AttributeError:
-            continue
-    raise GlmtuneError(f"cannot find the transformer blocks of {type(model).__name__} for method freeze")
-
-
 def apply_freeze(model, trainable_layers: int) -> None:
     """Train the last N blocks and the final norm; embeddings, earlier blocks and the LM head stay frozen."""
-    layers = decoder_layers(model)
+    from glmtune.models.loading import find_decoder
+
+    layers = find_decoder(model).layers
     if trainable_layers > len(layers):
         raise ConfigError(f"the model has only {len(layers)} layers", field="method.trainable_layers")
     model.requires_grad_(False)

@@ -217,21 +217,12 @@ def liger_patch(model_type: str, **kwargs):
     return undo
 
 
-def decoder_layers(model):
-    """The list of transformer blocks of a (possibly PEFT-wrapped) causal LM."""
-    m = model
-    for attr in ("base_model", "model"):
-        while hasattr(m, attr) and not hasattr(m, "layers"):
-            m = getattr(m, attr)
-    if not hasattr(m, "layers"):
-        raise ValueError("could not find the decoder layers of this model")
-    return m.layers
-
-
 def compile_decoder_layers(model, *, dynamic: bool = True) -> int:
     """Regional compilation: compile each block (all share one code object, so one compile serves
     every layer) instead of the whole model, which keeps compile time in seconds."""
-    layers = decoder_layers(model)
+    from glmtune.models.loading import find_decoder
+
+    layers = find_decoder(model).layers
     for layer in layers:
         layer.compile(dynamic=dynamic)
     return len(layers)
@@ -239,5 +230,7 @@ def compile_decoder_layers(model, *, dynamic: bool = True) -> int:
 
 def uncompile_decoder_layers(model) -> None:
     """Undo compile_decoder_layers (the eager modules were never replaced, so this is exact)."""
-    for layer in decoder_layers(model):
+    from glmtune.models.loading import find_decoder
+
+    for layer in find_decoder(model).layers:
         layer._compiled_call_impl = None

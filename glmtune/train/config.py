@@ -139,14 +139,14 @@ class SpeedSection(ConfigSection):
                             "(not method prefix); true also compiles on CPU (inductor, needs a C++ compiler).")
     adapter_dtype: Literal["fp32", "model"] = Field(
         "fp32", description="lora/qlora adapter weights: fp32 (PEFT's default: exact small updates) or model "
-                            "(the model's dtype, e.g. bf16: on GLM-4-9B -23% step time and -12 GiB, "
-                            "bench/RESULTS.md call 1, but AdamW then updates bf16 weights; for qlora the "
-                            "embeddings, norms and LM head also stay bf16 instead of PEFT's fp32 upcast).")
+                            "(the model's dtype, e.g. bf16: no fp32 copy of every adapted activation, and "
+                            "what fused LoRA and CUDA graphs need on bf16 models, but AdamW then updates bf16 "
+                            "weights; for qlora the embeddings, norms and LM head also stay bf16 instead of "
+                            "PEFT's fp32 upcast).")
     offload_activations: bool = Field(
         False, description="Keep the tensors autograd saves for backward (with gradient checkpointing: each "
-                           "block's input) in pinned CPU memory: the longest trainable sequence on one H100 "
-                           "went from 65,536 to 98,304 tokens (GLM-4-9B LoRA, bench/RESULTS.md), at a large "
-                           "cost in step time. For long-context runs that do not fit otherwise.")
+                           "block's input) in pinned CPU memory: longer sequences fit, at a large cost in step "
+                           "time. For long-context runs that do not fit otherwise.")
     fused_lora: Union[bool, Literal["auto"]] = Field(
         "auto", description="glmtune's fused LoRA (glmtune.models.fused_lora): each LoRA linear as 3 GEMMs with "
                             "the LoRA product added in the base GEMM's epilogue, and the SwiGLU product of "
@@ -159,7 +159,8 @@ class SpeedSection(ConfigSection):
                             "CPU cost. Each micro-batch's conversations are packed best-fit into such rows (the "
                             "rest padded). Needs CUDA, varlen attention, lora/qlora with method.dropout 0, one "
                             "process, no offload_activations. auto: on where all of that holds. GLM-4-9B LoRA "
-                            "on an H100: 6.5x the seed recipe at its memory (bench/RESULTS.md, session 3).")
+                            "through glmtune train on one H200, with fused LoRA: 5.83x the seed recipe's "
+                            "tokens/s at less memory (bench/RESULTS.md).")
     graph_tokens: int | None = Field(
         None, gt=0, description="Tokens per CUDA-graphed row (default: the larger of 2048 and data.cutoff_len "
                                 "rounded up to 128). Memory grows with it (GLM-4-9B: ~6 MB per token).")

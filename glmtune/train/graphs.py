@@ -63,12 +63,14 @@ def fixed_row(seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | N
 
 
 def inner_model(model):
-    """The decoder (embed_tokens, layers, norm, rotary_emb) of a possibly PEFT-wrapped causal LM."""
-    m = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(m, "model", None)
-    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+    """(causal LM, its decoder body with embed_tokens / layers / norm / rotary_emb) of a possibly
+    PEFT-wrapped transformers-native causal LM."""
+    from glmtune.models.loading import find_decoder
+
+    dec = find_decoder(model)
+    if not all(hasattr(dec.body, a) for a in ("embed_tokens", "norm", "rotary_emb")):
         raise ValueError("graphed training needs a transformers decoder with embed_tokens/layers/norm/rotary_emb")
-    return m, inner
+    return dec.lm, dec.body
 
 
 class _DecoderStack(torch.nn.Module):

@@ -27,7 +27,7 @@ from glmtune.train.data import (BatchStream, collate, encode_records, split_dev,
                                 total_steps, trained_tokens)
 from glmtune.train.monitor import Monitor, progress_bar, read_metrics
 from glmtune.train.profile import StepProfiler
-from glmtune.train.speed import SpeedLevers, SpeedPlan, faster_settings, resolve_speed
+from glmtune.train.speed import AppliedSpeed, SpeedLevers, SpeedPlan, faster_settings, resolve_speed
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -129,6 +129,17 @@ def print_summary(console, cfg, model, stats, n_dev, steps, world) -> None:
                   f"{stats['dropped']} dropped, {stats['no_loss']} without trained tokens), {n_dev} dev; "
                   f"{steps} optimizer steps x {cfg.train.batch_size} x {cfg.train.grad_accum} x {world} process(es)")
     console.print(f"memory estimate per process (GiB, worst case at cutoff_len): {mem}")
+
+
+def print_speed(console, applied: AppliedSpeed, hint: str | None) -> None:
+    """The speed line (the levers that engaged), then why each other lever is off, then the hint."""
+    from rich.markup import escape
+
+    console.print(escape(applied.summary()))
+    for note in applied.notes:
+        console.print(f"[yellow]·[/] {escape(note)}")
+    if hint:
+        console.print(f"[cyan]·[/] {escape(hint)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,7 +327,7 @@ class Run:
 
     def eval_kwargs(self) -> dict:
         plan = self.plan
-        return dict(packing=plan.packing, pad_id=self.pad_id, block_mask=plan.packing and not plan.native,
+        return dict(packing=plan.packing, pad_id=self.pad_id, block_mask=plan.block_mask,
                     dtype=self.model_dtype, varlen=plan.varlen, fused=plan.fused_loss)
 
     def write_extras(self, folder: Path) -> None:
@@ -341,12 +352,7 @@ def run_training(config: TrainConfig | str | Path | dict, *, resume: str | None 
     # every lever decided here, before anything heavy: a lever named but unavailable fails now
     plan = resolve_speed(cfg, processes=accelerator.num_processes, distributed=accelerator.distributed_type.value)
     console = console or Console(stderr=True, quiet=not accelerator.is_main_process)
-    for note in plan.notes:
-        console.print(f"[yellow]·[/] {note}")
-    hint = faster_settings(cfg, plan, cuda=accelerator.device.type == "cuda")
-    if hint:
-        console.print(f"[cyan]·[/] {hint}")
-    levers = SpeedLevers(plan, cfg, console)
+    levers = SpeedLevers(plan, cfg)
     try:
         run = setup(cfg, accelerator, levers, console, resume=resume)
         train_loop(run)
@@ -387,7 +393,6 @@ def setup(cfg: TrainConfig, accelerator, levers: SpeedLevers, console, *, resume
         raise GlmtuneError(f"{cfg.model.path}: config.json's auto_map said the model "
                            f"{'runs' if levers.plan.native else 'does not run'} remote code, the loaded model disagrees")
     model = levers.on_model(model)
-    console.print(levers.plan.summary())
     print_summary(console, cfg, model, stats, len(dev_ex), steps, world)
 
     # optimizer, schedule, accelerate, checkpoint state
@@ -402,6 +407,8 @@ def setup(cfg: TrainConfig, accelerator, levers: SpeedLevers, console, *, resume
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, out)
+    # printed only now: a failed capture turns graphs and compile off, fused LoRA may have found no layer
+    print_speed(console, levers.applied, faster_settings(cfg, levers.plan, cuda=accelerator.device.type == "cuda"))
     ckpt = resolve_resume(resume, out)
     if ckpt is not None:
         run.step = load_checkpoint(accelerator, run.model, ckpt)["step"]
@@ -451,7 +458,7 @@ def train_loop(run: Run) -> None:
                 result = _graphed_step(run.graphed, micro, accelerator, run.pad_id)
             else:
                 result = _eager_step(model, micro, accelerator, run.plan, cfg, pad_id=run.pad_id,
-                                     block_mask=run.plan.packing and not run.plan.native, dtype=run.model_dtype)
+                                     block_mask=run.plan.block_mask, dtype=run.model_dtype)
             # 3. clip, step, schedule
             grad_norm = (accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
                          if cfg.train.max_grad_norm > 0 else None)

@@ -103,16 +103,19 @@ def test_unknown_generation_option_is_rejected(trained_predictor):
         trained_predictor("hi", max_lenght=3)
 
 
-def test_inference_kernels_choice_on_cpu(random_glm4_dir):
-    """liger kernels need CUDA: `auto` quietly uses none on CPU, `liger` says why it cannot run."""
+def test_inference_liger_choice_on_cpu(random_glm4_dir):
+    """liger kernels need CUDA: `auto` quietly uses none on CPU, `all` says why it cannot run; the
+    name and values are the training config's speed.liger (flce, a fused loss, has no use here)."""
     pytest.importorskip("torch")
     from glmtune import Predictor
 
-    assert Predictor(random_glm4_dir, kernels="auto", device="cpu").backend.kernels == "none"
-    with pytest.raises(GlmtuneError, match="kernels=liger cannot run here: it needs a CUDA device"):
-        Predictor(random_glm4_dir, kernels="liger", device="cpu")
-    with pytest.raises(GlmtuneError, match="unknown kernels"):
-        Predictor(random_glm4_dir, kernels="fast", device="cpu")
+    assert Predictor(random_glm4_dir, liger="auto", device="cpu").backend.liger == "none"
+    with pytest.raises(GlmtuneError, match="liger=all cannot run here: it needs a CUDA device"):
+        Predictor(random_glm4_dir, liger="all", device="cpu")
+    with pytest.raises(GlmtuneError, match="liger=flce fuses the training loss"):
+        Predictor(random_glm4_dir, liger="flce", device="cpu")
+    with pytest.raises(GlmtuneError, match="unknown liger 'fast'"):
+        Predictor(random_glm4_dir, liger="fast", device="cpu")
 
 
 def test_adapter_names_and_damaged_adapter_files(random_glm4_dir, two_adapters, tmp_path):

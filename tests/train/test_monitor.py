@@ -35,7 +35,7 @@ def test_fused_lora_counts_only_layers_that_run_fused(make_cfg):
     fp32 = tiny_peft("glm4")                       # adapters and base fp32: every LoRA layer fuses
     levers = SpeedLevers(SpeedPlan(packing=True, fused_lora=True), cfg)
     levers.on_model(fp32)
-    assert levers.plan.fused_layers == (12, 12) and levers.plan.summary() == (
+    assert levers.applied.fused_layers == (12, 12) and levers.applied.summary() == (
         "speed: packed rows (model attention), fused LoRA (12 of 12 LoRA layers)")
     levers.undo()
     assert not any(hasattr(m, "_glmtune_peft_forward") for m in fp32.modules())
@@ -46,8 +46,9 @@ def test_fused_lora_counts_only_layers_that_run_fused(make_cfg):
             p.data = p.data.float()                  # ... fp32 adapters (PEFT's default autocast)
     levers = SpeedLevers(SpeedPlan(packing=True, fused_lora=True), cfg)
     levers.on_model(mixed)
-    assert not levers.plan.fused_lora and levers.plan.summary() == "speed: packed rows (model attention)"
-    assert levers.plan.notes == ["speed.fused_lora -> off (0 of 12 LoRA layers can run fused)"]
+    assert not levers.applied.fused_lora and levers.applied.summary() == "speed: packed rows (model attention)"
+    assert levers.applied.notes == ("speed.fused_lora -> off (0 of 12 LoRA layers can run fused)",)
+    assert levers.plan.fused_lora  # the plan is what was decided, unchanged
     levers.undo()
 
 

@@ -4,6 +4,7 @@ run_training gives the unfused/uncompiled/unpacked loss (fp32, 1e-5). The CUDA k
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -31,10 +32,12 @@ def test_auto_on_cpu_falls_back_with_notes(make_cfg):
 def test_auto_on_gpu_turns_levers_on(make_cfg):
     plan = resolve_speed(make_cfg(**{"model.dtype": "bf16"}), **GPU)
     assert (plan.packing, plan.varlen, plan.liger, plan.compile) == (True, True, "flce", True) and len(plan.notes) == 1
-    # the speed line names only what engaged; fp32 adapters on bf16 activations never run fused LoRA
-    assert plan.summary() == "speed: packed rows (varlen FlashAttention), liger flce, compiled blocks, CUDA graphs (2048-token rows)"
-    assert not plan.fused_lora and "speed.fused_lora auto -> off (adapters fp32, activations bf16" in plan.notes[0]
-    assert resolve_speed(make_cfg(), cuda=False, native=True).summary() == "speed: packed rows (model attention), fused LoRA"
+    # fp32 adapters on bf16 activations never run fused LoRA
+    assert (plan.graphs, plan.graph_tokens, plan.adapter_fp32, plan.fused_lora) == (True, 2048, True, False)
+    assert "speed.fused_lora auto -> off (adapters fp32, activations bf16" in plan.notes[0]
+    cpu = resolve_speed(make_cfg(), cuda=False, native=True)
+    assert (cpu.packing, cpu.varlen, cpu.liger, cpu.compile, cpu.fused_lora, cpu.graphs) == (
+        True, False, "none", False, True, False)
     # without compile, liger also fuses RMSNorm and SwiGLU
     assert resolve_speed(make_cfg(**{"model.dtype": "bf16", "speed.compile": False}), **GPU).liger == "all"
     # fp32 weights: FlashAttention can't run, packed SDPA instead
@@ -47,8 +50,8 @@ def test_auto_on_gpu_turns_levers_on(make_cfg):
     nolig = resolve_speed(make_cfg(**{"model.dtype": "bf16"}), **{**GPU, "liger_problem": "liger-kernel is not installed"})
     assert nolig.liger == "none" and "speed.liger auto -> none (liger-kernel is not installed)" in nolig.notes
     adapters = resolve_speed(make_cfg(**{"model.dtype": "bf16", "speed.adapter_dtype": "model"}), **GPU)
-    assert adapters.adapter_fp32 is False and adapters.fused_lora and adapters.notes == []
-    assert adapters.summary().endswith("adapters in the model dtype, fused LoRA, CUDA graphs (2048-token rows)")
+    assert adapters.adapter_fp32 is False and adapters.fused_lora and adapters.notes == ()
+    assert (adapters.fused_lora, adapters.graphs) == (True, True)
     prefix = resolve_speed(make_cfg(**{"model.dtype": "bf16", "method.name": "prefix"}), **GPU)
     assert (prefix.packing, prefix.varlen, prefix.liger, prefix.compile) == (False, False, "none", False)
     assert resolve_speed(make_cfg(**{"method.name": "prefix", "speed.liger": "all"}), **GPU).liger == "all"
@@ -127,6 +130,156 @@ def test_config_cross_checks_name_the_option(make_cfg):
     assert make_cfg(**{"speed.compile": False}).speed.compile is False
 
 
+def test_the_plan_is_frozen(make_cfg):
+    import dataclasses
+
+    plan = resolve_speed(make_cfg(), cuda=False, native=True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.graphs = True
+    assert isinstance(plan.notes, tuple)
+    assert plan.block_mask is False and replace(plan, native=False).block_mask is True
+    assert replace(plan, native=False, packing=False).block_mask is False
+
+
+# one decider per lever, on hand-set inputs (what resolve_speed would probe or ask accelerate)
+
+def test_decide_packing(make_cfg):
+    from glmtune.models.peft_setup import method_traits
+    from glmtune.train.speed import decide_packing
+
+    lora, prefix = method_traits("lora"), method_traits("prefix")
+    assert decide_packing(make_cfg(), lora, native=True) == (True, None)
+    assert decide_packing(make_cfg(), lora, native=False) == (False, "data.packing auto -> off (remote-code model)")
+    assert decide_packing(make_cfg(), prefix, native=True) == (False, "data.packing auto -> off (method prefix)")
+    assert decide_packing(make_cfg(**{"data.packing": False}), lora, native=True) == (False, None)
+    assert decide_packing(make_cfg(**{"data.packing": True}), lora, native=False) == (True, None)
+
+
+def test_decide_attention(make_cfg):
+    from glmtune.train.speed import decide_attention
+
+    bf16 = make_cfg(**{"model.dtype": "bf16"})
+    gpu = dict(packing=True, native=True, cuda=True, varlen_problem=None)
+    assert decide_attention(bf16, **gpu) == (True, None)
+    assert decide_attention(bf16, **{**gpu, "varlen_problem": "torch 2.9 has no varlen"}) == (
+        False, "speed.attention auto -> sdpa packed path (varlen off: torch 2.9 has no varlen)")
+    assert decide_attention(make_cfg(), **{**gpu, "cuda": False}) == (
+        False, "speed.attention auto -> sdpa packed path (varlen off: no CUDA GPU; model.dtype fp32 "
+               "(FlashAttention needs bf16/fp16))")
+    assert decide_attention(bf16, **{**gpu, "packing": False}) == (False, None)  # padded: nothing to say
+    assert decide_attention(make_cfg(**{"model.dtype": "bf16", "speed.attention": "model"}), **gpu) == (False, None)
+    assert decide_attention(make_cfg(**{"model.dtype": "bf16", "speed.attention": "varlen"}), **gpu) == (True, None)
+    with pytest.raises(ConfigError, match="speed.attention=varlen cannot run here: remote-code model"):
+        decide_attention(make_cfg(**{"model.dtype": "bf16", "speed.attention": "varlen"}), **{**gpu, "native": False})
+
+
+def test_decide_compile(make_cfg):
+    from glmtune.models.peft_setup import method_traits
+    from glmtune.train.speed import decide_compile
+
+    lora, prefix, cfg = method_traits("lora"), method_traits("prefix"), make_cfg()
+    on = dict(cuda=True, native=True, distributed="NO")
+    assert decide_compile(cfg, lora, **on) == (True, None)
+    assert decide_compile(cfg, lora, **{**on, "distributed": "MULTI_GPU"}) == (True, None)
+    assert decide_compile(cfg, lora, **{**on, "cuda": False}) == (False, "speed.compile auto -> off (no CUDA GPU)")
+    assert decide_compile(cfg, lora, **{**on, "distributed": "DEEPSPEED"}) == (
+        False, "speed.compile auto -> off (accelerate runs DEEPSPEED)")
+    assert decide_compile(cfg, prefix, **on) == (False, "speed.compile auto -> off (method prefix)")
+    assert decide_compile(make_cfg(**{"speed.compile": True}), lora, **{**on, "cuda": False}) == (True, None)
+    with pytest.raises(ConfigError, match="speed.compile=true compiles transformers-native decoder blocks"):
+        decide_compile(make_cfg(**{"speed.compile": True}), lora, **{**on, "native": False})
+
+
+def test_decide_liger(make_cfg):
+    from glmtune.models.peft_setup import method_traits
+    from glmtune.train.speed import decide_liger
+
+    lora, prefix, cfg = method_traits("lora"), method_traits("prefix"), make_cfg()
+    gpu = dict(cuda=True, native=True, compile_on=True, distributed="NO", liger_problem=None)
+    assert decide_liger(cfg, lora, **gpu) == ("flce", None)
+    assert decide_liger(cfg, lora, **{**gpu, "compile_on": False}) == ("all", None)
+    assert decide_liger(cfg, lora, **{**gpu, "liger_problem": "liger-kernel is not installed"}) == (
+        "none", "speed.liger auto -> none (liger-kernel is not installed)")
+    assert decide_liger(cfg, lora, **{**gpu, "distributed": "FSDP"})[0] == "none"
+    assert decide_liger(cfg, prefix, **gpu)[1].startswith("speed.liger auto -> none (method prefix")
+    assert decide_liger(make_cfg(**{"speed.liger": "all"}), prefix, **gpu) == ("all", None)
+    assert decide_liger(make_cfg(**{"speed.liger": "none"}), lora, **{**gpu, "cuda": False}) == ("none", None)
+    with pytest.raises(ConfigError, match="speed.liger=flce cannot run here: remote-code model"):
+        decide_liger(make_cfg(**{"speed.liger": "flce"}), lora, **{**gpu, "native": False})
+
+
+def test_decide_fused_lora(make_cfg):
+    from glmtune.models.peft_setup import method_traits
+    from glmtune.train.speed import decide_fused_lora
+
+    lora, full = method_traits("lora"), method_traits("full")
+    fast = make_cfg(**{"model.dtype": "bf16", "speed.adapter_dtype": "model"})
+    assert decide_fused_lora(fast, lora, distributed="NO") == (True, None)
+    assert decide_fused_lora(fast, lora, distributed="MULTI_GPU") == (True, None)
+    assert decide_fused_lora(fast, lora, distributed="FSDP") == (False, "speed.fused_lora auto -> off (accelerate runs FSDP)")
+    assert decide_fused_lora(make_cfg(), lora, distributed="NO") == (True, None)  # fp32 adapters on fp32
+    value, note = decide_fused_lora(make_cfg(**{"model.dtype": "bf16", "method.dropout": 0.1}), lora, distributed="NO")
+    assert not value and "adapters fp32, activations bf16" in note and "method.dropout > 0" in note
+    assert decide_fused_lora(make_cfg(**{"method.name": "full"}), full, distributed="NO") == (False, None)
+    with pytest.raises(ConfigError, match="speed.fused_lora=true cannot run here: method.dropout > 0"):
+        decide_fused_lora(make_cfg(**{"speed.fused_lora": True, "method.dropout": 0.1}), lora, distributed="NO")
+
+
+def test_decide_graphs(make_cfg):
+    from glmtune.models.peft_setup import method_traits
+    from glmtune.train.speed import decide_graphs, graph_row_tokens
+
+    lora, cfg = method_traits("lora"), make_cfg()
+    one_gpu = dict(cuda=True, varlen=True, processes=1, distributed="NO")
+    assert decide_graphs(cfg, lora, **one_gpu) == (True, None)
+    assert decide_graphs(cfg, lora, **{**one_gpu, "varlen": False}) == (
+        False, "speed.cuda_graphs auto -> off (varlen attention is off)")
+    assert decide_graphs(cfg, lora, **{**one_gpu, "processes": 2, "distributed": "MULTI_GPU"}) == (
+        False, "speed.cuda_graphs auto -> off (2 processes: capture under DDP is opt-in (speed.cuda_graphs: true))")
+    assert decide_graphs(make_cfg(**{"speed.cuda_graphs": True}), lora,
+                         **{**one_gpu, "processes": 2, "distributed": "MULTI_GPU"}) == (True, None)
+    assert decide_graphs(make_cfg(**{"speed.offload_activations": True}), lora, **one_gpu)[0] is False
+    assert decide_graphs(make_cfg(**{"speed.cuda_graphs": False}), lora, **one_gpu) == (False, None)
+    assert decide_graphs(cfg, method_traits("full"), **one_gpu) == (False, "speed.cuda_graphs auto -> off (method full)")
+    assert graph_row_tokens(cfg) == 2048 and graph_row_tokens(make_cfg(**{"data.cutoff_len": 2100})) == 2176
+
+
+def test_speed_line_is_printed_after_a_failed_capture(make_cfg, monkeypatch):
+    """A capture that fails under `auto` turns graphs and compile off; the speed line, printed after
+    capture, names neither and the fallback note says why (the old line, printed before capture,
+    claimed both). Graphs and compile are forced into the plan (a CPU has neither), compilation is
+    replaced by a recorder and the graph builder raises."""
+    import io
+
+    from rich.console import Console
+
+    from glmtune.models import speed as kernels
+    from glmtune.train import graphs, loop, run_training
+
+    real = loop.resolve_speed
+    def forced(cfg, **kw):
+        plan = real(cfg, **kw)
+        return replace(plan, graphs=True, compile=True, notes=plan.notes[:0])  # without the CPU's notes
+    monkeypatch.setattr(loop, "resolve_speed", forced)
+    calls = []
+    monkeypatch.setattr(kernels, "compile_decoder_layers", lambda model, dynamic: calls.append(("compile", dynamic)))
+    monkeypatch.setattr(kernels, "uncompile_decoder_layers", lambda model: calls.append(("uncompile",)))
+
+    def capture_fails(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(graphs, "GraphedDecoder", capture_fails)
+    out = io.StringIO()
+    result = run_training(make_cfg(**{"train.max_steps": 2}), console=Console(file=out, width=400))
+    log = out.getvalue()
+    speed_lines = [line for line in log.splitlines() if line.startswith("speed: ")]
+    assert speed_lines == ["speed: packed rows (model attention), fused LoRA (12 of 12 LoRA layers)"], log
+    assert ("· speed.cuda_graphs auto -> off (capture failed: RuntimeError: operation not permitted when stream "
+            "is capturing); speed.compile -> off with it") in log
+    # the line comes after the capture attempt, which comes after the model summary
+    assert log.index("trainable") < log.index("speed: ")
+    assert calls == [("compile", False), ("uncompile",)] and result.steps == 2
+
+
 # --------------------------------------------------------------------------------------------------
 # each lever's code path gives the reference loss (fp32, tiny GLM-4)
 
@@ -192,8 +345,7 @@ def test_varlen_path_through_run_training_equals_unpacked(make_cfg, monkeypatch)
 
     def with_varlen(cfg, **kw):
         plan = real(cfg, **kw)
-        plan.varlen = plan.packing
-        return plan
+        return replace(plan, varlen=plan.packing)
 
     monkeypatch.setattr(loop, "resolve_speed", with_varlen)
     over = {"train.max_steps": 2, "train.grad_accum": 2, "data.val_size": 4}
@@ -235,8 +387,8 @@ def test_compiled_training_equals_eager(make_cfg):
     b = [m["loss"] for m in compiled.metrics]
     assert len(a) == 2 and all(abs(x - y) / x < 1e-5 for x, y in zip(a, b)), (a, b)
     # the returned model's blocks are eager again
-    from glmtune.models.speed import decoder_layers
-    assert all(layer._compiled_call_impl is None for layer in decoder_layers(compiled.model))
+    from glmtune.models.loading import find_decoder
+    assert all(layer._compiled_call_impl is None for layer in find_decoder(compiled.model).layers)
 
 
 def test_offloaded_activations_give_the_same_losses(make_cfg):

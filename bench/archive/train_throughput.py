@@ -1,6 +1,8 @@
-"""Seed recipe vs glmtune, side by side in one device call (issue 6).
+"""Superseded (bench/archive/README.md): a record of how the H100 figures of bench/RESULTS.md sessions 1-3 were measured, on a bench-side model set-up; current figures come from bench/train_product.py, which drives `glmtune train`.
 
-    python3 bench/train_throughput.py [--only lora|qlora|all] [--preset pack|levers] [--variants "A;B"] [--layers 40]
+Seed recipe vs glmtune, side by side in one device call (issue 6).
+
+    python3 bench/archive/train_throughput.py [--only lora|qlora|all] [--preset pack|levers] [--variants "A;B"] [--layers 40]
 
 Each configuration runs in its own process (clean peak memory): the seed recipe first
 (bench/seed_recipe_baseline.py, batch 4), then each glmtune variant (bench/glmtune_worker.py args).
@@ -46,7 +48,8 @@ args = p.parse_args()
 
 
 def run(cmd):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(HERE)),
+                                                        os.environ.get("PYTHONPATH", "")])}
     tmp = tempfile.mkdtemp(prefix="glmtune_bench_")
     env["TMPDIR"] = tmp  # the seed's QLoRA saves its 18 GB model under tempfile.mkdtemp(): removed after
     try:
@@ -75,7 +78,7 @@ for group in (["lora", "qlora"] if args.only == "all" else [args.only]):
         continue
     seed = {}
     if not args.no_seed:
-        seed_cmd = [sys.executable, os.path.join(HERE, "seed_with_reserved.py"), "--layers", str(args.layers)]
+        seed_cmd = [sys.executable, os.path.join(os.path.dirname(HERE), "seed_with_reserved.py"), "--layers", str(args.layers)]
         seed = run(seed_cmd + (["--qlora"] if qlora else []))
         seed.setdefault("recipe", "seed"); seed.setdefault("qlora", qlora)
         print(json.dumps(seed), flush=True); rows.append(seed)

@@ -1,4 +1,6 @@
-"""Longest sequence trainable at batch 1 (issue 6 goal: >= 4x the seed recipe's), GLM-4-9B's shape.
+"""Superseded (bench/archive/README.md): a record of how the H100 figures of bench/RESULTS.md sessions 1-3 were measured, on a bench-side model set-up; current figures come from bench/train_product.py, which drives `glmtune train`.
+
+Longest sequence trainable at batch 1 (issue 6 goal: >= 4x the seed recipe's), GLM-4-9B's shape.
 
 One process per recipe builds its model once, then climbs a ladder of lengths; each rung is one
 forward + backward + optimizer step on one random sequence of that length. The climb stops at the
@@ -13,9 +15,9 @@ Recipes:
            checkpointing, bf16 LoRA r64/alpha128, dropout 0 (speed.attention varlen, liger flce,
            adapter_dtype model, train.gradient_checkpointing in a glmtune config).
 
-    python3 bench/longest_seq.py --recipe glmtune [--qlora] [--lengths 4096,8192,...]
-    python3 bench/longest_seq.py --all --timeout 230     # the four recipes, one process each
-    python3 bench/longest_seq.py --recipe glmtune --tiny --lengths 64,128   # CPU dry run
+    python3 bench/archive/longest_seq.py --recipe glmtune [--qlora] [--lengths 4096,8192,...]
+    python3 bench/archive/longest_seq.py --all --timeout 230     # the four recipes, one process each
+    python3 bench/archive/longest_seq.py --recipe glmtune --tiny --lengths 64,128   # CPU dry run
 """
 import argparse
 import contextlib, gc, json, os, subprocess, sys, time

@@ -1,4 +1,6 @@
-"""One glmtune training configuration on the GPU (a worker of bench/train_throughput.py).
+"""Superseded (bench/archive/README.md): a record of how the H100 figures of bench/RESULTS.md sessions 1-3 were measured, on a bench-side model set-up; current figures come from bench/train_product.py, which drives `glmtune train`.
+
+One glmtune training configuration on the GPU (a worker of bench/train_throughput.py).
 
 Same model shape and sequence stream as bench/seed_recipe_baseline.py: GLM-4-9B-0414's shape with
 random bf16 weights; lengths ~ U[300, 1100) drawn from default_rng(1) four at a time, exactly the
@@ -18,8 +20,8 @@ through glmtune.train.graphs.GraphedDecoder: the decoder blocks as CUDA graphs (
 same code eagerly. `--fused-lora`: glmtune.models.fused_lora on every LoRA linear and the MLPs.
 
 Prints one JSON line (with "error" on failure, e.g. out of memory).
-    python3 bench/glmtune_worker.py --pack 8 --ckpt [--qlora] [--accum N] [--tiny]
-    python3 bench/glmtune_worker.py --rows 2048 --graph --fused-lora [--compile] [--qlora]
+    python3 bench/archive/glmtune_worker.py --pack 8 --ckpt [--qlora] [--accum N] [--tiny]
+    python3 bench/archive/glmtune_worker.py --rows 2048 --graph --fused-lora [--compile] [--qlora]
 """
 import argparse, json, math, time
 

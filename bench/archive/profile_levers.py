@@ -1,4 +1,6 @@
-"""Where does GLM-4-9B LoRA SFT time go, and what does each lever give? (issue 6, first device call)
+"""Superseded (bench/archive/README.md): a record of how the H100 figures of bench/RESULTS.md sessions 1-3 were measured, on a bench-side model set-up; current figures come from bench/train_product.py, which drives `glmtune train`.
+
+Where does GLM-4-9B LoRA SFT time go, and what does each lever give? (issue 6, first device call)
 
 One configuration per process (clean peak-memory numbers). Same model shape and length
 distribution as bench/seed_recipe_baseline.py: Glm4ForCausalLM with GLM-4-9B-0414's shape, random
@@ -7,7 +9,7 @@ A step's 4 sequences are processed as micro-batches of `--pack` sequences packed
 (no padding; position ids restart per sequence so transformers builds a block-diagonal mask),
 with gradients accumulated, so every variant takes the same optimizer steps as the seed recipe.
 
-Usage (device): python3 bench/profile_levers.py --pack 2 --adapter bf16 --liger [--ckpt] [--profile]
+Usage (device): python3 bench/archive/profile_levers.py --pack 2 --adapter bf16 --liger [--ckpt] [--profile]
 Prints one JSON line: tokens/s, peak GiB, and (with --profile) the top CUDA kernels.
 """
 import argparse, json, time
