@@ -78,7 +78,7 @@ def phase_check(model_dir: Path, out: Path | None) -> None:
 
     # 1. eager engine steps: logits against a plain forward over prompt + answer (teacher forcing)
     runner_mod.next_tokens = recording
-    engine, _, summary = create_engine(model, stop_ids=stop, settings=EngineSettings(cuda_graphs=False))
+    engine, _, summary = create_engine(model, stop_ids=stop, settings=EngineSettings(cuda_graphs=False, max_slots=32))
     seq = engine.submit(ids[0], max_new_tokens=24)
     seq.done.wait(300)
     runner_mod.next_tokens = real
@@ -97,14 +97,20 @@ def phase_check(model_dir: Path, out: Path | None) -> None:
     eager_tokens = [s.tokens for s in seqs]
     engine.close()
 
-    # 2. graphed steps give the eager steps' tokens; 3. prefix hits and chunks give the cold logits
-    engine, _, summary = create_engine(model, stop_ids=stop, settings=EngineSettings(prefill_tokens=96))
+    del engine
+    # 2. graphed steps (same settings) give the eager steps' tokens
+    engine, _, summary = create_engine(model, stop_ids=stop, settings=EngineSettings(max_slots=32))
     seqs = [engine.submit(p, max_new_tokens=32) for p in ids]
     for s in seqs:
         s.done.wait(300)
     same = sum(int(s.tokens == e) for s, e in zip(seqs, eager_tokens))
+    first_diff = [next((i for i, (a, b) in enumerate(zip(s.tokens, e)) if a != b), None) for s, e in zip(seqs, eager_tokens)]
     emit(out, {"check": "graphed decode vs eager decode", "requests": len(ids), "identical": same,
-               "graphs": engine.graphs_note, "engine": summary})
+               "first_difference_at": first_diff, "graphs": engine.graphs_note, "engine": summary})
+    engine.close()
+    del engine
+    # 3. prefix hits and chunked prefill give the cold forward's first logits
+    engine, _, summary = create_engine(model, stop_ids=stop, settings=EngineSettings(prefill_tokens=96, max_slots=32))
     shared = tpl.encode_prompt(tok, [{"role": "system", "content": " ".join(WORDS * 3)},
                                      {"role": "user", "content": "first question about rivers"}])
     recorded.clear()
@@ -114,7 +120,7 @@ def phase_check(model_dir: Path, out: Path | None) -> None:
         first = len(recorded)  # the prefill's logits come first (a decode step may follow them)
         engine.submit(p, max_new_tokens=1).done.wait(300)
     runner_mod.next_tokens = real
-    stored = list(engine.prefix.stored.values()) if engine.prefix else []
+    stored = [list(v) for v in engine.prefix.stored.values()] if engine.prefix else []
     with torch.inference_mode():
         cold = model(torch.tensor([p], device=dev)).logits[0, -1].float()
     emit(out, {"check": "prefix hit + chunked prefill vs cold forward", "prompt_tokens": len(p),
@@ -283,8 +289,7 @@ def phase_predict(model_dir: Path, out: Path | None, n: int, n_off: int, n_eval:
             f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "x"}]}) + "\n")
     runs = (("engine", n, ["--engine", "auto", "--batch-size", "256"]),
             ("engine off (transformers generate, batch 8: the old default)", n_off,
-             ["--engine", "off", "--batch-size", "8"]),
-            ("engine off, batch 32", n_off, ["--engine", "off", "--batch-size", "32"]))
+             ["--engine", "off", "--batch-size", "8"]))
     for what, count, flags in runs:
         sub = Path(f"/tmp/glmtune_bench_predict_{count}.jsonl")
         sub.write_text("".join(data.read_text().splitlines(keepends=True)[:count]))

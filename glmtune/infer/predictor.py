@@ -254,21 +254,33 @@ _DONE = object()
 class StreamDecoder:
     """Turn growing token ids into text pieces that never change once emitted.
 
-    Re-decodes all ids each step (cheap for chat-length answers) and holds back a trailing U+FFFD,
-    which is half of a multi-byte character (Chinese) split across byte-level tokens.
+    Decodes incrementally: each update decodes only the ids from ``prefix`` (a few tokens back, so a
+    SentencePiece word's leading space and a byte-level character split across tokens come out as in
+    the whole text) and appends what is new; a trailing U+FFFD (half a multi-byte character, e.g.
+    Chinese) waits for the next token. A server streaming 64 answers thus decodes a few tokens per
+    answer per step, not whole answers. The template's ``answer_text`` then cuts the metadata line.
     """
 
     def __init__(self, predictor: Predictor):
         self.p, self.emitted = predictor, ""
+        self.raw, self.prefix, self.read = "", 0, 0  # decoded text of ids[:read]; decode windows start at prefix
 
     def update(self, ids: list[int]) -> str:
         stops = set(self.p.stop_ids)
         cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
-        text = self.p.decode(ids[:cut], final=False).rstrip("\ufffd")
-        return self._advance(text)
+        if cut > self.read:
+            window = self._decode(ids[self.prefix:self.read])
+            text = self._decode(ids[self.prefix:cut])
+            if len(text) > len(window) and not text.endswith("\ufffd"):
+                self.raw += text[len(window):]
+                self.prefix, self.read = self.read, cut
+        return self._advance(self.p.template.answer_text(self.raw, final=False))
 
     def finish(self, final_text: str) -> str:
         return self._advance(final_text)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.p.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _advance(self, text: str) -> str:
         if not text.startswith(self.emitted) or len(text) <= len(self.emitted):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -121,6 +122,9 @@ class BatchingEngine:
         self.backend = predictor.backend
         self.max_queue = max_queue
         self.engine = self.backend.engine(list(predictor.stop_ids))
+        # The engine's thread needs the GIL for a moment every step; the event loop (HTTP, text
+        # decoding) must hand it over within 1 ms, not Python's default 5 ms (a whole decode step).
+        sys.setswitchinterval(0.001)
         self.engine.warmup()  # capture decode graphs before the first client waits on them
         self._in_flight: dict[int, tuple] = {}   # id(seq) -> (job, decoder)
         self._dirty: list = []
