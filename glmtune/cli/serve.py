@@ -34,6 +34,8 @@ def serve_cmd(
     backend: str = typer.Option("hf", help="hf or vllm."),
     engine: str = typer.Option("auto", help="hf back-end: auto = glmtune's generation engine (continuous "
                                             "batching, CUDA graphs, adapters batched), off = one request at a time."),
+    liger: str = typer.Option("auto", help="liger-kernel's RMSNorm/SwiGLU (fewer kernels per decode step), as the "
+                                           "training config's speed.liger: auto (on CUDA when installed) | all | none."),
     max_model_len: Optional[int] = typer.Option(None, help="Prompt + answer tokens per request the engine's KV "
                                                            "cache holds (default: the model's context, at most "
                                                            "8192 on a GPU, 2048 on a CPU)."),
@@ -56,7 +58,7 @@ def serve_cmd(
                          fix="pass an existing folder, or leave --image-root out (data: URIs only)")
     limits = ImageLimits(max_bytes=int(image_max_mb * 2**20), max_pixels=image_max_pixels,
                          max_images=image_max_count)
-    engine_kwargs = {"engine": engine_option(engine, max_model_len)} if backend == "hf" else {}
+    engine_kwargs = {"engine": engine_option(engine, max_model_len), "liger": liger} if backend == "hf" else {}
     predictor = Predictor(model, adapter=adapter_option(adapter), backend=backend, template=template,
                           rag=rag, rag_threshold=rag_threshold, image_limits=limits, **engine_kwargs)
     if max_body is None:

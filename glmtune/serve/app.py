@@ -275,9 +275,18 @@ async def _sse(job: Job, deadline: float, cid: str, model: str, prompt_tokens: i
 
     try:
         yield sse(schemas.chunk(cid, model, {"role": "assistant", "content": ""}))
+        held = None
         while True:
-            kind, value = await _next_event(job, deadline)
+            kind, value = held if held is not None else await _next_event(job, deadline)
+            held = None
             if kind == "text":
+                # pieces that queued up while this stream waited its turn go out as one chunk
+                while not job.events.empty():
+                    more = job.events.get_nowait()
+                    if more[0] != "text":
+                        held = more
+                        break
+                    value += more[1]
                 yield sse(schemas.chunk(cid, model, {"content": value}))
                 continue
             if kind == "done":

@@ -47,6 +47,10 @@ class Job:
         except RuntimeError:  # loop closed: the server is shutting down
             self.stop()
 
+    def put(self, kind: str, value) -> None:
+        """The same hand-over, from the event loop's own thread (no wake-up of the loop needed)."""
+        self.events.put_nowait((kind, value))
+
     def stop(self) -> None:
         """The request is over for its client (answered, timed out, disconnected): stop generating."""
         if not self.cancel.is_set():
@@ -186,7 +190,7 @@ class BatchingEngine:
                 finished = decoder.feed(seq)
             except Exception as e:  # report to that request; the others go on
                 log.exception("decoding failed")
-                job.send("error", e)
+                job.put("error", e)
                 finished = True
             if finished:
                 self._in_flight.pop(id(seq), None)
@@ -208,17 +212,17 @@ class _Decoder:
         if self.stream is not None and seq.tokens:
             piece = self.stream.update(list(seq.tokens))
             if piece:
-                self.job.send("text", piece)
+                self.job.put("text", piece)
         if seq.finish_reason is None:
             return False
         if seq.error is not None:
-            self.job.send("error", seq.error)
+            self.job.put("error", seq.error)
             return True
         result = engine_output(seq)
         text = self.p.decode(result.token_ids)
         if self.stream is not None:
             piece = self.stream.finish(text)
             if piece:
-                self.job.send("text", piece)
-        self.job.send("done", (text, result))
+                self.job.put("text", piece)
+        self.job.put("done", (text, result))
         return True

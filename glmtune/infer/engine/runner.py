@@ -172,27 +172,28 @@ class ModelRunner:
         return {"cu_q": cum(q_lens), "cu_k": cum(k_lens), "max_q": max(q_lens), "max_k": max(k_lens)}
 
     # -- decode -----------------------------------------------------------------------------------
-    def decode(self, n_rows: int, longest: int, *, sampling: bool, rows: list) -> Pending:
+    def decode(self, n_rows: int, longest: int, *, sampling: bool, adapters: bool = True, rows: list) -> Pending:
         """One token for rows 0..n_rows-1 (the decoding ones; others idle on the scratch position).
-        ``longest``: the most positions any row attends to after this step's write."""
+        ``longest``: the most positions any row attends to after this step's write. ``adapters``: some
+        row runs an adapter (a step of base-model rows alone skips the LoRA matmuls of every layer)."""
         import torch
 
         with self.lock, torch.inference_mode():
-            return self._decode(n_rows, longest, sampling, rows)
+            return self._decode(n_rows, longest, sampling, adapters and self.lora is not None, rows)
 
-    def _decode(self, n_rows: int, longest: int, sampling: bool, rows: list) -> Pending:
+    def _decode(self, n_rows: int, longest: int, sampling: bool, adapters: bool, rows: list) -> Pending:
         b = min(bucket(n_rows, BATCH_BUCKETS), self.cache.slots)
         width = bucket(min(longest, self.cache.length), length_buckets(self.cache.length))
-        key = (b, width, sampling)
+        key = (b, width, sampling, adapters)
         if self.use_graphs and self.graph_failure is None:
             graph = self.graphs.get(key) or self._capture(key)
             if graph is not None:
                 graph.replay()
                 return self._send(self.out_tokens[:b], self.out_finished[:b], rows)
-        self._decode_step(b, width, sampling)
+        self._decode_step(b, width, sampling, adapters)
         return self._send(self.out_tokens[:b], self.out_finished[:b], rows)
 
-    def _decode_step(self, b: int, width: int, sampling: bool) -> None:
+    def _decode_step(self, b: int, width: int, sampling: bool, adapters: bool = False) -> None:
         """The step itself: pure device work on fixed shapes (what a CUDA graph captures)."""
         import torch
 
@@ -202,7 +203,7 @@ class ModelRunner:
         seen = torch.where(act, pos + 1, torch.ones_like(pos))
         mask = (torch.arange(width, device=self.device)[None, :] < seen[:, None])[:, None, None, :]
         ctx = StepContext(self.cache, "decode", write_pos=write, kv_mask=mask)
-        with engine_forward(self.model, ctx), self._lora(self.adapter[:b] if self.lora is not None else None):
+        with engine_forward(self.model, ctx), self._lora(self.adapter[:b] if adapters else None):
             logits = self.model(input_ids=self.tokens[:b, None], position_ids=write[:, None], use_cache=False,
                                 logits_to_keep=1).logits[:, -1]
         presence = self.presence[:b] if (sampling and self.presence is not None) else None
@@ -220,7 +221,8 @@ class ModelRunner:
         self.out_finished[:b] = done
 
     def capture_buckets(self, max_rows: int, widths) -> None:
-        """Capture the greedy decode step of every batch bucket up to ``max_rows`` at these widths."""
+        """Capture the greedy decode steps (base rows only, and with adapters when some are loaded) of
+        every batch bucket up to ``max_rows`` at these widths."""
         import torch
 
         if not self.use_graphs:
@@ -228,9 +230,10 @@ class ModelRunner:
         with self.lock, torch.inference_mode():
             for b in BATCH_BUCKETS:
                 for w in widths:
-                    key = (min(b, self.cache.slots), min(w, self.cache.length), False)
-                    if self.graph_failure is None and key not in self.graphs:
-                        self._capture(key)
+                    for adapters in (False, True) if self.lora is not None else (False,):
+                        key = (min(b, self.cache.slots), min(w, self.cache.length), False, adapters)
+                        if self.graph_failure is None and key not in self.graphs:
+                            self._capture(key)
                 if b >= max_rows:
                     break
 
@@ -239,7 +242,7 @@ class ModelRunner:
         turns graphs off for this engine (eager steps from then on, the reason kept for the log)."""
         import torch
 
-        b, width, sampling = key
+        b, width, sampling, adapters = key
         saved = self.active[:b].clone()
         self.active[:b] = False  # warm-up and capture must not advance real requests
         try:
@@ -247,13 +250,13 @@ class ModelRunner:
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._decode_step(b, width, sampling)
+                    self._decode_step(b, width, sampling, adapters)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             if self.graph_pool is None:
                 self.graph_pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
-                self._decode_step(b, width, sampling)
+                self._decode_step(b, width, sampling, adapters)
         except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
             self.graph_failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             graph = None

@@ -13,11 +13,13 @@ slot is taken, so the KV cache never runs the device out of memory.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import random
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,6 +28,15 @@ from glmtune.infer.engine.cache import PREFIX_BLOCK, PrefixStore
 from glmtune.infer.engine.runner import ModelRunner
 
 log = logging.getLogger("glmtune.engine")
+
+# Engines still running when the interpreter exits are stopped first: a daemon thread still inside
+# a CUDA call while Python tears down aborts the process ("terminate called without an active exception").
+_RUNNING: "weakref.WeakSet[GenerationEngine]"
+
+
+def _close_all() -> None:
+    for engine in list(_RUNNING):
+        engine.close()
 
 
 @dataclass(eq=False)  # compared and hashed by identity
@@ -83,6 +94,7 @@ class GenerationEngine:
         self.error: str | None = None           # the last error a step raised
         self._thread = threading.Thread(target=self._loop, daemon=True, name="glmtune-generation")
         self._thread.start()
+        _RUNNING.add(self)
 
     # -- the public side ----------------------------------------------------------------------------
     def submit(self, prompt: list[int], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
@@ -143,7 +155,9 @@ class GenerationEngine:
     def close(self) -> None:
         self._closed = True
         self._wake.set()
-        self._thread.join(timeout=30)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        _RUNNING.discard(self)
 
     # -- the loop -----------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -175,8 +189,10 @@ class GenerationEngine:
         if any(decoding):
             longest = max(s.length + 1 for s in decoding if s is not None)
             sampling = any(s.sampling for s in decoding if s is not None)
+            adapters = any(s.adapter >= 0 for s in decoding if s is not None)
             last = max(i for i, s in enumerate(decoding) if s is not None) + 1
-            self._pending.append(self.runner.decode(last, longest, sampling=sampling, rows=decoding[:last]))
+            self._pending.append(self.runner.decode(last, longest, sampling=sampling, adapters=adapters,
+                                                    rows=decoding[:last]))
             for s in decoding:
                 if s is not None:
                     s.length += 1
@@ -314,3 +330,7 @@ class GenerationEngine:
             self.runner.deactivate(i)
         self._running.clear()
 
+
+
+_RUNNING = weakref.WeakSet()
+atexit.register(_close_all)

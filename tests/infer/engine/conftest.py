@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-STOP = [151329, 151336, 151338]
+from engine_refs import STOP
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +20,6 @@ def prompts():
     g = torch.Generator().manual_seed(0)
     shared = torch.randint(0, 150000, (70,), generator=g).tolist()
     return [shared + torch.randint(0, 150000, (n,), generator=g).tolist() for n in (5, 9, 13, 2, 30, 200)]
-
-
-def reference(model, prompt, max_new_tokens=16, **kw):
-    """transformers' greedy answer, the library path the engine must equal."""
-    import torch
-
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=STOP, pad_token_id=0, **kw)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.fixture

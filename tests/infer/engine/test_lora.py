@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import STOP
+from engine_refs import STOP
 
 
 @pytest.fixture(scope="module")

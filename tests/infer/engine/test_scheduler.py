@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from conftest import STOP, reference
+from engine_refs import STOP, reference
 
 from glmtune.errors import InputError
 
