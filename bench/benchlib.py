@@ -1,7 +1,7 @@
 """What the current benches share: GLM-4-9B-0414's shape and a random bf16 model saved once as a
 folder (bench/align_throughput.py turns it into a glmtune model folder). Model set-up and speed
 levers are the product's (`glmtune train` / `glmtune align`); the bench-side set-up of sessions 1-3
-is in bench/archive/benchlib.py.
+is in git history (`git show d2eec41:bench/benchlib.py`).
 
 Debug on a CPU: `--tiny` (hidden 256, 2 layers, real vocabulary).
 """

@@ -234,12 +234,17 @@ def phase_serve(model_dir: Path, out: Path | None, max_tokens: int, port: int) -
             emit(out, {"phase": "serve", "adapters": len(models) if models[0] != "glm4-9b" else 0, **row,
                        "gpu_memory_mib": gpu_memory_mib()})
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
         emit(out, {"server_log_tail": Path("/tmp/glmtune_serve.log").read_text()[-1500:]})
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM (the server's own shutdown), SIGKILL after 30 s."""
+    server.terminate()
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        server.kill()
 
 
 # -- baseline ---------------------------------------------------------------------------------------

@@ -43,8 +43,7 @@ def writable_target(path: str | Path) -> Path:
     if stat.S_ISDIR(mode):
         raise InputError("the output path is a folder", file=path, fix="name a file inside it, e.g. DIR/out.jsonl")
     if not stat.S_ISREG(mode):
-        kind = "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
-        raise InputError(f"the output path is a {kind}, not a regular file", file=path,
+        raise InputError(f"the output path is a {special_kind(mode)}, not a regular file", file=path,
                          fix="write to a regular file (glmtune replaces outputs atomically)")
     return target
 
@@ -207,8 +206,7 @@ def check_input_file(path: str | Path) -> Path:
     if stat.S_ISDIR(mode):
         raise InputError("expected a file, got a folder", file=path, fix="name a file inside it")
     if not stat.S_ISREG(mode):
-        kind = "FIFO (named pipe)" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
-        raise InputError(f"the input is a {kind}, not a regular file", file=path,
+        raise InputError(f"the input is a {special_kind(mode)}, not a regular file", file=path,
                          fix="write the data to a regular file and pass that")
     return path
 
@@ -338,3 +336,8 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
         if not line.strip():
             continue
         yield lineno, loads_strict(line, file=path, line=lineno)
+
+
+def special_kind(mode: int) -> str:
+    """What a path that is neither a file nor a folder is, in words (from its st_mode)."""
+    return "FIFO (named pipe)" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
