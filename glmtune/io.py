@@ -40,11 +40,9 @@ def writable_target(path: str | Path) -> Path:
         return target
     except OSError as e:
         raise _write_error(e, path) from None
-    if stat.S_ISDIR(mode):
-        raise InputError("the output path is a folder", file=path, fix="name a file inside it, e.g. DIR/out.jsonl")
-    if not stat.S_ISREG(mode):
-        raise InputError(f"the output path is a {special_kind(mode)}, not a regular file", file=path,
-                         fix="write to a regular file (glmtune replaces outputs atomically)")
+    require_regular(mode, path, "the output path is a folder", "the output path is a {kind}, not a regular file",
+                    folder_fix="name a file inside it, e.g. DIR/out.jsonl",
+                    fix="write to a regular file (glmtune replaces outputs atomically)")
     return target
 
 
@@ -203,11 +201,8 @@ def check_input_file(path: str | Path) -> Path:
         raise InputError("file not found", file=path, fix="check the path") from None
     except OSError as e:
         raise InputError(f"cannot read ({e.strerror or e})", file=path, fix="check the path and its permissions") from None
-    if stat.S_ISDIR(mode):
-        raise InputError("expected a file, got a folder", file=path, fix="name a file inside it")
-    if not stat.S_ISREG(mode):
-        raise InputError(f"the input is a {special_kind(mode)}, not a regular file", file=path,
-                         fix="write the data to a regular file and pass that")
+    require_regular(mode, path, "expected a file, got a folder", "the input is a {kind}, not a regular file",
+                    folder_fix="name a file inside it", fix="write the data to a regular file and pass that")
     return path
 
 
@@ -338,6 +333,12 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
         yield lineno, loads_strict(line, file=path, line=lineno)
 
 
-def special_kind(mode: int) -> str:
-    """What a path that is neither a file nor a folder is, in words (from its st_mode)."""
-    return "FIFO (named pipe)" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
+def require_regular(mode: int, path: Path, folder_problem: str, special_problem: str, *, folder_fix: str,
+                    fix: str) -> None:
+    """An InputError unless ``mode`` (a stat st_mode) is a regular file's; ``special_problem`` names
+    the kind (``{kind}``: FIFO, socket or device)."""
+    if stat.S_ISDIR(mode):
+        raise InputError(folder_problem, file=path, fix=folder_fix)
+    if not stat.S_ISREG(mode):
+        kind = "FIFO (named pipe)" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
+        raise InputError(special_problem.format(kind=kind), file=path, fix=fix)
