@@ -113,3 +113,19 @@ def test_inference_kernels_choice_on_cpu(random_glm4_dir):
         Predictor(random_glm4_dir, kernels="liger", device="cpu")
     with pytest.raises(GlmtuneError, match="unknown kernels"):
         Predictor(random_glm4_dir, kernels="fast", device="cpu")
+
+
+def test_a_query_list_must_be_content_parts(trained_predictor):
+    """A list of messages (or of anything but parts) is refused naming `query`, not answered as empty parts."""
+    from glmtune.errors import InputError
+
+    with pytest.raises(InputError, match=r"query is a list of messages.*history=.*chat\(messages\)") as err:
+        trained_predictor([{"role": "user", "content": QA[0][0]}])
+    assert err.value.field == "query"
+    with pytest.raises(InputError, match="unknown content part None") as err:
+        trained_predictor([{"foo": 1}])
+    assert err.value.field == "query[0].type"
+    with pytest.raises(InputError, match="a text part needs a string 'text'"):
+        list(trained_predictor.stream([{"type": "text", "text": 3}]))
+    # text parts are one user turn, answered like the same string
+    assert trained_predictor([{"type": "text", "text": QA[0][0]}]) == QA[0][1]
