@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -204,7 +205,7 @@ class Predictor:
         finally:
             cancel.set()  # the consumer stopped early: stop generating
             # ... and wait for it: a process exiting while torch runs in a thread can abort
-            worker.join(timeout=30)
+            _join_through_ctrl_c(worker, timeout=30)
 
     def generate_stream(self, prompt_ids: list[int], on_text, adapter: str | None = None,
                         cancel: threading.Event | None = None, **gen) -> tuple[str, Output]:
@@ -310,6 +311,20 @@ class StreamDecoder:
             return ""
         piece, self.emitted = text[len(self.emitted):], text
         return piece
+
+
+def _join_through_ctrl_c(thread: threading.Thread, timeout: float) -> None:
+    """Join ``thread`` even when Ctrl-C comes again meanwhile (a user stopping an answer often
+    presses it several times), then pass that Ctrl-C on: the caller still gets an idle model."""
+    deadline = time.monotonic() + timeout
+    interrupted = False
+    while thread.is_alive() and (left := deadline - time.monotonic()) > 0:
+        try:
+            thread.join(left)
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def _emit(on_text, piece: str) -> None:

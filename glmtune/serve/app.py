@@ -6,7 +6,7 @@ body too large 413, queue full 429, timeout 504. Bad input never yields 500.
 
 Limits are checked before any model work: the body size while it is received (413, the rest of
 the body then drained so a client still sending reads it), request headers that take longer than
-``header_timeout`` (the connection is closed: glmtune.serve.protocol), the prompt's
+``header_timeout`` (the connection is closed: glmtune.serve.uvicorn_server), the prompt's
 token count against the model's context (400, code ``context_length_exceeded``); ``max_tokens`` is
 capped to the context left. A request that times out or whose client disconnects (streaming or
 not) is stopped at the next token (see glmtune.serve.engine).
@@ -329,10 +329,17 @@ def serve(predictor, host: str = "127.0.0.1", port: int = 8000, header_timeout: 
     """
     import uvicorn
 
-    from glmtune.serve.protocol import header_timeout_protocol
+    from glmtune.serve.uvicorn_server import Server, header_timeout_protocol
 
     app = create_app(predictor, **app_kwargs)
     started = time.strftime("%H:%M:%S")
     print(f"[{started}] glmtune serving {Path(predictor.model_dir).name} on http://{host}:{port}/v1 "
           f"(adapters: {', '.join(predictor.adapters) or 'none'})", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", http=header_timeout_protocol(header_timeout))
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                   http=header_timeout_protocol(header_timeout)))
+    server.run()
+    if server.interrupted:
+        raise KeyboardInterrupt  # after a clean shutdown: the CLI says "interrupted", status 130
+    if not server.started:
+        raise InputError(f"the server could not listen on {host}:{port} (uvicorn's error is above)", field="--port",
+                         fix="pass another --port, or stop the process that holds this one")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -96,3 +97,22 @@ def test_serve_413_reaches_a_client_that_sends_everything_and_slow_headers_are_c
     finally:
         proc.terminate()
         proc.communicate(timeout=20)
+
+
+def test_three_quick_ctrl_c_stop_serve_cleanly(trained_glm4_dir):
+    """uvicorn re-raised each captured Ctrl-C inside its event loop after shutdown and skipped the
+    lifespan shutdown when forced: a KeyboardInterrupt / CancelledError traceback and status 0."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "glmtune", "serve", "--model", str(trained_glm4_dir),
+                             "--port", str(port)], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}", deadline_s=90, poll_s=0.2)
+        for _ in range(3):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "Exception ignored" not in out and "ERROR" not in out, out

@@ -1,5 +1,5 @@
 """The slow-client guards on a model-free app, for both HTTP protocols uvicorn may pick: the header
-timeout (glmtune.serve.protocol) and a 413 a client that sends its whole body first can read."""
+timeout (glmtune.serve.uvicorn_server) and a 413 a client that sends its whole body first can read."""
 from __future__ import annotations
 
 import socket
@@ -30,7 +30,7 @@ def guarded(request):
     from uvicorn.importer import import_from_string
 
     from glmtune.serve.app import BodyLimit
-    from glmtune.serve.protocol import header_timeout_protocol
+    from glmtune.serve.uvicorn_server import header_timeout_protocol
 
     server = LiveServer(BodyLimit(echo_length, max_body=1024))
     server.server.config.http = header_timeout_protocol(0.4, import_from_string(HTTP_PROTOCOLS[request.param]))
