@@ -7,8 +7,10 @@ accuracy, base vs fine-tuned -> one chat answer that reproduces a trained answer
 """
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
@@ -26,6 +28,9 @@ TINY_STEPS = 80
 TINY_LR = 1e-2
 TINY_METHOD = {"name": "full"}
 TINY_CUTOFF = 128
+# The folders under --out each stage writes (both demos; smollm2 has no base/): what a re-run over an
+# earlier demo would replace, and all that --overwrite deletes.
+STAGE_OUTPUTS = {"data": ("data",), "train": ("base", "train", "model"), "eval": ("eval",), "chat": ()}
 
 
 @app.command("demo")
@@ -34,18 +39,52 @@ def demo(out: Optional[Path] = typer.Option(None, "--out", help="Output folder f
          steps: Optional[int] = typer.Option(None, help=f"Training steps (default: tiny {TINY_STEPS}, smollm2 30)."),
          stages: str = typer.Option("data,train,eval,chat", help="Comma-separated stages to run."),
          model: str = typer.Option("tiny", "--model", help="tiny (random GLM-4-shaped, built in code) or smollm2 "
-                                                           "(real SmolLM2-135M-Instruct, needs the real extra).")):
+                                                           "(real SmolLM2-135M-Instruct, needs the real extra)."),
+         overwrite: bool = typer.Option(False, help="Replace what an earlier demo wrote under --out for these "
+                                                    "stages (without it: asked on a terminal, else refused).")):
     """Run the pipeline end to end on built-in data (tiny: a random GLM-4-shaped model learns 4 Chinese
     customer-service requests; smollm2: a real model learns English topics)."""
     if model not in DEMO_MODELS:
         from glmtune.errors import InputError
         raise InputError(f"unknown demo model {model!r}", field="--model", fix=f"use one of: {', '.join(DEMO_MODELS)}")
     stage_list = [s.strip() for s in stages.split(",") if s.strip()]
+    unknown = [s for s in stage_list if s not in STAGE_OUTPUTS]
+    if unknown or not stage_list:
+        from glmtune.errors import InputError
+        raise InputError(f"unknown stage {unknown[0]!r}" if unknown else "no stage given", field="--stages",
+                         fix=f"a comma-separated subset of {','.join(STAGE_OUTPUTS)}")
+    out = out or Path("demo_out_smollm2" if model == "smollm2" else "demo_out")
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    prepare_demo_out(out, stage_list, overwrite=overwrite, confirm=typer.confirm if interactive else None)
     if model == "smollm2":
         from glmtune.cli.demo_real import SMOLLM2_STEPS, run_smollm2_demo
-        run_smollm2_demo(out or Path("demo_out_smollm2"), steps=steps or SMOLLM2_STEPS, stages=stage_list)
+        run_smollm2_demo(out, steps=steps or SMOLLM2_STEPS, stages=stage_list)
         return
-    run_demo(out or Path("demo_out"), steps=steps or TINY_STEPS, stages=stage_list)
+    run_demo(out, steps=steps or TINY_STEPS, stages=stage_list)
+
+
+def prepare_demo_out(out: Path, stages, *, overwrite: bool, confirm: Callable[[str], bool] | None = None) -> None:
+    """Decide, before any stage runs, what may happen to ``out`` (as ``glmtune train`` does for
+    output.dir): the folders these stages write (STAGE_OUTPUTS) are used when missing or empty; when
+    one holds files (an earlier demo, or a folder of the user's) they are deleted with ``overwrite``
+    or a yes to ``confirm`` (a terminal), else refused with the fix. Nothing else under ``out`` is
+    touched, so ``--stages eval`` after a full run reuses its data and model."""
+    from glmtune.errors import InputError
+
+    if out.exists() and not out.is_dir():
+        raise InputError("--out is a file, not a folder", field="--out", file=out, fix="choose a folder path for --out")
+    used = [out / name for stage in stages for name in STAGE_OUTPUTS[stage]
+            if (out / name).exists() and (not (out / name).is_dir() or any((out / name).iterdir()))]
+    if not used:
+        return
+    shown = ", ".join(p.name for p in used)
+    if not overwrite and confirm is not None:
+        overwrite = confirm(f"{out} already holds {shown} (an earlier demo?); delete and write them again?")
+    if not overwrite:
+        raise InputError(f"--out {out} is not empty: --stages {','.join(stages)} would write {shown} again",
+                         field="--out", fix="--overwrite to replace them, or choose another --out")
+    for path in used:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def run_demo(out: Path, *, steps: int = TINY_STEPS, stages=("data", "train", "eval", "chat"), console=None) -> dict:

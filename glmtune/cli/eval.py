@@ -20,6 +20,17 @@ app.add_typer(eval_app, name="eval")
 console = Console()
 
 
+def print_whole(table) -> None:
+    """On a terminal, fit the table to its width; piped or redirected (``> cmp.txt``, CI logs), print
+    it at its natural width, where rich would fold it into 80 columns."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.measure import Measurement
+    width = Measurement.get(console, console.options.update_width(1 << 16), table).maximum
+    Console(width=max(width, console.width), file=console.file).print(table)
+
+
 @eval_app.command("compare")
 def compare(folders: List[Path] = typer.Argument(..., help="Eval output folders (each with metrics.json)."),
             baseline: Optional[Path] = typer.Option(None, "--baseline", help="Folder to diff every other against."),
@@ -28,7 +39,7 @@ def compare(folders: List[Path] = typer.Argument(..., help="Eval output folders 
     from glmtune.evaluate.compare import compare_rows, markdown_table, rich_table
     from glmtune.io import write_text_atomic
     cmp = compare_rows(folders, baseline)
-    console.print(rich_table(cmp))
+    print_whole(rich_table(cmp))
     if out:
         write_text_atomic(out, markdown_table(cmp))
         console.print(f"wrote {out}")

@@ -5,6 +5,8 @@ imported inside the command functions so `glmtune --help` stays fast.
 """
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import typer
@@ -31,6 +33,7 @@ def register_commands() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     register_commands()
+    as_program = argv is None  # the console script / `python -m glmtune`, not a test calling main([...])
     try:
         # Non-standalone click *returns* a typer.Exit's code instead of exiting: pass it on, or a
         # failed `--nproc N` run (exit code of `accelerate launch`) would end with status 0.
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
+        if as_program:
+            exit_at_once_on_ctrl_c()
         err.print("[yellow]interrupted[/]")
         sys.exit(130)
     except SystemExit:
@@ -57,6 +62,30 @@ def main(argv: list[str] | None = None) -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+    finally:
+        if as_program:
+            exit_at_once_on_ctrl_c()
+
+
+def exit_at_once_on_ctrl_c() -> None:
+    """From here on the process is ending: a further Ctrl-C ends it at once (status 130).
+
+    Without this, impatient Ctrl-Cs (three in a row) land in interpreter shutdown, in atexit hooks
+    (torch's import tabulate) or threading's join of worker threads, and print "Exception ignored
+    in ..." tracebacks, or kill the process by SIGINT. Nothing is left to save: output files are
+    written atomically or appended and synced as they go."""
+    def now(signum, frame):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(130)
+
+    try:
+        signal.signal(signal.SIGINT, now)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        pass
 
 
 if __name__ == "__main__":

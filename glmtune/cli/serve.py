@@ -24,6 +24,8 @@ def serve_cmd(
     timeout: float = typer.Option(120.0, help="Seconds per request, queue wait included (then 504)."),
     max_tokens: int = typer.Option(2048, help="Most new tokens a request may ask for (also capped by the "
                                               "context the prompt leaves)."),
+    header_timeout: float = typer.Option(20.0, min=0.01, help="Seconds a connection may take to send its request "
+                                                           "headers before it is closed (slow-client guard)."),
     max_body: Optional[int] = typer.Option(None, help="Largest request body in bytes; larger ones get HTTP 413. "
                                                      "Default: 1 MiB, or room for the image limits on a "
                                                      "vision-language model (data: URIs are base64, 4/3 the bytes)."),
@@ -68,4 +70,5 @@ def serve_cmd(
     # Requests name their adapter; with none named the server answers with the base model.
     predictor.default_adapter = None
     serve(predictor, host=host, port=port, api_key=api_key, max_queue=max_queue, timeout=timeout,
-          max_tokens=max_tokens, model_name=model_name, image_root=image_root, max_body=max_body)
+          max_tokens=max_tokens, model_name=model_name, image_root=image_root, max_body=max_body,
+          header_timeout=header_timeout)

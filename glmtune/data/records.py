@@ -56,18 +56,24 @@ def _check_message_shape(msg: Any, i: int, where: dict) -> None:
         raise InputError(f"unknown role {role!r}", field=f"{field}.role", **where,
                          fix=f"use one of {', '.join(ROLES)}")
     content = msg.get("content")
-    if isinstance(content, list):
-        for j, part in enumerate(content):
-            _check_part(part, f"{field}.content[{j}]", where)
-    elif not isinstance(content, str):
-        raise InputError(f"content must be a string or a list of parts, got {type(content).__name__}",
-                         field=f"{field}.content", **where)
+    check_content(content, f"{field}.content", **where)
     # An assistant turn that only calls a tool may have no visible text.
     if not content_text(content).strip() and not content_images(content) and not msg.get("tool_calls"):
         raise InputError(f"empty {role} turn", field=f"{field}.content", **where,
                          fix="remove the empty turn or fill in its text")
     if "tool_calls" in msg and not isinstance(msg["tool_calls"], list):
         raise InputError("tool_calls must be a list", field=f"{field}.tool_calls", **where)
+
+
+def check_content(content: Any, field: str, *, file: str | Path | None = None, line: int | None = None) -> None:
+    """A message's ``content``: a string or a list of content parts, else InputError naming ``field``."""
+    where = {"file": file, "line": line}
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            _check_part(part, f"{field}[{j}]", where)
+    elif not isinstance(content, str):
+        raise InputError(f"content must be a string or a list of parts, got {type(content).__name__}",
+                         field=field, **where)
 
 
 def _check_part(part: Any, field: str, where: dict) -> None:

@@ -116,6 +116,7 @@ class LabelScorer:
         self.device, self.pad_id, self.head_chunk = device, pad_id, head_chunk
         self.trie = trie = LabelTrie.build(answers, decisive=decisive)
         self.decoder = _decoder_of(model)
+        self._cache_name = _cache_argument(self.decoder)
         self.head = model.get_output_embeddings()
         self.prefix = list(shared_prefix)
         self.prefix_cache = self._run_prefix() if self.prefix else None
@@ -136,7 +137,7 @@ class LabelScorer:
     def _run_prefix(self):
         import torch
         ids = torch.tensor([self.prefix], device=self.device)
-        return self.decoder(input_ids=ids, use_cache=True).past_key_values
+        return getattr(self.decoder(input_ids=ids, use_cache=True), self._cache_name)
 
     def score(self, prompts: Sequence[Sequence[int]]):
         """(node log-probs (B, nodes), label log-likelihoods (B, labels)) for prompts that all start
@@ -160,8 +161,8 @@ class LabelScorer:
             cache = copy.deepcopy(self.prefix_cache)
             cache.batch_repeat_interleave(B)
         hidden = self.decoder(input_ids=ids.to(self.device), position_ids=pos.to(self.device),
-                              attention_mask=mask, past_key_values=cache,
-                              use_cache=cache is not None).last_hidden_state
+                              attention_mask=mask, use_cache=cache is not None,
+                              **{self._cache_name: cache}).last_hidden_state
         return self._node_logprobs(hidden, n.to(self.device), S)
 
     def _mask(self, n, S: int, T: int, P: int):
@@ -208,6 +209,13 @@ def _ancestor_matrix(trie: LabelTrie):
             anc[node, m] = True
             m = trie.parents[m]
     return anc
+
+
+def _cache_argument(decoder) -> str:
+    """The decoder's KV-cache argument (and output field): transformers 5.2x renamed
+    ``past_key_values`` to ``cache`` and warns on the old name; older releases know only the old one."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 def _decoder_of(model):

@@ -6,6 +6,7 @@ training data, so serving cannot drift from training; generation stops on the te
     p = Predictor("out/run1/merged")                       # template from glmtune.json
     p("你好")                                               # greedy by default
     p("Hi", history=[("Hello", "Hi!")], system="Be brief", max_new_tokens=64)
+    p.chat([{"role": "user", "content": "Hello"}, ...])     # a whole conversation (a query is one turn)
     for piece in p.stream("Tell me a story"): print(piece, end="")
     p.batch(["q1", "q2"], batch_size=8)
     p = Predictor(base, adapter={"intent": "out/a", "summary": "out/b"}); p("..", adapter="summary")
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from glmtune.data.records import content_images, content_text
+from glmtune.data.records import check_content, content_images, content_text
 from glmtune.errors import GlmtuneError, InputError
 from glmtune.infer.backends import BACKENDS, GenConfig, Output, check_adapter_name
 from glmtune.infer.vision import ImageLimits, first_image_field, has_images, text_messages
@@ -37,7 +39,8 @@ class Predictor:
     ``rag``: a store written by ``glmtune rag index``; a passage is added to the prompt only when its
     cosine similarity to the question is at least ``rag_threshold`` (see :mod:`glmtune.infer.rag`).
     Message content is a string or a list of text/image parts; images need a vision-language model
-    folder (its processor is loaded too) and are checked against ``image_limits``.
+    folder (its processor is loaded too) and are checked against ``image_limits``. ``p(query)`` and
+    ``p.stream(query)`` take one user turn (see :meth:`messages_for`); ``p.chat(messages)`` a conversation.
     """
 
     def __init__(self, model: str | Path, adapter: str | Path | dict | None = None, backend: str = "hf",
@@ -97,8 +100,14 @@ class Predictor:
 
     # -- building prompts --------------------------------------------------------------------------
     def messages_for(self, query: str | list[dict], history=None, system: str | None = None) -> list[dict]:
-        """``query``: text or a list of content parts; ``history``: ``[(user, assistant), ...]``
-        pairs or a list of message dicts."""
+        """The conversation ``__call__`` / ``stream`` answer: ``system``, ``history``, then ``query``.
+
+        ``query`` is the new user turn only: text, or a list of content parts (``{"type": "text"}`` /
+        ``{"type": "image"}``). A list of messages is refused, not guessed at: earlier turns go
+        through ``history`` (``[(user, assistant), ...]`` pairs or message dicts) and a whole
+        conversation through :meth:`chat` / :meth:`stream_chat`.
+        """
+        _check_query(query)
         msgs = [{"role": "system", "content": system}] if system else []
         for item in history or []:
             if isinstance(item, dict):
@@ -196,7 +205,7 @@ class Predictor:
         finally:
             cancel.set()  # the consumer stopped early: stop generating
             # ... and wait for it: a process exiting while torch runs in a thread can abort
-            worker.join(timeout=30)
+            _join_through_ctrl_c(worker, timeout=30)
 
     def generate_stream(self, prompt_ids: list[int], on_text, adapter: str | None = None,
                         cancel: threading.Event | None = None, **gen) -> tuple[str, Output]:
@@ -251,6 +260,15 @@ class Predictor:
 _DONE = object()
 
 
+def _check_query(query) -> None:
+    """A query is one user turn's content; a message list passed as one would be read as empty parts."""
+    if isinstance(query, list) and query and all(isinstance(m, dict) and "role" in m for m in query):
+        raise InputError("query is a list of messages, not content parts", field="query",
+                         fix="pass the new user text (or parts) as query and earlier turns as history=, "
+                             "or call predictor.chat(messages)")
+    check_content(query, "query")
+
+
 class StreamDecoder:
     """Turn growing token ids into text pieces that never change once emitted.
 
@@ -287,6 +305,20 @@ class StreamDecoder:
             return ""
         piece, self.emitted = text[len(self.emitted):], text
         return piece
+
+
+def _join_through_ctrl_c(thread: threading.Thread, timeout: float) -> None:
+    """Join ``thread`` even when Ctrl-C comes again meanwhile (a user stopping an answer often
+    presses it several times), then pass that Ctrl-C on: the caller still gets an idle model."""
+    deadline = time.monotonic() + timeout
+    interrupted = False
+    while thread.is_alive() and (left := deadline - time.monotonic()) > 0:
+        try:
+            thread.join(left)
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def _emit(on_text, piece: str) -> None:

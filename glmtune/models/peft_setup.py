@@ -90,11 +90,23 @@ def setup_method(model, method, *, gradient_checkpointing: bool = False, adapter
     if traits.quantized:
         _prepare_quantized(model, gradient_checkpointing, gc_kwargs, upcast=adapter_fp32)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        enable_checkpointing(model, gc_kwargs)
         if traits.frozen_embeddings:
             # the embeddings are frozen, so checkpointed blocks would see inputs without grad
             model.enable_input_require_grads()
     return traits.apply(model, method, adapter_fp32)
+
+
+def enable_checkpointing(model, checkpoint_kwargs: dict) -> None:
+    """Switch on activation (gradient) checkpointing with ``torch.utils.checkpoint`` kwargs.
+
+    transformers 5.2x renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    and warns (FutureWarning) on the old name; older releases have only the old one."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
 
 
 def _prepare_quantized(model, gradient_checkpointing: bool, gc_kwargs: dict, *, upcast: bool) -> None:
@@ -108,7 +120,7 @@ def _prepare_quantized(model, gradient_checkpointing: bool, gc_kwargs: dict, *, 
     # no input-grad hook.
     model.requires_grad_(False)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        enable_checkpointing(model, gc_kwargs)
 
 
 def _add_lora(model, method, adapter_fp32: bool):

@@ -4,7 +4,9 @@ Errors always use OpenAI's shape ``{"error": {"message", "type", "param", "code"
 official clients raise the right exception: bad input 400, bad key 401, unknown model 404,
 body too large 413, queue full 429, timeout 504. Bad input never yields 500.
 
-Limits are checked before any model work: the body size while it is received (413), the prompt's
+Limits are checked before any model work: the body size while it is received (413, the rest of
+the body then drained so a client still sending reads it), request headers that take longer than
+``header_timeout`` (the connection is closed: glmtune.serve.uvicorn_server), the prompt's
 token count against the model's context (400, code ``context_length_exceeded``); ``max_tokens`` is
 capped to the context left. A request that times out or whose client disconnects (streaming or
 not) is stopped at the next token (see glmtune.serve.engine).
@@ -216,9 +218,18 @@ def context_length(predictor) -> int | None:
     return None
 
 
+# A refused body is still read (and dropped) up to this much before the connection closes: a client
+# that sends its whole body before reading (urllib, requests) then reads the 413, where closing a
+# socket with unread data would make the kernel answer with a reset that discards the 413.
+DRAIN_BYTES = 64 << 20
+DRAIN_SECONDS = 10.0
+
+
 class BodyLimit:
     """ASGI middleware: a request body over ``max_body`` bytes gets 413 before it is read further,
-    judged by Content-Length when given, else counted as it arrives (chunked uploads)."""
+    judged by Content-Length when given, else counted as it arrives (chunked uploads). The 413 is
+    sent first, then the rest of the body is drained (bounded by DRAIN_BYTES / DRAIN_SECONDS) and
+    the connection closed."""
 
     def __init__(self, app, max_body: int):
         self.app, self.max_body = app, max_body
@@ -226,9 +237,13 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            return await self._reject(send)
+            # a client waiting for `100 Continue` has sent nothing yet; one sending more than we
+            # would drain gets the reset whatever we do
+            drain = b"100-continue" not in headers.get(b"expect", b"").lower() and int(length) <= DRAIN_BYTES
+            return await self._reject(send, receive if drain else None)
         seen, started, rejected = 0, False, False
 
         async def counted_receive():
@@ -241,7 +256,7 @@ class BodyLimit:
                 if seen > self.max_body and not started:
                     # Answer now; the app sees a client that went away, and whatever it sends is dropped.
                     rejected = True
-                    await self._reject(send)
+                    await self._reject(send, receive if message.get("more_body") else None)
                     return {"type": "http.disconnect"}
             return message
 
@@ -254,14 +269,30 @@ class BodyLimit:
 
         await self.app(scope, counted_receive, tracked_send)
 
-    async def _reject(self, send):
+    async def _reject(self, send, receive=None):
+        """Answer 413; with ``receive``, drain the body before the response (and connection) ends."""
         body = json.dumps(schemas.error_body(f"request body too large: the limit is {self.max_body} bytes "
                                              f"(glmtune serve --max-body)", code="body_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        # the body's bytes go out now (a client that reads while sending sees them at once); the
+        # response stays open, so the server keeps reading the request, until the drain is over
+        await send({"type": "http.response.body", "body": body, "more_body": receive is not None})
+        if receive is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(_drain(receive, DRAIN_BYTES), DRAIN_SECONDS)
+            await send({"type": "http.response.body", "body": b""})
 
+
+async def _drain(receive, limit: int) -> None:
+    """Read and drop request body messages until the body ends, the client leaves or ``limit`` bytes."""
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+        seen += len(message.get("body", b""))
 
 
 async def _sse(job: Job, deadline: float, cid: str, model: str, prompt_tokens: int, include_usage: bool):
@@ -305,9 +336,15 @@ async def _sse(job: Job, deadline: float, cid: str, model: str, prompt_tokens: i
         job.stop()  # client gone or stream over: the engine stops this job
 
 
-def serve(predictor, host: str = "127.0.0.1", port: int = 8000, **app_kwargs) -> None:
-    """Run the server until interrupted (uvicorn, one process: the model is loaded once)."""
+def serve(predictor, host: str = "127.0.0.1", port: int = 8000, header_timeout: float = 20.0,
+          **app_kwargs) -> None:
+    """Run the server until interrupted (uvicorn, one process: the model is loaded once).
+
+    ``header_timeout``: seconds a connection may take to send its request headers (then it is closed).
+    """
     import uvicorn
+
+    from glmtune.serve.uvicorn_server import Server, header_timeout_protocol
 
     app = create_app(predictor, **app_kwargs)
     started = time.strftime("%H:%M:%S")
@@ -316,4 +353,11 @@ def serve(predictor, host: str = "127.0.0.1", port: int = 8000, **app_kwargs) ->
     summary = getattr(predictor.backend, "engine_summary", None)
     if summary:
         print(f"[{started}] {summary}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                   http=header_timeout_protocol(header_timeout)))
+    server.run()
+    if server.interrupted:
+        raise KeyboardInterrupt  # after a clean shutdown: the CLI says "interrupted", status 130
+    if not server.started:
+        raise InputError(f"the server could not listen on {host}:{port} (uvicorn's error is above)", field="--port",
+                         fix="pass another --port, or stop the process that holds this one")

@@ -121,7 +121,8 @@ def _signals_for_jobs() -> None:
 
 def launch(workspace: str | Path, *, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None,
            max_upload_mb: float = MAX_UPLOAD_MB, demo: bool = False, block: bool = True, commands=None):
-    """Start the server (blocking unless ``block=False``); returns gradio's (app, local url, share url)."""
+    """Start the server (blocking unless ``block=False``) and print its URL; returns gradio's
+    (app, local url, share url)."""
     credentials = parse_auth(auth)
     check_bind(host, credentials)
     _signals_for_jobs()
@@ -130,6 +131,12 @@ def launch(workspace: str | Path, *, host: str = "127.0.0.1", port: int = 7860, 
         prepare_demo(Workspace(workspace))
     blocks = build_app(workspace, commands)
     blocks.queue(default_concurrency_limit=4)
-    return blocks.launch(server_name=host, server_port=port, auth=credentials, share=False, inbrowser=False,
-                       max_file_size=f"{max_upload_mb:g}mb", show_error=True, ssr_mode=False,
-                       prevent_thread_lock=not block, css=CSS, footer_links=[], quiet=False)
+    # quiet: gradio would also print "To create a public link, set `share=True`", advice glmtune refuses
+    # (a share link exposes the workspace to the internet); the URL is printed here instead
+    launched = blocks.launch(server_name=host, server_port=port, auth=credentials, share=False, inbrowser=False,
+                             max_file_size=f"{max_upload_mb:g}mb", show_error=True, ssr_mode=False,
+                             prevent_thread_lock=True, css=CSS, footer_links=[], quiet=True)
+    print(f"glmtune ui on {launched[1]} (workspace: {workspace}; Ctrl-C to stop)", flush=True)
+    if block:
+        blocks.block_thread()
+    return launched

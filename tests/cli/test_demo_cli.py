@@ -97,3 +97,55 @@ def test_tiny_demo_learns(tmp_path):
     assert res["eval"]["base"]["accuracy"] <= 0.5 and res["eval"]["fine-tuned"]["accuracy"] >= 0.8
     assert res["chat"]["reproduced"] and res["train"]["final_loss"] < res["train"]["first_loss"]
     assert "random weights" in console.export_text()
+
+
+def test_demo_over_an_earlier_demo_refuses_then_overwrites(capsys, tmp_path):
+    """Like `glmtune train` for output.dir: off a terminal a second run is refused with the fix and
+    nothing is touched; --overwrite replaces only the folders its stages write."""
+    out = tmp_path / "d"
+    main(["demo", "--stages", "data", "--out", str(out)])
+    marker, mine = out / "data" / "marker.txt", out / "notes.txt"
+    marker.write_text("from the first run", encoding="utf-8")
+    mine.write_text("the user's", encoding="utf-8")
+    code, err = run_cli(capsys, "demo", "--stages", "data", "--out", str(out))
+    assert code == 2 and "field '--out'" in err and "is not empty: --stages data would write data again" in err
+    assert "--overwrite" in err and marker.exists()
+    main(["demo", "--stages", "data", "--out", str(out), "--overwrite"])
+    assert not marker.exists() and (out / "data" / "train.jsonl").exists() and mine.exists()
+    code, err = run_cli(capsys, "demo", "--stages", "data,typo", "--out", str(out))
+    assert code == 2 and "field '--stages'" in err and "unknown stage 'typo'" in err
+
+
+def test_demo_asks_on_a_terminal_and_later_stages_reuse_earlier_output(tmp_path):
+    from glmtune.cli.demo import prepare_demo_out
+
+    out = tmp_path / "d"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "train.jsonl").write_text("{}\n", encoding="utf-8")
+    prepare_demo_out(out, ["eval", "chat"], overwrite=False)  # they read data/, they do not write it
+    asked = []
+    with pytest.raises(InputError, match="--overwrite to replace them"):
+        prepare_demo_out(out, ["data"], overwrite=False, confirm=lambda q: asked.append(q) or False)
+    assert asked == [f"{out} already holds data (an earlier demo?); delete and write them again?"]
+    assert (out / "data" / "train.jsonl").exists()
+    prepare_demo_out(out, ["data"], overwrite=False, confirm=lambda q: True)
+    assert not (out / "data").exists() and out.exists()
+
+
+def test_demo_question_on_a_real_terminal(tmp_path):
+    import os
+
+    import pexpect
+
+    out = tmp_path / "d"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "old.jsonl").write_text("{}\n", encoding="utf-8")
+    child = pexpect.spawn(sys.executable, ["-m", "glmtune", "demo", "--stages", "data", "--out", str(out)],
+                          env={**os.environ, "NO_COLOR": "1"}, encoding="utf-8", timeout=120, dimensions=(40, 200))
+    child.expect_exact("delete and write them again? [y/N]")
+    child.sendline("y")
+    child.expect_exact("demo done")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and not (out / "data" / "old.jsonl").exists()
+    assert (out / "data" / "train.jsonl").exists()

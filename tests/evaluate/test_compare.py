@@ -48,3 +48,17 @@ def test_compare_refuses_mixed_kinds(tmp_path):
         compare_rows([a, g])
     with pytest.raises(InputError, match="no metrics.json"):
         compare_rows([tmp_path / "missing"])
+
+
+def test_compare_off_a_terminal_prints_the_whole_table(tmp_path):
+    """Piped or redirected (CliRunner is not a TTY), the table keeps its natural width: every row on
+    one line with the full folder name and every column, not folded into 80 columns."""
+    metrics = dict(accuracy=0.8, f1_macro=0.75, f1_weighted=0.74, precision_macro=0.7, recall_macro=0.72,
+                   invalid_rate=0.01, n_samples=100)
+    folders = [_write(tmp_path / f"run-{i}-lora-r16-lr2e-4-cutoff1024-checkpoint-{i * 500}", **metrics)
+               for i in (1, 2)]
+    res = CliRunner().invoke(app, ["eval", "compare", *map(str, folders)], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    for folder in folders:
+        row = next(line for line in res.output.splitlines() if str(folder) in line)
+        assert len(row) > 80 and "0.7200" in row and "100" in row

@@ -90,3 +90,28 @@ def test_ctrl_c_stops_the_answer_then_quits_with_130(random_glm4_dir):
     assert "Traceback" not in child.before and "Aborted" not in child.before
     answer_tokens = len(load_tokenizer(random_glm4_dir)(streamed.replace("\r\n", "\n"), add_special_tokens=False)["input_ids"])
     assert 0 < answer_tokens < 1000, answer_tokens  # stopped at Ctrl-C, not run to the 4000-token end
+
+
+def test_three_quick_ctrl_c_end_the_chat_without_a_traceback(random_glm4_dir):
+    """After an answer was stopped, Ctrl-C pressed three times: the first quits, the others land in
+    interpreter shutdown (atexit hooks, thread joins), which used to print "Exception ignored in ..."
+    tracebacks or die by SIGINT; now the process ends at once with 130."""
+    import signal
+    import time
+    child = spawn(["chat", "--model", str(random_glm4_dir), "--max-new-tokens", "4000"])
+    try:
+        child.expect_exact(PROMPT)
+        child.sendline("hello")
+        child.expect_exact("glm> ")
+        time.sleep(0.5)
+        child.kill(signal.SIGINT)
+        child.expect_exact("answer stopped")
+        child.expect_exact(PROMPT)
+        for _ in range(3):
+            child.kill(signal.SIGINT)
+            time.sleep(0.05)
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert (child.exitstatus, child.signalstatus) == (130, None)
+    assert "Traceback" not in child.before and "Exception ignored" not in child.before

@@ -133,3 +133,19 @@ def test_adapter_names_and_damaged_adapter_files(random_glm4_dir, two_adapters, 
     with pytest.raises(InputError, match="damaged weight file") as e:
         Predictor(random_glm4_dir, adapter=cut)
     assert str(e.value).startswith(f"{weights}: ")
+
+
+def test_a_query_list_must_be_content_parts(trained_predictor):
+    """A list of messages (or of anything but parts) is refused naming `query`, not answered as empty parts."""
+    from glmtune.errors import InputError
+
+    with pytest.raises(InputError, match=r"query is a list of messages.*history=.*chat\(messages\)") as err:
+        trained_predictor([{"role": "user", "content": QA[0][0]}])
+    assert err.value.field == "query"
+    with pytest.raises(InputError, match="unknown content part None") as err:
+        trained_predictor([{"foo": 1}])
+    assert err.value.field == "query[0].type"
+    with pytest.raises(InputError, match="a text part needs a string 'text'"):
+        list(trained_predictor.stream([{"type": "text", "text": 3}]))
+    # text parts are one user turn, answered like the same string
+    assert trained_predictor([{"type": "text", "text": QA[0][0]}]) == QA[0][1]

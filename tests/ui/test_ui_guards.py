@@ -286,3 +286,27 @@ def test_a_terminated_server_stops_its_running_jobs(tmp_path):
     server.wait(60)
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
+
+
+def test_launch_prints_its_url_and_no_share_advice(ws, capfd):
+    """gradio's "To create a public link, set `share=True`" is advice glmtune refuses (the page reads
+    the workspace); the one line printed is where the UI is."""
+    import signal
+    import socket
+
+    import gradio as gr
+
+    from glmtune.ui.app import launch
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _, url, share_url = launch(ws.root, port=port, block=False)
+        gr.close_all()
+    finally:
+        for sig, handler in handlers.items():  # launch makes SIGTERM act as Ctrl-C: not in pytest
+            signal.signal(sig, handler)
+    out = capfd.readouterr()
+    assert url == f"http://127.0.0.1:{port}/" and share_url is None
+    assert f"glmtune ui on {url}" in out.out and "share" not in (out.out + out.err).lower()
