@@ -205,9 +205,11 @@ class HFBackend:
         return self.lora.index(adapter)
 
     def _say_fallback(self, problem: str) -> None:
+        # logged, not printed: a vision model or `engine=off` is the user's choice, nothing to act on
+        # (`engine_summary` and serve's start-up line say the same)
         if not self._said_fallback:
             self._said_fallback = True
-            log.warning("generating with transformers' generate, not glmtune's engine: %s", problem)
+            log.info("generating with transformers' generate, not glmtune's engine: %s", problem)
 
     # -- transformers' generate (the fallback) ------------------------------------------------------
     def _transformers_generate(self, prompts, adapter, stop_ids, gen: GenConfig, on_tokens, cancel) -> list[Output]:
