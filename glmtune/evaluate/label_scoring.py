@@ -22,6 +22,7 @@ so the trie-greedy prediction agrees with it by construction.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -116,6 +117,7 @@ class LabelScorer:
         self.device, self.pad_id, self.head_chunk = device, pad_id, head_chunk
         self.trie = trie = LabelTrie.build(answers, decisive=decisive)
         self.decoder = _decoder_of(model)
+        self._cache_key = _cache_keyword(self.decoder)
         self.head = model.get_output_embeddings()
         self.prefix = list(shared_prefix)
         self.prefix_cache = self._run_prefix() if self.prefix else None
@@ -136,7 +138,7 @@ class LabelScorer:
     def _run_prefix(self):
         import torch
         ids = torch.tensor([self.prefix], device=self.device)
-        return self.decoder(input_ids=ids, use_cache=True).past_key_values
+        return getattr(self.decoder(input_ids=ids, use_cache=True), self._cache_key)
 
     def score(self, prompts: Sequence[Sequence[int]]):
         """(node log-probs (B, nodes), label log-likelihoods (B, labels)) for prompts that all start
@@ -160,8 +162,8 @@ class LabelScorer:
             cache = copy.deepcopy(self.prefix_cache)
             cache.batch_repeat_interleave(B)
         hidden = self.decoder(input_ids=ids.to(self.device), position_ids=pos.to(self.device),
-                              attention_mask=mask, past_key_values=cache,
-                              use_cache=cache is not None).last_hidden_state
+                              attention_mask=mask, use_cache=cache is not None,
+                              **{self._cache_key: cache}).last_hidden_state
         return self._node_logprobs(hidden, n.to(self.device), S)
 
     def _mask(self, n, S: int, T: int, P: int):
@@ -208,6 +210,12 @@ def _ancestor_matrix(trie: LabelTrie):
             anc[node, m] = True
             m = trie.parents[m]
     return anc
+
+
+def _cache_keyword(decoder) -> str:
+    """The name of the key/value cache in the decoder's forward and in its output: transformers
+    5.24 renamed `past_key_values` to `cache` (the old name warns and is due to go)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 def _decoder_of(model):
