@@ -78,7 +78,7 @@ def load_policy(cfg: AlignConfig, algo: Algorithm, template, tokenizer):
     import torch
 
     from glmtune.models.loading import check_model_dir
-    from glmtune.models.peft_setup import lora_targets, qlora_quant_config, setup_method
+    from glmtune.models.peft_setup import enable_checkpointing, lora_targets, qlora_quant_config, setup_method
 
     from transformers import set_seed
     set_seed(cfg.train.seed)  # a fresh LoRA's init depends on it, not on what ran before in the process
@@ -107,7 +107,7 @@ def load_policy(cfg: AlignConfig, algo: Algorithm, template, tokenizer):
     if cfg.model.adapter:
         from peft import PeftModel
         if cfg.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model, {"use_reentrant": False})
             model.enable_input_require_grads()
         return PeftModel.from_pretrained(model, cfg.model.adapter, is_trainable=True)
     return setup_method(model, cfg.method, gradient_checkpointing=cfg.train.gradient_checkpointing)

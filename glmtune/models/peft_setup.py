@@ -90,7 +90,7 @@ def setup_method(model, method, *, gradient_checkpointing: bool = False, adapter
     if traits.quantized:
         _prepare_quantized(model, gradient_checkpointing, gc_kwargs, upcast=adapter_fp32)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        enable_checkpointing(model, gc_kwargs)
         if traits.frozen_embeddings:
             # the embeddings are frozen, so checkpointed blocks would see inputs without grad
             model.enable_input_require_grads()
@@ -108,7 +108,16 @@ def _prepare_quantized(model, gradient_checkpointing: bool, gc_kwargs: dict, *, 
     # no input-grad hook.
     model.requires_grad_(False)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        enable_checkpointing(model, gc_kwargs)
+
+
+def enable_checkpointing(model, kwargs: dict) -> None:
+    """Switch on activation (gradient) checkpointing: transformers 5.24 renamed
+    `gradient_checkpointing_enable` to `activation_checkpointing_enable` (the old name warns)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _add_lora(model, method, adapter_fp32: bool):
