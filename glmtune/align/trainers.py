@@ -125,8 +125,7 @@ def training_arguments(cfg: AlignConfig, algo: Algorithm, out_dir, *, has_dev: b
         per_device_eval_batch_size=cfg.eval.batch_size or t.batch_size, gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm or 0.0, num_train_epochs=t.epochs, max_steps=t.max_steps or -1, seed=t.seed,
-        data_seed=t.seed, logging_steps=t.log_every, gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        data_seed=t.seed, logging_steps=t.log_every,
         save_strategy="steps" if o.save_every else "no", save_steps=o.save_every or 500, save_total_limit=o.keep_last,
         eval_strategy="steps" if (cfg.eval.every and has_dev) else "no", eval_steps=cfg.eval.every or None,
         report_to="none",  # glmtune's Monitor writes metrics.jsonl, TensorBoard and the plots
@@ -136,4 +135,8 @@ def training_arguments(cfg: AlignConfig, algo: Algorithm, out_dir, *, has_dev: b
     kwargs.update(algo.options(cfg))
     config_cls = getattr(trl, algo.config_class)
     fields = set(config_cls.__dataclass_fields__)
+    # transformers 5.24 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs);
+    # the old names warn
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    kwargs.update({ckpt: t.gradient_checkpointing, f"{ckpt}_kwargs": {"use_reentrant": False}})
     return config_cls(**{k: v for k, v in kwargs.items() if k in fields})

@@ -306,3 +306,23 @@ def test_two_labels_report_and_predictions_written_as_made(trained_cls_dir, test
     (out / PredictionLog.NAME).write_text(json.dumps({"run": {"mode": "other"}}) + "\n")
     with pytest.raises(Exception, match="predictions of another run"):
         classify_report(trained_cls_dir, two, out, predictor=p, batch_size=8)
+
+
+def test_shared_prefix_cache_goes_by_the_decoders_own_name(trained_cls_dir):
+    """transformers 5.24 renamed forward's `past_key_values` to `cache` (and the output field) and
+    warns on the old name; the scorer passes and reads the cache under whichever name the installed
+    decoder's forward takes, so it runs without a deprecated spelling on 5.17 and on 5.24."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from glmtune.evaluate.label_scoring import LabelScorer
+    model = AutoModelForCausalLM.from_pretrained(trained_cls_dir, dtype=torch.float32).eval()
+    prompts = [list(range(10, 40)) + tail for tail in ([41, 42], [43])]
+    answers = [[5, 6, 99], [5, 9, 99], [11, 99]]
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        _, shared = LabelScorer(model, "cpu", answers, 0, prompts[0][:30]).score(prompts)
+        _, alone = LabelScorer(model, "cpu", answers, 0).score(prompts)
+    assert shared.shape == (2, 3) and torch.allclose(shared, alone, atol=1e-4)

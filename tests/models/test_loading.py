@@ -88,3 +88,26 @@ def test_find_decoder_reads_every_layout():
     assert find_decoder(chatglm).layers is chatglm.transformer.encoder.layers
     with pytest.raises(GlmtuneError, match="cannot find the transformer blocks of Linear"):
         find_decoder(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_checkpointing_is_switched_on_by_the_installed_name(method):
+    """transformers 5.24 renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable`
+    and warns on the old name; setup_method calls whichever the installed model has (5.17 has only
+    the old one), so it works on both and never runs a deprecated spelling."""
+    import warnings
+
+    from transformers import Glm4Config, Glm4ForCausalLM
+
+    from glmtune.models.peft_setup import setup_method
+    from glmtune.train.config import MethodSection
+
+    model = Glm4ForCausalLM(Glm4Config(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                       num_key_value_heads=1, head_dim=16, num_hidden_layers=2, vocab_size=64,
+                                       pad_token_id=0))
+    with warnings.catch_warnings():
+        # only glmtune's own call: PEFT 0.21 itself still reads `is_gradient_checkpointing` (warns on 5.24)
+        warnings.filterwarnings("error", message="`gradient_checkpointing_enable`", category=FutureWarning)
+        trained = setup_method(model, MethodSection(name=method, target_modules=["q_proj"]),
+                               gradient_checkpointing=True)
+    assert model.is_gradient_checkpointing and trained.is_gradient_checkpointing
