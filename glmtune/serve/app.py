@@ -104,7 +104,8 @@ def create_app(predictor, *, api_key: str | None = None, max_queue: int = 64, ti
         # the engine's loop, not only the HTTP layer: a dead engine answers nothing, so say so (503)
         alive = engine.alive
         body = {"status": "ok" if alive else "engine stopped", "model": base_name, "waiting": engine.waiting,
-                "max_queue": max_queue, "engine_alive": alive}
+                "max_queue": max_queue, "engine_alive": alive,
+                "engine_last_error": getattr(engine, "last_error", None)}
         return body if alive else JSONResponse(body, status_code=503)
 
     @app.get("/v1/models")

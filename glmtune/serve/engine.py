@@ -144,6 +144,11 @@ class BatchingEngine:
         return self.engine.alive
 
     @property
+    def last_error(self) -> str | None:
+        """The last error a shared engine step raised (its requests failed; the loop went on)."""
+        return self.engine.error
+
+    @property
     def max_positions(self) -> int:
         """Prompt + answer tokens one request may have."""
         return self.engine.max_positions

@@ -64,7 +64,7 @@ def test_mass_timeouts_disconnects_and_cancels_leave_it_answering(random_predict
             time.sleep(0.05)
         health = httpx.get(f"{server.url}/health")
         assert health.status_code == 200 and health.json()["engine_alive"] is True
-        assert health.json()["waiting"] == 0
+        assert health.json()["waiting"] == 0 and health.json()["engine_last_error"] is None
         for _ in range(3):
             r = httpx.post(f"{server.url}/v1/chat/completions", json=ask("hi", max_tokens=4), timeout=20)
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4

@@ -18,7 +18,6 @@ import logging
 import queue
 import random
 import threading
-import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable
@@ -90,7 +89,6 @@ class GenerationEngine:
         self._wake = threading.Event()
         self._closed = False
         self.steps = 0
-        self.heartbeat = time.monotonic()
         self.error: str | None = None           # the last error a step raised
         self._thread = threading.Thread(target=self._loop, daemon=True, name="glmtune-generation")
         self._thread.start()
@@ -162,7 +160,6 @@ class GenerationEngine:
     # -- the loop -----------------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._closed:
-            self.heartbeat = time.monotonic()
             self._take_incoming()
             if not (self._running or self._waiting or self._pending):
                 self._wake.wait(timeout=1.0)
