@@ -5,12 +5,17 @@ Phases (``--phases``, comma-separated, in this order):
   check     engine correctness on the GPU, in process: the engine's per-step logits against an eager
             forward of the same tokens (bf16 tolerance), CUDA-graph steps against eager steps (same
             tokens), a prefix-cache hit and chunked prefill against a cold prefill (same first logits).
+  engine    the engine in process, no HTTP: CUDA graphs with and without the compiled decode step:
+            start-up (compile + graph capture), the device time of one decode-graph replay at batch
+            1 / 64 / 128, and 1 / 64 / 128 requests of 128 tokens end to end (host overhead = the
+            difference).
   serve     `python -m glmtune serve --model DIR --adapter a0=.. a3=..`, then 1 / 16 / 64 concurrent
             streaming requests (prompts ~200 tokens, 128 new tokens, greedy), and 64 spread over the 4
             adapters: aggregate tok/s, TTFT p50/p90, peak GPU memory of the server (nvidia-smi).
   baseline  plain `model.generate` (eager, dynamic cache) at batch 1 and 64 on the same prompts.
   predict   `glmtune predict` over N prompts (64 new tokens) with the engine, and with --engine off on
             a slice of them; `glmtune eval classify --mode generate` over CMCC-34-shaped dialogues.
+  serve_nocompile   `serve` with `--no-compile` (the step as session 6 ran it), 1 and 64 streams.
 
     python3 bench/serve_gpu.py --phases check,serve,baseline --out $OUT/serve_gpu.jsonl
 
@@ -131,6 +136,58 @@ def phase_check(model_dir: Path, out: Path | None) -> None:
     torch.cuda.empty_cache()
 
 
+# -- engine -----------------------------------------------------------------------------------------
+def phase_engine(model_dir: Path, out: Path | None, max_tokens: int) -> None:
+    import torch
+
+    from glmtune.infer.engine import EngineSettings, create_engine
+    from glmtune.models.loading import load_model
+    from glmtune.models.tokenizer import load_tokenizer
+    from glmtune.templates import get_template
+
+    model = load_model(model_dir, dtype="bfloat16").to("cuda").eval()
+    tok, tpl = load_tokenizer(model_dir), get_template("glm4")
+    stop = tpl.stop_token_ids(tok)
+    ids = [tpl.encode_prompt(tok, [{"role": "user", "content": q}]) for q in prompts(128, seed=5)]
+    for compiled in (False, True):
+        t0 = time.perf_counter()
+        engine, _, summary = create_engine(model, stop_ids=stop, settings=EngineSettings(compile=compiled))
+        graphs = engine.warmup(widths=(256, 512))
+        startup = time.perf_counter() - t0
+        runner = engine.runner
+        replay = {}
+        for b in (1, 64, 128):
+            graph = runner.graphs.get((b, 256, False, False))
+            if graph is None:
+                continue
+            graph.replay()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(50):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            replay[b] = round(start.elapsed_time(end) / 50, 3)
+        emit(out, {"phase": "engine", "compiled": compiled, "startup_s": round(startup, 1), "graphs": graphs,
+                   "graph_replay_ms": replay, "note": engine.graphs_note, "engine": summary})
+        for n in (1, 64, 128):
+            for _ in range(2 if n == 1 else 1):
+                t0 = time.perf_counter()
+                seqs = [engine.submit(p, max_new_tokens=max_tokens) for p in ids[:n]]
+                for s in seqs:
+                    s.done.wait(300)
+                wall = time.perf_counter() - t0
+                total = sum(len(s.tokens) for s in seqs)
+                emit(out, {"phase": "engine", "compiled": compiled, "requests": n, "new_tokens": total,
+                           "wall_s": round(wall, 3), "tok_per_s": round(total / wall, 1), "steps": engine.steps})
+        engine.close()
+        del engine, runner
+        torch.cuda.empty_cache()
+    del model
+    torch.cuda.empty_cache()
+
+
 # -- serve ------------------------------------------------------------------------------------------
 def make_adapters(model_dir: Path, root: Path, n: int) -> dict[str, Path]:
     """n random LoRA adapters, r64 on every linear layer (the issue's adapter), saved like training."""
@@ -201,12 +258,14 @@ def gpu_memory_mib() -> int | None:
         return None
 
 
-def phase_serve(model_dir: Path, out: Path | None, max_tokens: int, port: int) -> None:
+def phase_serve(model_dir: Path, out: Path | None, max_tokens: int, port: int, flags: tuple = (),
+                levels: tuple | None = None) -> None:
     import httpx
 
     adapters = make_adapters(model_dir, Path("/tmp/glmtune_bench_adapters"), 4)
     cmd = [sys.executable, "-m", "glmtune", "serve", "--model", str(model_dir), "--port", str(port),
-           "--max-queue", "512", "--timeout", "600", "--max-tokens", str(max_tokens), "--model-name", "glm4-9b"]
+           "--max-queue", "512", "--timeout", "600", "--max-tokens", str(max_tokens), "--model-name", "glm4-9b",
+           *flags]
     for name, folder in adapters.items():
         cmd += ["--adapter", f"{name}={folder}"]
     t0 = time.perf_counter()
@@ -228,10 +287,11 @@ def phase_serve(model_dir: Path, out: Path | None, max_tokens: int, port: int) -
         qs = prompts(200, seed=2)
         asyncio.run(load_level(f"{url}/v1", ["glm4-9b"], qs[:64], 16))           # warm-up (untimed)
         asyncio.run(load_level(f"{url}/v1", list(adapters), qs[64:128], 16))
-        for n, models in ((1, ["glm4-9b"]), (1, ["glm4-9b"]), (16, ["glm4-9b"]), (64, ["glm4-9b"]),
-                          (64, list(adapters)), (1, ["a0"]), (128, ["glm4-9b"])):
+        levels = levels or ((1, ["glm4-9b"]), (1, ["glm4-9b"]), (16, ["glm4-9b"]), (64, ["glm4-9b"]),
+                            (64, list(adapters)), (1, ["a0"]), (128, ["glm4-9b"]))
+        for n, models in levels:
             row = asyncio.run(load_level(f"{url}/v1", models, qs[:n], max_tokens))
-            emit(out, {"phase": "serve", "adapters": len(models) if models[0] != "glm4-9b" else 0, **row,
+            emit(out, {"phase": "serve", "flags": " ".join(flags), "adapters": len(models) if models[0] != "glm4-9b" else 0, **row,
                        "gpu_memory_mib": gpu_memory_mib()})
     finally:
         stop_server(server)
@@ -353,8 +413,13 @@ def main() -> None:
         try:
             if phase == "check":
                 phase_check(model_dir, args.out)
+            elif phase == "engine":
+                phase_engine(model_dir, args.out, args.max_tokens)
             elif phase == "serve":
                 phase_serve(model_dir, args.out, args.max_tokens, args.port)
+            elif phase == "serve_nocompile":
+                phase_serve(model_dir, args.out, args.max_tokens, args.port + 1, ("--no-compile",),
+                            ((1, ["glm4-9b"]), (1, ["glm4-9b"]), (64, ["glm4-9b"])))
             elif phase == "baseline":
                 phase_baseline(model_dir, args.out, args.max_tokens)
             elif phase == "predict":

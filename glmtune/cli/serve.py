@@ -6,6 +6,7 @@ from typing import List, Optional
 
 import typer
 
+from glmtune.cli.infer import COMPILE_HELP
 from glmtune.cli.main import app
 
 
@@ -41,6 +42,7 @@ def serve_cmd(
     max_model_len: Optional[int] = typer.Option(None, help="Prompt + answer tokens per request the engine's KV "
                                                            "cache holds (default: the model's context, at most "
                                                            "8192 on a GPU, 2048 on a CPU)."),
+    compile_decode: Optional[bool] = typer.Option(None, "--compile/--no-compile", help=COMPILE_HELP),
     image_root: Optional[Path] = typer.Option(
         None, help="Folder whose pictures requests may name by path (image_url: a path or file://); "
                    "without it, images come only as data: URIs. Paths outside it are refused."),
@@ -60,7 +62,7 @@ def serve_cmd(
                          fix="pass an existing folder, or leave --image-root out (data: URIs only)")
     limits = ImageLimits(max_bytes=int(image_max_mb * 2**20), max_pixels=image_max_pixels,
                          max_images=image_max_count)
-    engine_kwargs = {"engine": engine_option(engine, max_model_len), "liger": liger} if backend == "hf" else {}
+    engine_kwargs = {"engine": engine_option(engine, max_model_len, compile_decode), "liger": liger} if backend == "hf" else {}
     predictor = Predictor(model, adapter=adapter_option(adapter), backend=backend, template=template,
                           rag=rag, rag_threshold=rag_threshold, image_limits=limits, **engine_kwargs)
     if max_body is None:

@@ -30,6 +30,7 @@ class EngineSettings:
     memory_fraction: float = 0.85       # share of the device memory free after loading that the KV cache may take
     prefill_tokens: int | None = None   # prompt tokens per prefill forward: 4096 / 512
     cuda_graphs: bool | None = None     # capture decode steps (CUDA only): on
+    compile: bool | None = None         # torch.compile the decode forward: on with CUDA graphs, off on a CPU
     prefix_cache: bool = True           # reuse the keys of repeated prompt prefixes
 
 
@@ -88,14 +89,26 @@ def create_engine(model, *, stop_ids: list[int], adapters: dict | None = None, l
     if lora is None and adapters:
         lora = MultiLoRA(model, adapters)
     graphs = cuda if settings.cuda_graphs is None else (settings.cuda_graphs and cuda)
-    runner = ModelRunner(model, cache, stop_ids=stop_ids, lora=lora, use_graphs=graphs, lock=lock)
+    compiled = compile_choice(model, settings.compile, graphs)
+    runner = ModelRunner(model, cache, stop_ids=stop_ids, lora=lora, use_graphs=graphs, compile=compiled, lock=lock)
     engine = GenerationEngine(runner, prefill_tokens=prefill, prefix_slots=prefix_slots, stop_ids=stop_ids)
     summary = (f"generation engine: {slots - prefix_slots} slots x {positions} positions "
                f"({slots * length * per_token / 2**30:.2f} GiB KV cache), prefill {prefill} tokens per forward, "
                f"{'CUDA graphs' if graphs else 'eager steps' + ('' if cuda else ' (CPU: no CUDA graphs)')}"
+               f"{', compiled decode' if compiled else ''}"
                f"{', prefix reuse' if prefix_slots else ''}"
                f"{f', {len(lora.names)} adapter(s) batched' if lora else ''}")
     return engine, lora, summary
+
+
+def compile_choice(model, asked: bool | None, graphs: bool) -> bool:
+    """Whether the decode forward goes through torch.compile. Default: with CUDA graphs (compiling is
+    a one-off ~1 min that graphs then replay for free; without graphs the eager step's host time
+    dominates anyway) and not on a bitsandbytes 4/8-bit base (its layers break inductor's graph)."""
+    if asked is not None:
+        return asked
+    quantized = getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False)
+    return graphs and not quantized
 
 
 def probe_layers(model, device) -> tuple[dict[int, LayerShape], object]:

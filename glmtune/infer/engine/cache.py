@@ -8,7 +8,8 @@ count is sized from free GPU memory and requests wait for a slot instead of runn
 The last position of every slot is scratch: rows of a decode step that are not decoding write there.
 
 Prefix reuse: prompts are cut into blocks of ``PREFIX_BLOCK`` tokens, each block named by a hash
-of every token up to its end. A block-aligned prefix seen in two prompts is copied, after the second
+of every token up to its end and of the adapter the request runs (an adapter changes every layer's
+keys, so its prefix is not the base model's, nor another adapter's). A block-aligned prefix seen in two prompts is copied, after the second
 one's prefill, into a reserved prefix slot; later prompts starting with it copy its keys into their
 own slot (a memory copy, ~µs) instead of recomputing them (a forward over the prefix).
 """
@@ -66,9 +67,10 @@ class PrefixStore:
         self.max_seen = max_seen
 
     @staticmethod
-    def block_hashes(prompt: list[int]) -> list[int]:
-        """Hash of every block-aligned prefix shorter than the prompt (one token is always computed)."""
-        hashes, h = [], 0
+    def block_hashes(prompt: list[int], adapter: int = -1) -> list[int]:
+        """Hash of every block-aligned prefix shorter than the prompt (one token is always computed),
+        under ``adapter`` (-1: the base model)."""
+        hashes, h = [], hash(("adapter", adapter))
         for end in range(PREFIX_BLOCK, len(prompt), PREFIX_BLOCK):
             h = hash((h, tuple(prompt[end - PREFIX_BLOCK:end])))
             hashes.append(h)

@@ -121,13 +121,18 @@ class GenerationEngine:
 
     @property
     def graphs_note(self) -> str:
-        """Whether decode steps replay CUDA graphs, for the log (a failed capture says why)."""
+        """Whether decode steps replay CUDA graphs and run compiled, for the log (a failure says why)."""
         r = self.runner
+        compiled = ""
+        if r.compile_failure is not None:
+            compiled = f"; torch.compile failed ({r.compile_failure}): the decode forward runs eagerly"
+        elif r.compiled is not None:
+            compiled = "; the decode forward is compiled"
         if not r.use_graphs:
-            return "decode steps run eagerly"
+            return "decode steps run eagerly" + compiled
         if r.graph_failure is not None:
-            return f"CUDA graph capture failed ({r.graph_failure}): decode steps run eagerly"
-        return f"{len(r.graphs)} decode graphs captured"
+            return f"CUDA graph capture failed ({r.graph_failure}): decode steps run eagerly" + compiled
+        return f"{len(r.graphs)} decode graphs captured" + compiled
 
     @property
     def load(self) -> dict:
@@ -240,7 +245,7 @@ class GenerationEngine:
             if seq.penalty != 1.0:
                 self.runner.mark_seen(slot, seq.prompt)
             if self.prefix is not None:
-                seq.hashes = self.prefix.block_hashes(seq.prompt)
+                seq.hashes = self.prefix.block_hashes(seq.prompt, seq.adapter)
                 hit = self.prefix.lookup(seq.hashes)
                 seq.store_prefix = self.prefix.note(seq.hashes)
                 if hit is not None:

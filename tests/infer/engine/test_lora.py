@@ -66,3 +66,23 @@ def test_an_adapter_the_engine_cannot_batch_is_named(random_glm4_dir, tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True}))
     with pytest.raises(UnsupportedAdapter, match="use_dora: True"):
         read_adapter(folder)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_mixed_adapters_and_a_joining_base_request_equal_peft(compile, make_engine, random_glm4_dir, adapters, prompts):
+    """torch.compile'd decode forward (what CUDA runs by default): base rows and adapter rows of one
+    batch, requests joining mid-flight, each answer equal to PEFT's, and the compiled path did run."""
+    from glmtune.models.loading import load_model
+
+    engine = make_engine(model=load_model(random_glm4_dir, dtype="float32").eval(), adapters=adapters, compile=compile)
+    plan = [(prompts[0], 0), (prompts[1], -1), (prompts[2], 1), (prompts[4], -1)]
+    seqs = [engine.submit(p, max_new_tokens=16, adapter=a) for p, a in plan[:3]]
+    seqs[0].done.wait(300)
+    seqs.append(engine.submit(plan[3][0], max_new_tokens=16, adapter=-1))  # joins after the others
+    for s in seqs:
+        assert s.done.wait(300)
+    names = [None, "alpha", "beta"]
+    assert [s.tokens for s in seqs] == [peft_answer(random_glm4_dir, adapters, names[a + 1], p) for p, a in plan]
+    if compile:
+        assert engine.runner.compile_failure is None
+        assert "the decode forward is compiled" in engine.graphs_note
