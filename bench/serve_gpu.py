@@ -81,21 +81,29 @@ def phase_check(model_dir: Path, out: Path | None) -> None:
         recorded.append(logits.float().clone())
         return real(logits, *a, **k)
 
-    # 1. eager engine steps: logits against a plain forward over prompt + answer (teacher forcing)
-    runner_mod.next_tokens = recording
-    engine, _, summary = create_engine(model, stop_ids=stop, settings=EngineSettings(cuda_graphs=False, max_slots=32))
-    seq = engine.submit(ids[0], max_new_tokens=24)
-    seq.done.wait(300)
-    runner_mod.next_tokens = real
-    steps = [r[0] for r in recorded]
-    with torch.inference_mode():
-        full = torch.tensor([ids[0] + seq.tokens[:-1]], device=dev)
-        ref = model(full).logits[0, len(ids[0]) - 1:].float()
-    diffs = [(s - r).abs().max().item() for s, r in zip(steps, ref)]
-    scale = ref.abs().max().item()
-    agree = sum(int(s.argmax() == r.argmax()) for s, r in zip(steps, ref)) / len(steps)
-    emit(out, {"check": "engine step logits vs eager forward", "steps": len(steps), "max_abs_diff": max(diffs),
-               "logit_scale": scale, "argmax_agreement": agree, "engine": summary})
+    # 1. eager engine steps (and compiled ones): logits against a plain forward over prompt + answer
+    for compiled in (True, False):  # the eager engine stays for step 2
+        recorded.clear()
+        runner_mod.next_tokens = recording
+        t0 = time.perf_counter()
+        engine, _, summary = create_engine(model, stop_ids=stop, settings=EngineSettings(
+            cuda_graphs=False, max_slots=32, compile=compiled))
+        seq = engine.submit(ids[0], max_new_tokens=24)
+        seq.done.wait(600)
+        runner_mod.next_tokens = real
+        steps = [r[0] for r in recorded]
+        with torch.inference_mode():
+            full = torch.tensor([ids[0] + seq.tokens[:-1]], device=dev)
+            ref = model(full).logits[0, len(ids[0]) - 1:].float()
+        diffs = [(s - r).abs().max().item() for s, r in zip(steps, ref)]
+        scale = ref.abs().max().item()
+        agree = sum(int(s.argmax() == r.argmax()) for s, r in zip(steps, ref)) / len(steps)
+        emit(out, {"check": f"engine step logits ({'compiled' if compiled else 'eager'}) vs eager forward",
+                   "steps": len(steps), "max_abs_diff": max(diffs), "logit_scale": scale, "argmax_agreement": agree,
+                   "first_request_s": round(time.perf_counter() - t0, 1), "note": engine.graphs_note,
+                   "engine": summary})
+        if compiled:
+            engine.close()
     seqs = [engine.submit(p, max_new_tokens=32) for p in ids]
     for s in seqs:
         s.done.wait(300)
@@ -103,8 +111,8 @@ def phase_check(model_dir: Path, out: Path | None) -> None:
     engine.close()
 
     del engine
-    # 2. graphed steps (same settings) give the eager steps' tokens
-    engine, _, summary = create_engine(model, stop_ids=stop, settings=EngineSettings(max_slots=32))
+    # 2. graphed steps (same settings, not compiled: step 1 checks that) give the eager steps' tokens
+    engine, _, summary = create_engine(model, stop_ids=stop, settings=EngineSettings(max_slots=32, compile=False))
     seqs = [engine.submit(p, max_new_tokens=32) for p in ids]
     for s in seqs:
         s.done.wait(300)

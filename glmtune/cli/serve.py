@@ -38,7 +38,8 @@ def serve_cmd(
     engine: str = typer.Option("auto", help="hf back-end: auto = glmtune's generation engine (continuous "
                                             "batching, CUDA graphs, adapters batched), off = one request at a time."),
     liger: str = typer.Option("auto", help="liger-kernel's RMSNorm/SwiGLU (fewer kernels per decode step), as the "
-                                           "training config's speed.liger: auto (on CUDA when installed) | all | none."),
+                                           "training config's speed.liger: auto (on CUDA when installed, and not beside "
+                                           "the compiled decode step, which fuses them itself) | all | none."),
     max_model_len: Optional[int] = typer.Option(None, help="Prompt + answer tokens per request the engine's KV "
                                                            "cache holds (default: the model's context, at most "
                                                            "8192 on a GPU, 2048 on a CPU)."),

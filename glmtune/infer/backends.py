@@ -98,11 +98,13 @@ class HFBackend:
 
         self.tokenizer = tokenizer
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.engine_settings = _engine_settings(engine)
+        if liger == "auto" and _engine_may_compile(self.engine_settings, self.device):
+            liger = "none"  # inductor fuses the decode step's norms itself; liger's kernels break its graph
         self.liger = _apply_inference_liger(model_dir, liger, self.device)
         model = load_model(model_dir, dtype=dtype).to(self.device)
         self.adapters = list(adapters)
         self.lora = None
-        self.engine_settings = _engine_settings(engine)
         self.engine_problem = None if self.engine_settings is not None else "engine=off was asked for"
         if adapters:
             _check_adapter_folders(adapters)
@@ -328,6 +330,12 @@ def _engine_settings(engine):
                              fix=f"use {', '.join(EngineSettings.__dataclass_fields__)}")
         return EngineSettings(**engine)
     raise InputError(f"engine must be auto, off or a dict of settings, not {engine!r}", field="engine")
+
+
+def _engine_may_compile(settings, device: str) -> bool:
+    """The engine will compile its decode step (on CUDA with graphs, unless turned off)."""
+    return (settings is not None and settings.compile is not False and settings.cuda_graphs is not False
+            and str(device).startswith("cuda"))
 
 
 def _vision_problem(prompts) -> str | None:

@@ -63,7 +63,7 @@ def create_engine(model, *, stop_ids: list[int], adapters: dict | None = None, l
         from glmtune.models.speed import register_varlen_attention
         register_varlen_attention()  # probes whether FlashAttention varlen shares KV heads
     config = model.config.get_text_config()
-    shapes, dtype = probe_layers(model, device)
+    shapes, dtype, modules = probe_layers(model, device)
     context = int(getattr(config, "max_position_embeddings", 0) or 0) or 8192
     positions = settings.max_model_len or min(context, 8192 if cuda else 2048)
     length = positions + 1  # + the scratch position (glmtune.infer.engine.cache)
@@ -86,6 +86,7 @@ def create_engine(model, *, stop_ids: list[int], adapters: dict | None = None, l
     if settings.prefix_cache and slots >= 4 and prefix_slots == 0:
         prefix_slots = 1
     cache = SlotCache(shapes, slots, length, dtype, device)
+    cache.attach(modules)
     if lora is None and adapters:
         lora = MultiLoRA(model, adapters)
     graphs = cuda if settings.cuda_graphs is None else (settings.cuda_graphs and cuda)
@@ -111,8 +112,9 @@ def compile_choice(model, asked: bool | None, graphs: bool) -> bool:
     return graphs and not quantized
 
 
-def probe_layers(model, device) -> tuple[dict[int, LayerShape], object]:
-    """Each attention layer's K/V head count and widths, read off one 1-token forward."""
+def probe_layers(model, device) -> tuple[dict[int, LayerShape], object, dict]:
+    """Each attention layer's K/V head count and widths, the cache dtype and the attention modules
+    (layer index -> module), read off one 1-token forward."""
     import torch
 
     ctx = StepContext(None, "probe")
@@ -123,4 +125,4 @@ def probe_layers(model, device) -> tuple[dict[int, LayerShape], object]:
         raise RuntimeError("the model's attention layers never called the attention interface")
     shapes = {i: LayerShape(k[0], k[1], v[1]) for i, (k, v, _) in ctx.probed.items()}
     dtype = next(iter(ctx.probed.values()))[2]
-    return shapes, dtype
+    return shapes, dtype, ctx.modules

@@ -23,6 +23,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 ENGINE_ATTENTION = "glmtune_engine"
+CACHE_K, CACHE_V = "glmtune_engine_k", "glmtune_engine_v"   # SlotCache.attach's buffer names
 
 
 @dataclass
@@ -43,6 +44,7 @@ class StepContext:
     write_pos: object = None                       # (B,) int64: where row r's new k/v go (decode)
     kv_mask: object = None                         # (B, 1, 1, L) bool: positions row r attends (decode)
     probed: dict = field(default_factory=dict)     # layer -> (k shape, v shape, dtype) (probe)
+    modules: dict = field(default_factory=dict)    # layer -> the attention module that called (probe)
 
 
 _CURRENT: list[StepContext] = []
@@ -66,22 +68,25 @@ def engine_attention_forward(module, query, key, value, attention_mask, dropout:
                              scaling: float | None = None, **kwargs):
     """transformers attention function: q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, T, Hq, Dv)."""
     ctx = _CURRENT[-1]
-    layer = module.layer_idx
     if ctx.mode == "probe":
         import torch
+        layer = module.layer_idx
+        ctx.modules[layer] = module
         ctx.probed[layer] = (tuple(key.shape[1:2]) + (key.shape[-1],), tuple(value.shape[1:2]) + (value.shape[-1],),
                              key.dtype)
         return torch.zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1],
                            dtype=query.dtype, device=query.device), None
     if ctx.mode == "decode":
-        return _decode(ctx, layer, query, key, value, scaling), None
-    return _prefill(ctx, layer, query, key, value, scaling), None
+        return _decode(ctx, module, query, key, value, scaling), None
+    return _prefill(ctx, module.layer_idx, query, key, value, scaling), None
 
 
-def _decode(ctx: StepContext, layer: int, query, key, value, scaling):
+def _decode(ctx: StepContext, module, query, key, value, scaling):
     import torch
 
-    k_cache, v_cache = ctx.cache.layer(layer)
+    # the layer's cache as buffers of its own module (SlotCache.attach), not looked up by layer_idx:
+    # a compiled decoder layer then reads no per-layer constant and one compile serves every layer
+    k_cache, v_cache = getattr(module, CACHE_K), getattr(module, CACHE_V)
     batch, hq, _, d = query.shape
     hkv = key.shape[1]
     rows = torch.arange(batch, device=query.device)

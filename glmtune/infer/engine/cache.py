@@ -47,6 +47,25 @@ class SlotCache:
     def layer(self, i: int):
         return self.k[i], self.v[i]
 
+    def attach(self, modules: dict) -> None:
+        """Give each attention module (layer index -> module) its layer's K/V as non-persistent
+        buffers, which the decode attention reads (see attention._decode); ``detach`` removes them."""
+        from glmtune.infer.engine.attention import CACHE_K, CACHE_V
+
+        self._attached = dict(modules)
+        for i, module in self._attached.items():
+            module.register_buffer(CACHE_K, self.k[i], persistent=False)
+            module.register_buffer(CACHE_V, self.v[i], persistent=False)
+
+    def detach(self) -> None:
+        from glmtune.infer.engine.attention import CACHE_K, CACHE_V
+
+        for module in getattr(self, "_attached", {}).values():
+            for name in (CACHE_K, CACHE_V):
+                if hasattr(module, name):
+                    delattr(module, name)  # nn.Module's way to drop a buffer
+        self._attached = {}
+
     def copy(self, src: int, dst: int, n: int) -> None:
         """Positions [0, n) of slot ``src`` into slot ``dst`` (every layer)."""
         if src == dst or n <= 0:

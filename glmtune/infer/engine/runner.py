@@ -9,11 +9,13 @@ only attention and the cache are ours (:mod:`.attention`, :mod:`.cache`).
 
 Inside a graph the host cost is gone, but the eager modelling code still issues ~60 small kernels
 per layer (RMSNorm in six, rotary in twenty, ...), ~2,600 per step on the 9B shape, which on an H200
-cost more than the GEMMs' weight reads at batch 1. With ``compile`` the decode forward goes through
-``torch.compile`` (inductor, dynamic batch and width, one graph: the engine's attention and its
-cache writes trace into it) before the graph is captured, so a layer is ~12 kernels. The compiled
-forward is tested for equality against the eager one; a compile failure is kept (``compile_failure``)
-and the step runs eagerly from then on.
+cost more than the GEMMs' weight reads at batch 1. With ``compile`` each decoder layer of a decode
+step runs through one ``torch.compile``'d function (inductor, dynamic batch and width; the engine's
+attention and its cache writes trace into it) before the graph is captured, so a layer is ~12
+kernels. Regional, not whole-model: every layer reuses the one compile (its cache comes as buffers of
+its own module, not by layer index), a minute at start instead of many. The compiled step is tested
+for equality against the eager one; a compile failure is kept (``compile_failure``) and the step runs
+eagerly from then on.
 
 Device state, one row per slot: the last token, the position of the next write, whether the row is
 decoding, the decoding settings, the answer length and its cap, the adapter index, and (lazily)
@@ -23,10 +25,13 @@ host memory without waiting: the host reads step t while the device runs step t 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 from glmtune.infer.engine.attention import PrefillChunk, StepContext, engine_forward
 from glmtune.infer.engine.sampling import SamplingRows, is_stop, next_tokens
+from glmtune.models.loading import find_decoder
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 MIN_LENGTH_BUCKET = 128
@@ -83,7 +88,8 @@ class ModelRunner:
         self.graphs: dict[tuple, tuple] = {}
         self.graph_pool = None
         self.graph_failure: str | None = None
-        self.compiled = torch.compile(self._decode_logits, dynamic=True) if compile else None
+        self.compiled = torch.compile(_layer_forward, dynamic=True) if compile else None
+        self.layers = find_decoder(model).layers if compile else []
         self.compile_failure: str | None = None
         self._host = [self._pinned(n) for _ in range(4)]  # <= 3 steps' results in flight
         self._flip = 0
@@ -235,10 +241,11 @@ class ModelRunner:
                           logits_to_keep=1).logits[:, -1]
 
     def _forward(self, input_ids, position_ids):
-        """The decode forward's last logits: compiled when asked (and it compiles), else eager."""
+        """The decode forward's last logits: its layers compiled when asked (and they compile), else eager."""
         if self.compiled is not None and self.compile_failure is None:
             try:
-                return self.compiled(input_ids, position_ids)
+                with _layers_through(self.layers, self.compiled):
+                    return self._decode_logits(input_ids, position_ids)
             except Exception as e:  # noqa: BLE001 - any compile failure means: the eager forward
                 self.compile_failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return self._decode_logits(input_ids, position_ids)
@@ -317,6 +324,23 @@ class ModelRunner:
         if self.lora is None or selection is None:
             return contextlib.nullcontext()
         return self.lora.select(selection)
+
+
+def _layer_forward(layer, *args, **kwargs):
+    """One decoder layer's own forward (what the runner compiles once for every layer)."""
+    return type(layer).forward(layer, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _layers_through(layers, fn):
+    """Inside: calling decoder layer ``l`` runs ``fn(l, ...)`` (an instance ``forward``, removed after)."""
+    for layer in layers:
+        layer.forward = functools.partial(fn, layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 def _accumulate(xs):

@@ -160,6 +160,7 @@ class GenerationEngine:
         self._wake.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
+        self.runner.cache.detach()  # the model lets go of the KV cache (its memory is freed with the engine)
         _RUNNING.discard(self)
 
     # -- the loop -----------------------------------------------------------------------------------
