@@ -89,6 +89,8 @@ class ModelRunner:
         self.graph_pool = None
         self.graph_failure: str | None = None
         self.compiled = torch.compile(_layer_forward, dynamic=True) if compile else None
+        if compile:
+            _allow_recompiles(32)
         self.layers = find_decoder(model).layers if compile else []
         self.compile_failure: str | None = None
         self._host = [self._pinned(n) for _ in range(4)]  # <= 3 steps' results in flight
@@ -324,6 +326,18 @@ class ModelRunner:
         if self.lora is None or selection is None:
             return contextlib.nullcontext()
         return self.lora.select(selection)
+
+
+def _allow_recompiles(n: int) -> None:
+    """Room for the compiled layer's variants (batch 1 / dynamic x with / without adapters x what
+    guards on the adapters' selection): dynamo's default of 8 ran out serving four adapters, and past
+    it a variant silently runs eagerly. The setting's name by what the installed torch has."""
+    import torch._dynamo.config as dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(getattr(dynamo, name), n))
+            return
 
 
 def _layer_forward(layer, *args, **kwargs):
