@@ -144,6 +144,10 @@ OTHER_OBJECTS_PRIVATE = {
     ("glmtune/cli/main.py", "os._exit"): "the standard library's way to end at once, skipping interpreter shutdown",
     ("glmtune/infer/engine/attention.py", "config._attn_implementation"):
         "transformers: switched for each engine forward and back (set_attn_implementation re-validates the model)",
+    ("glmtune/infer/predictor.py", "PreTrainedTokenizerFast._decode"):
+        "transformers: whether a tokenizer class overrides the decode step the Rust fast path replaces",
+    ("glmtune/infer/predictor.py", "type(tokenizer)._decode"):
+        "transformers: the same check, on the tokenizer's own class",
     ("glmtune/models/fused_lora.py", "module._glmtune_peft_forward"):
         "glmtune's own attribute on a peft layer, set and removed in that module",
     ("glmtune/models/speed.py", "layer._compiled_call_impl"): "torch: nn.Module.compile() has no public undo",

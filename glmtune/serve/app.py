@@ -198,8 +198,16 @@ async def _next_final(job: Job, deadline: float, request):
 
 
 async def _next_event(job: Job, deadline: float):
-    remaining = deadline - asyncio.get_running_loop().time()
+    """The job's next event, or ("timeout", None) at ``deadline`` (the loop's clock). A streamed
+    token's event is awaited here once per token per stream: a queued one is taken at once, and the
+    wait is ``asyncio.timeout_at`` where Python has it (``wait_for`` wraps the get in a new task)."""
+    if not job.events.empty() and asyncio.get_running_loop().time() < deadline:
+        return job.events.get_nowait()
     try:
+        if hasattr(asyncio, "timeout_at"):
+            async with asyncio.timeout_at(deadline):
+                return await job.events.get()
+        remaining = deadline - asyncio.get_running_loop().time()
         return await asyncio.wait_for(job.events.get(), timeout=max(remaining, 0.0))
     except asyncio.TimeoutError:
         return "timeout", None
@@ -305,8 +313,10 @@ async def _sse(job: Job, deadline: float, cid: str, model: str, prompt_tokens: i
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+    created = int(time.time())
+    content = schemas.content_events(cid, model, created)
     try:
-        yield sse(schemas.chunk(cid, model, {"role": "assistant", "content": ""}))
+        yield sse(schemas.chunk(cid, model, {"role": "assistant", "content": ""}, created=created))
         held = None
         while True:
             kind, value = held if held is not None else await _next_event(job, deadline)
@@ -319,13 +329,13 @@ async def _sse(job: Job, deadline: float, cid: str, model: str, prompt_tokens: i
                         held = more
                         break
                     value += more[1]
-                yield sse(schemas.chunk(cid, model, {"content": value}))
+                yield content(value)
                 continue
             if kind == "done":
                 _, out = value
-                yield sse(schemas.chunk(cid, model, {}, _finish(out)))
+                yield sse(schemas.chunk(cid, model, {}, _finish(out), created=created))
                 if include_usage:
-                    yield sse({**schemas.chunk(cid, model, {}), "choices": [],
+                    yield sse({**schemas.chunk(cid, model, {}, created=created), "choices": [],
                                "usage": schemas.usage(prompt_tokens, len(out.token_ids))})
             elif kind == "timeout":
                 yield sse(schemas.error_body("generation timed out", "timeout_error", code="timeout"))

@@ -129,9 +129,23 @@ def completion(cid: str, model: str, text: str, finish_reason: str, prompt_token
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None) -> dict:
-    return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+def chunk(cid: str, model: str, delta: dict, finish_reason: str | None = None, created: int | None = None) -> dict:
+    return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()) if created is None else created,
+            "model": model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+
+
+def content_events(cid: str, model: str, created: int):
+    """``piece -> 'data: {chunk with delta {"content": piece}}\n\n'``: the JSON around the piece is
+    made once per stream and only the piece is encoded per event (a served token's event cost
+    ~25 µs of dict building and json.dumps, for 64 streams a third of a decode step)."""
+    import json
+
+    marker = "\u0000glmtune\u0000"
+    whole = json.dumps(chunk(cid, model, {"content": marker}, created=created), ensure_ascii=False)
+    head, tail = whole.split(json.dumps(marker, ensure_ascii=False))
+    head, tail = "data: " + head, tail + "\n\n"
+    return lambda piece: head + json.dumps(piece, ensure_ascii=False) + tail
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
