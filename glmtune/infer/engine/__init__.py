@@ -30,7 +30,8 @@ class EngineSettings:
     memory_fraction: float = 0.85       # share of the device memory free after loading that the KV cache may take
     prefill_tokens: int | None = None   # prompt tokens per prefill forward: 4096 / 512
     cuda_graphs: bool | None = None     # capture decode steps (CUDA only): on
-    compile: bool | None = None         # torch.compile the decode forward: on with CUDA graphs, off on a CPU
+    compile: bool | None = False        # torch.compile the decode layers (~1 min at start): True | False |
+                                        # None = on CUDA with graphs (`glmtune serve`'s default)
     prefix_cache: bool = True           # reuse the keys of repeated prompt prefixes
 
 
@@ -103,13 +104,14 @@ def create_engine(model, *, stop_ids: list[int], adapters: dict | None = None, l
 
 
 def compile_choice(model, asked: bool | None, graphs: bool) -> bool:
-    """Whether the decode forward goes through torch.compile. Default: with CUDA graphs (compiling is
-    a one-off ~1 min that graphs then replay for free; without graphs the eager step's host time
-    dominates anyway) and not on a bitsandbytes 4/8-bit base (its layers break inductor's graph)."""
-    if asked is not None:
-        return asked
+    """Whether the decode layers go through torch.compile. True: also on a CPU (tests compare it with
+    the eager step there); None: on CUDA only. On CUDA only with graphs (compiling is a one-off ~1 min
+    that graphs then replay for free; without them the eager step's host time dominates anyway);
+    never on a bitsandbytes 4/8-bit base (its layers break inductor's graph)."""
     quantized = getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False)
-    return graphs and not quantized
+    cuda = next(model.parameters()).device.type == "cuda"
+    wanted = asked if asked is not None else cuda
+    return bool(wanted) and (graphs or not cuda) and not quantized
 
 
 def probe_layers(model, device) -> tuple[dict[int, LayerShape], object, dict]:

@@ -111,3 +111,11 @@ def test_a_prompt_longer_than_a_slot_is_refused(make_engine):
         engine.submit(list(range(64)), max_new_tokens=4)
     s = engine.submit(list(range(60)), max_new_tokens=100)   # the answer gets what the slot has left
     assert s.done.wait(60) and len(s.tokens) <= 4
+
+
+def test_compile_is_on_when_asked_and_by_default_only_on_cuda(tiny_model):
+    from glmtune.infer.engine import compile_choice
+
+    assert compile_choice(tiny_model, None, graphs=False) is False  # serve's default: CUDA only
+    assert compile_choice(tiny_model, True, graphs=False) is True   # asked: a CPU compiles too
+    assert compile_choice(tiny_model, False, graphs=True) is False
