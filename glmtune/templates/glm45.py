@@ -172,6 +172,8 @@ class _GLM45Family(Template):
         return segs
 
     def _tool_call(self, call: dict, turn: int, field: str) -> list[Segment]:
+        """``<tool_call>NAME`` then ``<arg_key>K</arg_key><arg_value>V</arg_value>`` per argument (glm45:
+        a newline before the call, after the name and after each tag pair)."""
         name, args = call_arguments(call, field)
         nl = self.nl
 
@@ -181,15 +183,15 @@ class _GLM45Family(Template):
         def text(t):
             return Segment(t, turn=turn, trained=True)
 
-        segs = ([text(nl)] if nl else []) + [tok("<tool_call>"), text(name + nl)]
+        segs = [text(nl), tok("<tool_call>"), text(name + nl)]
         for key, value in args.items():
-            segs += [tok("<arg_key>"), text(str(key)), tok("</arg_key>")] + ([text(nl)] if nl else [])
-            segs += [tok("<arg_value>"), text(arg_value_text(value)), tok("</arg_value>")] + ([text(nl)] if nl else [])
+            segs += [tok("<arg_key>"), text(str(key)), tok("</arg_key>"), text(nl),
+                     tok("<arg_value>"), text(arg_value_text(value)), tok("</arg_value>"), text(nl)]
         return segs + [tok("</tool_call>")]
 
     def _tool_response(self, content: str, turn: int) -> list[Segment]:
         nl = self.nl
-        return [*([Segment(nl, turn=turn)] if nl else []), Segment("<tool_response>", special=True, turn=turn),
+        return [Segment(nl, turn=turn), Segment("<tool_response>", special=True, turn=turn),
                 Segment(nl + content + nl, turn=turn), Segment("</tool_response>", special=True, turn=turn)]
 
     def _thinking(self, reasoning: str | None, turn: int) -> list[Segment]:
@@ -216,10 +218,12 @@ class _GLM45Family(Template):
 
 
 def _joined(segs: list[Segment]) -> list[Segment]:
-    """Adjacent text segments of one turn and mask as one: the tokenizer sees the text between two
-    special tokens as one piece ("answer." + "\n" before a tool call encodes as ".\n")."""
+    """Adjacent text segments of one turn and mask as one, empty ones dropped: the tokenizer sees the
+    text between two special tokens as one piece ("answer." + "\n" before a tool call encodes as ".\n")."""
     out: list[Segment] = []
     for seg in segs:
+        if not seg.special and not seg.text:
+            continue  # glm47's empty separators
         last = out[-1] if out else None
         if (last is not None and not seg.special and not last.special and last.turn == seg.turn
                 and last.trained == seg.trained):

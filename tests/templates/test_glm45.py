@@ -216,3 +216,25 @@ def test_options_and_tool_call_errors():
     assert e.value.field == "messages[1].tool_calls[0].function.arguments"
     with pytest.raises(InputError, match="must be an object"):
         get_template("glm45").render([bad[0], {**bad[1], "tool_calls": [call("f", "[1, 2]")]}])
+
+
+@pytest.mark.parametrize("family", ["glm45", "glm47"])
+def test_cutoff_truncates_dialogue_and_keeps_the_last_answer(family, glm45_tok):
+    """Training's overflow policy (glmtune.data.cutoff) walks these segments too: old dialogue text is cut,
+    control tokens and the last answer are kept whole."""
+    from glmtune.data.cutoff import fit_records
+
+    messages, tools = BATTERY["call-then-user"]
+    long = copy.deepcopy(messages)
+    long[0]["content"] = "Rome? " + "very long question " * 40
+    tpl = get_template(family)
+    full = tpl.encode(glm45_tok, long, tools=tools)
+    (example,), report = fit_records([{"messages": long, "tools": tools}], tpl, glm45_tok, len(full) - 50)
+    assert report.truncated == 1 and len(example.input_ids) <= len(full) - 50
+    last = full.turn_spans[-1]
+    answer = full.input_ids[last[0]:last[1]]
+    assert example.input_ids[-len(answer):] == answer
+    assert [t for t in example.labels if t != IGNORE_INDEX][-len(answer):] == answer
+    for token in ("<tool_call>", "</tool_call>", "<|observation|>", "<tool_response>"):
+        tid = glm45_tok.convert_tokens_to_ids(token)
+        assert example.input_ids.count(tid) == full.input_ids.count(tid)
