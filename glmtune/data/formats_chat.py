@@ -81,6 +81,12 @@ def messages_record(row: dict, ctx: RowContext) -> dict:
         if msg.get("content") is None and msg.get("tool_calls"):
             msg["content"] = ""
         messages.append(msg)
+    keep = row.get("keep_reasoning")
+    if keep is not None and not isinstance(keep, bool):
+        raise ctx.error(f"keep_reasoning must be true or false, got {type(keep).__name__}", field="keep_reasoning")
+    if keep:  # the record opts every assistant turn in: its reasoning is rendered and trained wherever it is
+        messages = [{**m, "keep_reasoning": m.get("keep_reasoning", True)} if m["role"] == "assistant" else m
+                    for m in messages]
     record = {"messages": with_system(messages, ctx.options.get("system")), **row_extras(row, ctx)}
     if isinstance(row.get("meta"), dict):
         record["meta"] = dict(row["meta"])

@@ -10,8 +10,9 @@ Thinking, as the official templates do it: an assistant message's reasoning come
 ``content``. Reasoning renders only for turns after the last user message; earlier turns render an
 empty block (glm45 ``\\n<think></think>``, glm47 a lone ``</think>``). So by default the reasoning
 of earlier turns is neither seen nor trained, as at inference. A message with
-``"keep_reasoning": true`` renders (and trains) its reasoning wherever it is (glmtune's opt-in; on
-glm47 the official ``clear_thinking=False`` does this for every turn).
+``"keep_reasoning": true`` renders (and trains) its reasoning wherever it is (glmtune's opt-in; a
+record-level ``keep_reasoning`` sets it on every assistant turn when the record is read; on glm47 the
+official ``clear_thinking=False`` does this for every turn).
 
 ``enable_thinking=False`` (a template option: ``get_template("glm45", enable_thinking=False)``):
 glm45 adds ``/nothink`` to every user turn and ``\\n<think></think>`` to the generation prompt;

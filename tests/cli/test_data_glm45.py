@@ -69,6 +69,14 @@ def test_convert_keeps_calls_reasoning_and_tool_results(files):
     assert a["messages"][3] == {"role": "tool", "tool_call_id": "c1", "content": "晴"} and a["tools"] == TOOLS
     b, = read_records(files / "b.jsonl")
     assert {k: v for k, v in b.items() if k != "meta"} == PARALLEL
+    # a record-level keep_reasoning opts every assistant turn in (a turn's own false wins)
+    opted = {**OPENAI, "keep_reasoning": True}
+    opted["messages"] = [*OPENAI["messages"][:4], {**OPENAI["messages"][4], "keep_reasoning": False}, *OPENAI["messages"][5:]]
+    (files / "opted.jsonl").write_text(json.dumps(opted, ensure_ascii=False) + "\n", encoding="utf-8")
+    c, = read_records(files / "opted.jsonl")
+    assert [m.get("keep_reasoning") for m in c["messages"]] == [None, None, True, None, False, None, True]
+    text = get_template("glm45").render(c["messages"], tools=TOOLS)
+    assert "\n<think>查北京。</think>" in text and "<think>结果是晴。</think>" not in text
 
 
 def test_bad_calls_and_reasoning_name_file_line_and_field(tmp_path):
