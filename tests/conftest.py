@@ -51,6 +51,20 @@ def glm4_tokenizer_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def glm45_tokenizer_dir(glm4_tokenizer_dir, tmp_path_factory) -> Path:
+    """A GLM-4.5+ tokenizer folder (tokenizer.json): GLM-4's vocabulary plus GLM-4.5's added tokens at
+    their official ids (<think> 151350, <tool_call> 151352, ...), as GLM-4.5/4.6/4.7 ship it."""
+    from glmtune.models.tokenizer import GLM45_SPECIALS, load_tokenizer
+
+    tok = load_tokenizer(glm4_tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": GLM45_SPECIALS})
+    assert tok.convert_tokens_to_ids("<think>") == 151350
+    out = tmp_path_factory.mktemp("glm45") / "glm45-tokenizer"
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def synthetic_chatglm_model() -> bytes:
     """One synthetic sentencepiece model for both families (like the real ones, they share it)."""
     from synthetic_chatglm import train_sentencepiece

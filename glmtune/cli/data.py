@@ -184,6 +184,8 @@ def _stats_table(source: str, s) -> Table:
         rows[f"tokens ({s.template}) p50/p90/p99/max"] = (f"{s.tokens.p50} / {s.tokens.p90} / {s.tokens.p99} / "
                                                            f"{s.tokens.max}")
         rows["trained tokens"] = s.trained_tokens
+        if s.reasoning_tokens or s.reasoning_dropped:
+            rows["reasoning tokens / turns left out"] = f"{s.reasoning_tokens} / {s.reasoning_dropped}"
         if s.cutoff:
             style = "red" if s.over_cutoff else "green"
             rows[f"over cutoff {s.cutoff}"] = f"[{style}]{s.over_cutoff}[/]"
@@ -202,23 +204,30 @@ def _stats_table(source: str, s) -> Table:
 @data_app.command("render")
 def render_cmd(
     source: str = typer.Argument(..., metavar="FILE", help=IN_HELP),
-    template: str = typer.Option(..., help="Template family: glm4, chatglm3, chatglm2, qwen, llama3."),
-    tokenizer: Path = typer.Option(..., help="Tokenizer (or model) folder."),
+    template: str = typer.Option(..., help="Template family: glm4, glm45, glm47, chatglm3, chatglm2, qwen, llama3."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer (or model) folder (needed except with --plain)."),
     index: int = typer.Option(0, help="Which record (0-based; -1 = last)."),
     plain: bool = typer.Option(False, "--plain", help="Print the exact rendered text only (no trailing newline)."),
     ids: bool = typer.Option(False, "--ids", help="Print the token ids as a JSON list (training ids, incl. the "
                                                  "final end token; prompt ids with --add-generation-prompt)."),
     add_generation_prompt: bool = typer.Option(False, "--add-generation-prompt",
                                                help="Render the prompt for the last assistant turn, as inference does."),
+    no_thinking: bool = typer.Option(False, "--no-thinking", help="GLM-4.5+ (glm45, glm47): render as with "
+                                     "enable_thinking=false (glm45: /nothink and an empty think block)."),
     train_on: str = typer.Option("all_assistant", help="all_assistant | last_assistant | everything."),
     registry: Optional[Path] = REGISTRY_OPT,
 ) -> None:
     """Show exactly what the model sees; trained tokens in green (or [[...]] without colour)."""
     from glmtune.data.pipeline import render_file
     from glmtune.data.render import bracketed
+    from glmtune.errors import InputError
 
+    if tokenizer is None and not plain:
+        raise InputError("token ids and trained tokens need the model's tokenizer", field="--tokenizer",
+                         fix="pass --tokenizer MODEL_OR_TOKENIZER_DIR, or --plain for the text alone")
     view = render_file(source, template=template, tokenizer=tokenizer, index=index,
-                       add_generation_prompt=add_generation_prompt, train_on=train_on, registry=registry)
+                       add_generation_prompt=add_generation_prompt, train_on=train_on, registry=registry,
+                       enable_thinking=False if no_thinking else None)
     if plain:
         sys.stdout.write(view.text)
     elif ids:

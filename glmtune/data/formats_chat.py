@@ -63,19 +63,30 @@ def row_extras(row: dict, ctx: RowContext) -> dict:
     return out
 
 
+# Message fields a `messages` row keeps (role is mapped): OpenAI's, GLM-4's metadata, reasoning.
+MESSAGE_KEYS = ("content", "tool_calls", "metadata", "reasoning_content", "keep_reasoning", "tool_call_id", "name")
+
+
 @register_format("messages", detect=(("messages",),))
 def messages_record(row: dict, ctx: RowContext) -> dict:
-    """OpenAI-style `messages` (role/content), optional `tools`; the canonical format itself."""
+    """OpenAI-style `messages` (role/content, assistant `tool_calls` and `reasoning_content`, `tool` results),
+    optional `tools`; the canonical format itself."""
     raw = ctx.require(row, "messages", kind=list)
     messages = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
             raise ctx.error("a message must be an object", field=f"messages[{i}]")
-        msg = {k: v for k, v in m.items() if k in ("content", "tool_calls", "metadata")}
+        msg = {k: v for k, v in m.items() if k in MESSAGE_KEYS}
         msg = {"role": canonical_role(m.get("role"), ctx, f"messages[{i}].role"), **msg}
         if msg.get("content") is None and msg.get("tool_calls"):
             msg["content"] = ""
         messages.append(msg)
+    keep = row.get("keep_reasoning")
+    if keep is not None and not isinstance(keep, bool):
+        raise ctx.error(f"keep_reasoning must be true or false, got {type(keep).__name__}", field="keep_reasoning")
+    if keep:  # the record opts every assistant turn in: its reasoning is rendered and trained wherever it is
+        messages = [{**m, "keep_reasoning": m.get("keep_reasoning", True)} if m["role"] == "assistant" else m
+                    for m in messages]
     record = {"messages": with_system(messages, ctx.options.get("system")), **row_extras(row, ctx)}
     if isinstance(row.get("meta"), dict):
         record["meta"] = dict(row["meta"])
@@ -83,15 +94,18 @@ def messages_record(row: dict, ctx: RowContext) -> dict:
 
 
 def _sharegpt_function_call(value: Any, ctx: RowContext, field: str) -> dict:
+    """A `function_call` turn: one call {"name", "arguments"}, or a list of them (parallel calls, as
+    LLaMA-Factory writes them)."""
     try:
-        call = json.loads(value) if isinstance(value, str) else value
+        calls = json.loads(value) if isinstance(value, str) else value
     except json.JSONDecodeError as e:
         raise ctx.error(f"function_call value is not JSON ({e.msg})", field=field) from None
-    if not isinstance(call, dict) or "name" not in call:
-        raise ctx.error("function_call must be a JSON object with a 'name'", field=field)
-    args = call.get("arguments", {})
+    calls = calls if isinstance(calls, list) else [calls]
+    if not calls or not all(isinstance(c, dict) and "name" in c for c in calls):
+        raise ctx.error("function_call must be a JSON object with a 'name' (or a list of them)", field=field)
     return {"role": "assistant", "content": "",
-            "tool_calls": [{"type": "function", "function": {"name": call["name"], "arguments": args}}]}
+            "tool_calls": [{"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}}
+                           for c in calls]}
 
 
 @register_format("sharegpt", detect=(("conversations",),))

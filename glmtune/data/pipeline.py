@@ -120,19 +120,28 @@ def stats_file(source: str | Path, *, template: str | None = None, tokenizer: st
                          on_overflow=on_overflow, truncate_side=truncate_side)
 
 
-def render_file(source: str | Path, *, template: str, tokenizer: str | Path, index: int = 0,
+def render_file(source: str | Path, *, template: str, tokenizer: str | Path | None = None, index: int = 0,
                 add_generation_prompt: bool = False, train_on: str = "all_assistant",
-                registry: str | Path | None = None, format: str = "auto"):
-    """RenderView of record ``index`` (0-based; negative counts from the end)."""
-    from glmtune.data.render import render_record
+                registry: str | Path | None = None, format: str = "auto", enable_thinking: bool | None = None):
+    """RenderView of record ``index`` (0-based; negative counts from the end). Without a tokenizer only the
+    text is rendered (no ids). ``enable_thinking``: the GLM-4.5+ templates' option (None: the default)."""
+    from glmtune.data.render import RenderView, render_record, prompt_messages
 
     records = load_dataset(source, registry=registry, format=format,
                            require_assistant=not add_generation_prompt)
     if not -len(records) <= index < len(records):
         raise InputError(f"index {index} is out of range ({len(records)} records)", file=source, field="index",
                          fix=f"use 0..{len(records) - 1}")
+    options = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    rec = records[index]
+    if tokenizer is None:
+        from glmtune.templates import get_template
+
+        tpl = get_template(template).variant(**options)
+        msgs = prompt_messages(rec["messages"]) if add_generation_prompt else rec["messages"]
+        return RenderView(tpl.render(msgs, tools=rec.get("tools"), add_generation_prompt=add_generation_prompt), [], [])
     tpl, tok = _template_and_tokenizer(template, tokenizer)
-    return render_record(records[index], tpl, tok, add_generation_prompt=add_generation_prompt,
+    return render_record(rec, tpl.variant(**options), tok, add_generation_prompt=add_generation_prompt,
                          train_on=train_on)
 
 

@@ -1,7 +1,9 @@
 """The canonical record and its validation.
 
 A record is one JSON object per line (docs/ARCHITECTURE.md):
-``{"messages": [{"role", "content", "tool_calls"?, "metadata"?}], "tools"?, "label"?, "meta"?}``.
+``{"messages": [{"role", "content", "tool_calls"?, "metadata"?, "reasoning_content"?, "keep_reasoning"?}],
+"tools"?, "label"?, "meta"?}``. ``tool_calls`` are OpenAI's (``{"type": "function", "function": {"name",
+"arguments"}}``, arguments an object or a JSON string); ``reasoning_content`` is an assistant turn's thinking.
 ``content`` is a string, or a list of parts for vision-language models:
 ``{"type": "text", "text": ...}`` and ``{"type": "image", "image": PATH | file://... | data:...;base64,...}``
 with optional sizing ``min_pixels``/``max_pixels`` or ``resized_height``/``resized_width``.
@@ -63,6 +65,25 @@ def _check_message_shape(msg: Any, i: int, where: dict) -> None:
                          fix="remove the empty turn or fill in its text")
     if "tool_calls" in msg and not isinstance(msg["tool_calls"], list):
         raise InputError("tool_calls must be a list", field=f"{field}.tool_calls", **where)
+    _check_reasoning_and_calls(msg, field, where)
+
+
+def _check_reasoning_and_calls(msg: dict, field: str, where: dict) -> None:
+    """GLM-4.5+ fields: ``reasoning_content`` (text), ``keep_reasoning`` (bool), OpenAI-style
+    ``tool_calls`` (a function name and arguments as an object or a JSON string holding one)."""
+    from glmtune.templates.glm45 import call_arguments
+
+    for key, kind in (("reasoning_content", str), ("keep_reasoning", bool)):
+        if key in msg and msg[key] is not None and not isinstance(msg[key], kind):
+            raise InputError(f"{key} must be {'text' if kind is str else 'true or false'}, "
+                             f"got {type(msg[key]).__name__}", field=f"{field}.{key}", **where)
+    if msg.get("reasoning_content") is not None and msg["role"] != "assistant":
+        raise InputError("only assistant turns have reasoning_content", field=f"{field}.reasoning_content", **where)
+    for j, call in enumerate(msg.get("tool_calls") or []):
+        try:
+            call_arguments(call, f"{field}.tool_calls[{j}]")
+        except InputError as e:
+            raise InputError(e.problem, field=e.field, fix=e.fix, **where) from None
 
 
 def check_content(content: Any, field: str, *, file: str | Path | None = None, line: int | None = None) -> None:

@@ -42,6 +42,10 @@ class DataStats:
     labels: dict[str, int] = field(default_factory=dict)   # most common first
     tokens: LengthStats | None = None      # token ids per record under the template
     trained_tokens: int | None = None      # total trained (label != IGNORE_INDEX) tokens
+    # reasoning (GLM-4.5+ <think>...</think>): tokens the template renders (and trains) inside think blocks,
+    # and assistant turns whose reasoning it leaves out (turns before the last user message, by default)
+    reasoning_tokens: int | None = None
+    reasoning_dropped: int | None = None
     template: str | None = None
     cutoff: int | None = None
     over_cutoff: int | None = None
@@ -75,6 +79,7 @@ def compute_stats(records: list[dict], *, template=None, tokenizer=None, cutoff:
         stats.template = template.name
         stats.tokens = LengthStats.of(lengths)
         stats.trained_tokens = trained
+        stats.reasoning_tokens, stats.reasoning_dropped = reasoning_counts(records, template, tokenizer)
         if cutoff:
             from glmtune.data.cutoff import fit_records
 
@@ -101,3 +106,27 @@ def token_lengths(records: list[dict], template, tokenizer, train_on: str = "all
         lengths.append(len(enc.input_ids))
         trained += sum(lab != IGNORE_INDEX for lab in enc.labels)
     return lengths, trained
+
+
+def reasoning_counts(records: list[dict], template, tokenizer) -> tuple[int, int]:
+    """(reasoning tokens the template renders, assistant turns whose reasoning it leaves out).
+
+    A reasoning token is one between a ``<think>`` and a ``</think>`` control token of the segments
+    training encodes; a turn's reasoning is left out when it has some (``reasoning_content`` or an
+    inline ``<think>``) and its rendering holds none of it."""
+    from glmtune.templates import segment_ids
+    from glmtune.templates.glm45 import split_reasoning
+
+    tokens = dropped = 0
+    for rec in records:
+        msgs = template.checked_messages(rec["messages"], rec.get("tools"))
+        inside, shown = False, set()
+        for seg in template.segments(msgs, rec.get("tools"), False, True):
+            if seg.special and seg.text in ("<think>", "</think>"):
+                inside = seg.text == "<think>"
+            elif inside and seg.text:
+                tokens += len(segment_ids(tokenizer, seg))
+                shown.add(seg.turn)
+        dropped += sum(1 for t, m in enumerate(msgs) if m["role"] == "assistant"
+                       and split_reasoning(m)[0].strip() and t not in shown)
+    return tokens, dropped

@@ -66,7 +66,9 @@ def run_chat(predictor, system: str | None = None, *, read: Callable[[str], str]
             continue  # a cut answer is not history the model should build on
         if predictor.last_sources:
             out.write(f"(sources: {', '.join(s['id'] for s in predictor.last_sources)})\n")
-        history += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+        # the answer as the model's template reads it back (GLM-4.5+: reasoning and tool calls apart)
+        reply = {k: v for k, v in predictor.parse(answer).items() if v is not None}
+        history += [{"role": "user", "content": query}, reply]
 
 
 def image_part(predictor, path: str) -> dict:
@@ -88,12 +90,50 @@ def stream_answer(predictor, query, history, system, out: TextIO, **gen) -> str 
     thread finished before this returns, so the next question starts on an idle model)."""
     answer = ""
     stream = predictor.stream(query, history=history, system=system, **gen)
+    shown = ShownParts(out, predictor.template.output_stream())
     try:
         for piece in stream:
             answer += piece
-            out.write(piece)
-            out.flush()
+            shown.write(piece)
     except KeyboardInterrupt:
         stream.close()  # runs the stream's cleanup: cancel, then wait for the generation thread
         return None
+    shown.finish()
     return answer
+
+
+class ShownParts:
+    """Write a streamed answer: as it comes, or (GLM-4.5+ templates, ``parser``) its reasoning after
+    ``[thinking]``, then the answer, then each tool call as ``[tool call] name {arguments}``."""
+
+    def __init__(self, out: TextIO, parser=None):
+        self.out, self.parser, self.last = out, parser, None
+
+    def write(self, piece: str) -> None:
+        if self.parser is None:
+            self._put(piece)
+        else:
+            for delta in self.parser.feed(piece):
+                self._delta(delta)
+        self.out.flush()
+
+    def finish(self) -> None:
+        if self.parser is not None:
+            for delta in self.parser.finish():
+                self._delta(delta)
+        self.out.flush()
+
+    def _delta(self, delta: dict) -> None:
+        key, value = next(iter(delta.items()))
+        if key == "reasoning_content":
+            self._put(value, "[thinking] " if self.last != key else "")
+        elif key == "content":
+            self._put(value, "\n" if self.last == "reasoning_content" else "")
+        else:
+            for call in value:
+                fn = call["function"]
+                self._put(f"[tool call] {fn['name']} {fn['arguments']}", "\n" if self.last else "")
+        self.last = key
+
+    def _put(self, text: str, lead: str = "") -> None:
+        self.out.write(lead + text)

@@ -7,6 +7,7 @@ training data, so serving cannot drift from training; generation stops on the te
     p("你好")                                               # greedy by default
     p("Hi", history=[("Hello", "Hi!")], system="Be brief", max_new_tokens=64)
     p.chat([{"role": "user", "content": "Hello"}, ...])     # a whole conversation (a query is one turn)
+    p.chat_message(messages, tools=tools)                   # GLM-4.5+: {"content", "reasoning_content", "tool_calls"}
     for piece in p.stream("Tell me a story"): print(piece, end="")
     p.batch(["q1", "q2"], batch_size=8)
     p = Predictor(base, adapter={"intent": "out/a", "summary": "out/b"}); p("..", adapter="summary")
@@ -117,15 +118,16 @@ class Predictor:
                 msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         return msgs + [{"role": "user", "content": query}]
 
-    def prompt_ids(self, messages: Sequence[dict], tools: list | None = None) -> list[int]:
+    def prompt_ids(self, messages: Sequence[dict], tools: list | None = None, template=None) -> list[int]:
         """The exact ids generation starts from (RAG passages already in ``messages`` if wanted).
+        ``template``: a variant of the model's (``self.template.variant(enable_thinking=False)``).
 
         With images: a :class:`~glmtune.infer.vision.VisionPrompt` (ids + the processor's tensors)."""
-        messages = list(messages)
+        messages, template = list(messages), template or self.template
         if not has_images(messages):
-            return self.template.encode_prompt(self.tokenizer, text_messages(messages), tools=tools)
+            return template.encode_prompt(self.tokenizer, text_messages(messages), tools=tools)
         self.check_images(messages)
-        return self.vision.encode(self.template, self.tokenizer, messages, tools, self.image_limits)
+        return self.vision.encode(template, self.tokenizer, messages, tools, self.image_limits)
 
     def check_images(self, messages: Sequence[dict], file=None, line: int | None = None) -> None:
         """Refuse images for a text-only model, naming the record (``file``:``line``) and message."""
@@ -136,13 +138,14 @@ class Predictor:
                              fix="use a vision-language model folder (Qwen2-VL, GLM-4V, LLaVA, ...) "
                                  "or drop the image parts")
 
-    def prepare(self, messages: Sequence[dict], tools: list | None = None) -> tuple[list[int], list[dict]]:
+    def prepare(self, messages: Sequence[dict], tools: list | None = None,
+                template=None) -> tuple[list[int], list[dict]]:
         """Prompt ids with retrieved passages added when close enough, and those passages.
 
         Thread-safe (servers call it per request); the single-user calls also set ``last_sources``.
         """
         messages, sources = self._with_rag(list(messages))
-        return self.prompt_ids(messages, tools), sources
+        return self.prompt_ids(messages, tools, template), sources
 
     def _prepare(self, messages: Sequence[dict], tools) -> list[int]:
         ids, self.last_sources = self.prepare(messages, tools)
@@ -171,6 +174,17 @@ class Predictor:
     def chat(self, messages: Sequence[dict], adapter: str | None = None, tools: list | None = None,
              **gen) -> str:
         return self.generate(self._prepare(messages, tools), adapter=adapter, **gen)[0]
+
+    def chat_message(self, messages: Sequence[dict], adapter: str | None = None, tools: list | None = None,
+                     **gen) -> dict:
+        """The answer as an OpenAI assistant message: ``content``, and for GLM-4.5+ templates
+        ``reasoning_content`` and ``tool_calls`` (arguments as JSON strings) read back from the output."""
+        return self.parse(self.chat(messages, adapter=adapter, tools=tools, **gen), tools)
+
+    def parse(self, answer: str, tools: list | None = None) -> dict:
+        """An answer's text (as :meth:`chat` returns it) as an OpenAI assistant message (the template's
+        ``parse_output``: the content alone, or GLM-4.5+ reasoning and tool calls split off)."""
+        return self.template.parse_output(answer, tools)
 
     def generate(self, prompt_ids: list[int], adapter: str | None = None, **gen) -> tuple[str, Output]:
         """Answer one prepared prompt: ``(text, Output)`` (ids, finish reason) for servers."""

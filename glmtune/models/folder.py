@@ -25,9 +25,12 @@ from glmtune.errors import InputError
 META_FILE = "glmtune.json"
 # The template families a folder's files can name; glmtune.templates registers one template each
 # (tests/models/test_folder.py keeps the two lists equal).
-FAMILIES = ("glm4", "chatglm3", "chatglm2", "qwen", "llama3")
+FAMILIES = ("glm4", "glm45", "glm47", "chatglm3", "chatglm2", "qwen", "llama3")
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/=]+ \d+\s*$")
-GLM_MODEL_TYPES = {"glm", "glm4", "chatglm", "glm4_moe"}
+GLM_MODEL_TYPES = {"glm", "glm4", "chatglm", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa"}
+# GLM-4.5+ model types -> their template family when no chat template says (GLM-4.7 is also glm4_moe: its
+# shipped template tells it apart; GLM-5 (glm_moe_dsa) is assumed to speak GLM-4.7's form: unverified).
+GLM45_MODEL_TYPES = {"glm4_moe": "glm45", "glm4_moe_lite": "glm47", "glm_moe_dsa": "glm47"}
 
 
 def read_json(path: Path) -> dict:
@@ -122,6 +125,8 @@ class ModelFolder:
             if key in names:
                 return fam
         model_type = str(self.model_type or "").lower()
+        if model_type in GLM45_MODEL_TYPES:
+            return GLM45_MODEL_TYPES[model_type]
         if model_type in ("glm", "glm4", "chatglm4"):
             return "glm4"
         if model_type.startswith("qwen"):
@@ -146,8 +151,8 @@ class ModelFolder:
         family = self.family
         if name is None and family is None:
             raise InputError("cannot tell which chat template this model uses", file=self.path,
-                             fix='add glmtune.json with {"template": "glm4"} (or chatglm3, chatglm2, '
-                                 'qwen, llama3), or pass --template')
+                             fix='add glmtune.json with {"template": "glm4"} (or glm45, glm47, chatglm3, '
+                                 'chatglm2, qwen, llama3), or pass --template')
         chosen = name or family
         if chosen == family == "qwen":
             return {"name": chosen, "default_system": self.default_system}
@@ -173,6 +178,9 @@ def family_from_chat_template(template) -> str | None:
     template = _default_template(template)
     if not isinstance(template, str):
         return None
+    if "[gMASK]<sop>" in template and "<arg_key>" in template:
+        # GLM-4.5+: XML tool calls. GLM-4.7 writes `<|user|>{{ ... }}` (no newline after role tokens).
+        return "glm47" if "<|user|>{{" in template.replace(" ", "") else "glm45"
     for marker, fam in (("[gMASK]<sop>", "glm4"), ("[gMASK]sop", "chatglm3"),
                         ("<|im_start|>", "qwen"), ("<|start_header_id|>", "llama3"),
                         ("[Round", "chatglm2")):

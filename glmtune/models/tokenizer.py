@@ -30,6 +30,13 @@ GLM4_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 GLM4_SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>",
                  "<|user|>", "<|assistant|>", "<|observation|>", "<|begin_of_image|>",
                  "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>"]
+# GLM-4.5+ (GLM-4.5/4.6/4.7, GLM-4.7-Flash) ship the GLM-4 vocabulary with these added tokens, ids
+# 151343.. in this order (their tokenizer.json; <think> = 151350, <tool_call> = 151352, /nothink = 151360).
+GLM45_SPECIALS = ["<|begin_of_audio|>", "<|end_of_audio|>", "<|begin_of_transcription|>",
+                  "<|end_of_transcription|>", "<|code_prefix|>", "<|code_middle|>", "<|code_suffix|>",
+                  "<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
+                  "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>", "/nothink", "<|begin_of_box|>",
+                  "<|end_of_box|>", "<|image|>", "<|video|>"]
 # ChatGLM2/3 specials, appended after the sentencepiece vocabulary (64789 pieces) in this order.
 CHATGLM2_SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]
 CHATGLM3_SPECIALS = CHATGLM2_SPECIALS + ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]

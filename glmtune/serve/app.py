@@ -121,8 +121,9 @@ def create_app(predictor, *, api_key: str | None = None, max_queue: int = 64, ti
                               f"{', '.join([base_name] + predictor.adapters)}", param="model",
                          code="model_not_found")
         messages = schemas.canonical_messages(req.messages, image_root)
+        template = predictor.template.variant(**(req.chat_template_kwargs or {}))
         # Retrieval embeds the question: run it off the event loop.
-        prompt_ids, _sources = await asyncio.to_thread(predictor.prepare, messages, req.tools)
+        prompt_ids, _sources = await asyncio.to_thread(predictor.prepare, messages, req.tools, template)
         cap = max_tokens
         if context is not None:
             if len(prompt_ids) >= context:
@@ -141,7 +142,8 @@ def create_app(predictor, *, api_key: str | None = None, max_queue: int = 64, ti
         cid = schemas.completion_id()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(job, deadline, cid, req.model, len(prompt_ids), include_usage),
+            return StreamingResponse(_sse(job, deadline, cid, req.model, len(prompt_ids), include_usage,
+                                          template.output_stream(req.tools)),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -155,7 +157,8 @@ def create_app(predictor, *, api_key: str | None = None, max_queue: int = 64, ti
         if kind == "error":
             return _error_for(value, error)
         text, out = value
-        return schemas.completion(cid, req.model, text, _finish(out), len(prompt_ids), len(out.token_ids))
+        return schemas.completion(cid, req.model, template.parse_output(text, req.tools), _finish(out),
+                                  len(prompt_ids), len(out.token_ids))
 
     return app
 
@@ -304,12 +307,20 @@ async def _drain(receive, limit: int) -> None:
         seen += len(message.get("body", b""))
 
 
-async def _sse(job: Job, deadline: float, cid: str, model: str, prompt_tokens: int, include_usage: bool):
+async def _sse(job: Job, deadline: float, cid: str, model: str, prompt_tokens: int, include_usage: bool,
+               parser=None):
     """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``.
 
+    ``parser``: the template's output stream (GLM-4.5+): text pieces become ``reasoning_content`` /
+    ``content`` / ``tool_calls`` deltas, and an answer that called tools finishes with ``tool_calls``.
     Once streaming has begun the status is already 200, so a timeout or failure is sent as an
     ``error`` event (the openai client raises it) before the stream closes.
     """
+    def deltas(text: str, final: bool = False) -> list[dict]:
+        if parser is None:
+            return [{"content": text}] if text else []
+        return parser.finish() if final else parser.feed(text)
+
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -329,11 +340,21 @@ async def _sse(job: Job, deadline: float, cid: str, model: str, prompt_tokens: i
                         held = more
                         break
                     value += more[1]
-                yield content(value)
+                if parser is None:  # plain text: the prebuilt event, the common per-token case
+                    if value:
+                        yield content(value)
+                    continue
+                for delta in deltas(value):
+                    yield sse(schemas.chunk(cid, model, delta, created=created))
                 continue
             if kind == "done":
                 _, out = value
-                yield sse(schemas.chunk(cid, model, {}, _finish(out), created=created))
+                for delta in deltas("", final=True):
+                    yield sse(schemas.chunk(cid, model, delta, created=created))
+                finish = _finish(out)
+                if finish == "stop" and parser is not None and parser.calls:
+                    finish = "tool_calls"
+                yield sse(schemas.chunk(cid, model, {}, finish, created=created))
                 if include_usage:
                     yield sse({**schemas.chunk(cid, model, {}, created=created), "choices": [],
                                "usage": schemas.usage(prompt_tokens, len(out.token_ids))})

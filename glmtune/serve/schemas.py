@@ -60,6 +60,8 @@ class Message(BaseModel):
     # list first: a bad part is then the error reported (a union reports its first branch's error)
     content: list[ContentPart] | str | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None  # an earlier answer's thinking, as this server returned it
+    tool_call_id: str | None = None
     name: str | None = None
 
     def to_canonical(self, image_root: Path | None = None, field: str = "messages") -> dict:
@@ -75,6 +77,8 @@ class Message(BaseModel):
         msg = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
         if self.tool_calls:
             msg["tool_calls"] = self.tool_calls
+        if self.reasoning_content is not None:
+            msg["reasoning_content"] = self.reasoning_content
         return msg
 
 
@@ -102,6 +106,9 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     tools: list[dict[str, Any]] | None = None
+    # the chat template's options, as vLLM / SGLang take them: GLM-4.5+ {"enable_thinking": false},
+    # glm47 also {"clear_thinking": false}; an option the model's template lacks is a 400 naming it
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -121,11 +128,19 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
-def completion(cid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
+def completion(cid: str, model: str, message: dict | str, finish_reason: str, prompt_tokens: int,
                completion_tokens: int) -> dict:
+    """A chat.completion; ``message``: the template's parse of the answer (``content``, and for GLM-4.5+
+    ``reasoning_content`` / ``tool_calls``), or the answer text. A finished answer that calls tools ends
+    with finish_reason ``tool_calls``, as OpenAI's do."""
+    if isinstance(message, str):
+        message = {"role": "assistant", "content": message}
+    message = {k: v for k, v in message.items() if v is not None or k == "content"}
+    if message.get("tool_calls"):
+        message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in message["tool_calls"]]
+        finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish_reason, "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 

@@ -181,6 +181,25 @@ class Template:
             return text
         return content.removeprefix(self.content_lead)
 
+    def variant(self, **options) -> "Template":
+        """This template with some options replaced (GLM-4.5+: ``enable_thinking``); a family without
+        options refuses any, naming it."""
+        if options:
+            key = next(iter(options))
+            raise InputError(f"template '{self.name}' has no option '{key}'", field=key,
+                             fix="enable_thinking / clear_thinking are options of the glm45 and glm47 templates")
+        return self
+
+    def parse_output(self, text: str, tools: list | None = None) -> dict:
+        """The assistant message (OpenAI shape) in an answer's text (after :meth:`answer_text`):
+        here the text is the content; GLM-4.5+ templates split off reasoning and tool calls."""
+        return {"role": "assistant", "content": text}
+
+    def output_stream(self, tools: list | None = None):
+        """An incremental :meth:`parse_output` (``feed(piece)`` / ``finish()`` return OpenAI deltas),
+        or None when the answer streams as plain content."""
+        return None
+
     def stop_token_ids(self, tokenizer) -> list[int]:
         """Ids that end generation: the template's end tokens present in this tokenizer."""
         ids = [_special_id(tokenizer, t, required=False) for t in self.stop_tokens]

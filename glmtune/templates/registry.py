@@ -11,6 +11,7 @@ from glmtune.errors import InputError
 from glmtune.templates.base import Template
 from glmtune.templates.chatml import ChatMLTemplate, Llama3Template
 from glmtune.templates.glm import ChatGLM2Template, ChatGLM3Template, GLM4Template
+from glmtune.templates.glm45 import GLM45Template, GLM47Template
 
 _REGISTRY: dict[str, Callable[..., Template]] = {}
 
@@ -25,7 +26,8 @@ def list_templates() -> list[str]:
 
 
 def get_template(name: str, **options) -> Template:
-    """The template of a family; options go to its constructor (qwen: ``default_system``)."""
+    """The template of a family; options go to its constructor (qwen: ``default_system``; glm45/glm47:
+    ``enable_thinking``, glm47 also ``clear_thinking``)."""
     if name not in _REGISTRY:
         raise InputError(f"unknown template '{name}'", field="template",
                          fix=f"use one of {', '.join(list_templates())}")
@@ -33,6 +35,8 @@ def get_template(name: str, **options) -> Template:
 
 
 register_template("glm4", GLM4Template)
+register_template("glm45", GLM45Template)
+register_template("glm47", GLM47Template)
 register_template("chatglm3", ChatGLM3Template)
 register_template("chatglm2", ChatGLM2Template)
 register_template("qwen", ChatMLTemplate)

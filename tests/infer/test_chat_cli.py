@@ -115,3 +115,21 @@ def test_three_quick_ctrl_c_end_the_chat_without_a_traceback(random_glm4_dir):
         child.close()
     assert (child.exitstatus, child.signalstatus) == (130, None)
     assert "Traceback" not in child.before and "Exception ignored" not in child.before
+
+
+def test_chat_shows_reasoning_apart_and_keeps_it_out_of_the_answer(tmp_path, glm45_tokenizer_dir):
+    """A model speaking GLM-4.5: the chat prints its thinking after [thinking], then the answer; the
+    next turn's prompt holds the answer as the template renders history (reasoning dropped)."""
+    import io
+
+    from glmtune import Predictor
+    from glmtune.infer.chat import run_chat
+    from tiny_trained import trained_tiny_glm45
+
+    p = Predictor(trained_tiny_glm45(tmp_path, glm45_tokenizer_dir), max_new_tokens=32)
+    lines, out, prompts = iter(["你好", "你好", "/exit"]), io.StringIO(), []
+    prepare = p.prepare
+    p.prepare = lambda messages, tools=None, template=None: (prompts.append(list(messages)), prepare(messages, tools))[1]
+    run_chat(p, read=lambda _: next(lines), out=out)
+    assert "glm> [thinking] 打招呼。\n你好！\n" in out.getvalue()
+    assert prompts[1][1] == {"role": "assistant", "content": "你好！", "reasoning_content": "打招呼。"}

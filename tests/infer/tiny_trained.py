@@ -33,8 +33,12 @@ def conversations() -> list[list[dict]]:
 def trained_tiny_glm4(root: Path, tokenizer_dir: Path, steps: int = 300) -> Path:
     """The trained model folder: built once, then reused from an on-disk cache keyed by this file's
     source and the torch/transformers versions (training takes 15-90 s on 2 busy cores)."""
-    if "glm4" in _BUILT:
-        return _BUILT["glm4"]
+    return _cached("glm4", lambda: _train_tiny_glm4(root, tokenizer_dir, steps), f"{steps}{tokenizer_dir}")
+
+
+def _cached(name: str, build, key_extra: str) -> Path:
+    if name in _BUILT:
+        return _BUILT[name]
     import hashlib
     import os
     import shutil
@@ -45,11 +49,11 @@ def trained_tiny_glm4(root: Path, tokenizer_dir: Path, steps: int = 300) -> Path
     import glmtune.templates as templates
     sources = [Path(__file__)] + sorted(Path(templates.__file__).parent.glob("*.py"))
     key = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + f"{torch.__version__}"
-                         f"{transformers.__version__}{steps}{tokenizer_dir}".encode()).hexdigest()[:16]
+                         f"{transformers.__version__}{key_extra}".encode()).hexdigest()[:16]
     cache = Path(os.environ.get("GLMTUNE_CACHE_DIR", Path.home() / ".cache" / "glmtune")) / "test-models"
-    final = cache / f"tiny-glm4-trained-{key}"
+    final = cache / f"tiny-{name}-trained-{key}"
     if not (final / "glmtune.json").exists():
-        built = _train_tiny_glm4(root, tokenizer_dir, steps)
+        built = build()
         cache.mkdir(parents=True, exist_ok=True)
         tmp = cache / f".{final.name}.{os.getpid()}"
         shutil.copytree(built, tmp)
@@ -57,7 +61,7 @@ def trained_tiny_glm4(root: Path, tokenizer_dir: Path, steps: int = 300) -> Path
             os.replace(tmp, final)  # atomic: concurrent test runs never see half a folder
         except OSError:  # another run finished first
             shutil.rmtree(tmp, ignore_errors=True)
-    _BUILT["glm4"] = final
+    _BUILT[name] = final
     return final
 
 
@@ -118,3 +122,50 @@ def _train(model, ids, mask, labels, steps: int) -> float:
     head.requires_grad_(True)
     model.model.embed_tokens.requires_grad_(True)
     return loss.item()
+
+
+# -- a tiny model that speaks GLM-4.5 (glm45 template, GLM-4.5 tokenizer): thinks, calls tools ---------
+WEATHER_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+GLM45_CALL = {"role": "assistant", "content": "", "reasoning_content": "需要查天气。",
+              "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}]}
+GLM45_CONVERSATIONS = [  # (messages, tools)
+    ([{"role": "user", "content": "北京天气？"}, GLM45_CALL], WEATHER_TOOLS),
+    ([{"role": "user", "content": "北京天气？"}, GLM45_CALL, {"role": "tool", "content": "晴，25 度"},
+      {"role": "assistant", "content": "北京晴，25 度。", "reasoning_content": "工具说晴。"}], WEATHER_TOOLS),
+    ([{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！", "reasoning_content": "打招呼。"}], None),
+]
+
+
+def trained_tiny_glm45(root: Path, tokenizer_dir: Path, steps: int = 300) -> Path:
+    """A tiny GLM-4-architecture model trained on GLM45_CONVERSATIONS with the glm45 template and a
+    GLM-4.5 tokenizer folder (cached on disk like trained_tiny_glm4; the tokenizer folder is built per
+    session, so the key names its added tokens instead of its path)."""
+    from glmtune.models.tokenizer import GLM45_SPECIALS
+
+    return _cached("glm45", lambda: _train_tiny_glm45(root, tokenizer_dir, steps), f"{steps}{GLM45_SPECIALS}")
+
+
+def _train_tiny_glm45(root: Path, tokenizer_dir: Path, steps: int) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from glmtune.models.folder import write_glmtune_meta
+    from glmtune.models.tiny import build_tiny_glm4
+    from glmtune.models.tokenizer import load_tokenizer
+    from glmtune.templates import get_template
+
+    out = build_tiny_glm4(root / "tiny-glm45-trained", tokenizer_dir, seed=0)
+    write_glmtune_meta(out, template="glm45")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tok, tpl = load_tokenizer(out), get_template("glm45")
+    encs = [tpl.encode(tok, msgs, tools=tools) for msgs, tools in GLM45_CONVERSATIONS]
+    width = max(len(e) for e in encs)
+    ids = torch.tensor([e.input_ids + [0] * (width - len(e)) for e in encs])
+    labels = torch.tensor([e.labels + [-100] * (width - len(e)) for e in encs])
+    mask = (torch.arange(width)[None, :] < torch.tensor([len(e) for e in encs])[:, None]).long()
+    loss = _train(model, ids, mask, labels, steps)
+    assert loss < 0.1, f"tiny model did not learn its answers (loss {loss:.3f})"
+    model.eval().save_pretrained(out)
+    return out

@@ -56,3 +56,23 @@ def test_model_type_remote_code_and_meta(tmp_path):
     assert (folder.model_type, folder.is_glm, folder.remote_code) == ("chatglm", True, True)
     assert folder.meta == {"template": "chatglm3", "method": "lora", "base_model": "/m"}
     assert folder.template_args() == {"name": "chatglm3"}
+
+
+@pytest.mark.parametrize("jinja_file,family", [("glm45_chat_template.jinja", "glm45"),
+                                               ("glm46_chat_template.jinja", "glm45"),
+                                               ("glm47_chat_template.jinja", "glm47")])
+def test_glm45_family_from_the_shipped_template(jinja_file, family, tmp_path):
+    from pathlib import Path
+
+    official = Path(__file__).resolve().parents[1] / "templates" / "official" / jinja_file
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "glm4_moe"}))
+    (tmp_path / "chat_template.jinja").write_text(official.read_text(encoding="utf-8"), encoding="utf-8")
+    assert family_of(tmp_path) == family
+
+
+@pytest.mark.parametrize("model_type,family", [("glm4_moe", "glm45"), ("glm4_moe_lite", "glm47"),
+                                               ("glm_moe_dsa", "glm47"), ("glm4", "glm4")])
+def test_glm45_family_from_the_model_type(model_type, family, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    assert family_of(tmp_path) == family
+    assert read_model_folder(tmp_path).is_glm

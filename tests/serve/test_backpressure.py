@@ -19,9 +19,12 @@ class GatedPredictor:
     adapters: list[str] = []
 
     def __init__(self):
-        self.gate, self.started, self.cancelled = threading.Event(), threading.Event(), 0
+        from glmtune.templates import get_template
 
-    def prepare(self, messages, tools=None):
+        self.gate, self.started, self.cancelled = threading.Event(), threading.Event(), 0
+        self.template = get_template("glm4")  # the server reads answers back with the model's template
+
+    def prepare(self, messages, tools=None, template=None):
         return [1, 2, 3], []
 
     def generate_stream(self, prompt_ids, on_text, adapter=None, cancel=None, **gen):

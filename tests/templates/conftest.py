@@ -43,10 +43,22 @@ def llama3_tok(glm4_tokenizer_dir):
 
 
 TOKENIZER_FIXTURES = {"glm4": "glm4_tok", "chatglm3": "chatglm3_tok", "chatglm2": "chatglm2_tok",
-                      "qwen": "chatml_tok", "llama3": "llama3_tok"}
+                      "qwen": "chatml_tok", "llama3": "llama3_tok", "glm45": "glm45_tok", "glm47": "glm45_tok"}
 
 
 @pytest.fixture
 def tokenizer_for(request):
     """family -> its tokenizer, loaded on first use: a GLM-4 case never needs the ChatGLM files."""
     return lambda family: request.getfixturevalue(TOKENIZER_FIXTURES[family])
+
+
+@pytest.fixture(scope="session")
+def glm45_tok(glm4_tokenizer_dir):
+    """The GLM-4.5+ tokenizer: GLM-4's vocabulary plus its added tokens at the official ids (151343..)."""
+    from glmtune.models.tokenizer import GLM45_SPECIALS
+
+    tok = load_tokenizer(glm4_tokenizer_dir)  # a fresh object: glm4_tok stays the GLM-4 tokenizer
+    first = len(tok)
+    tok.add_special_tokens({"additional_special_tokens": GLM45_SPECIALS})
+    assert [tok.convert_tokens_to_ids(t) for t in GLM45_SPECIALS] == list(range(first, first + len(GLM45_SPECIALS)))
+    return tok
