@@ -27,7 +27,7 @@ META_FILE = "glmtune.json"
 # (tests/models/test_folder.py keeps the two lists equal).
 FAMILIES = ("glm4", "chatglm3", "chatglm2", "qwen", "llama3")
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/=]+ \d+\s*$")
-GLM_MODEL_TYPES = {"glm", "glm4", "chatglm", "glm4_moe"}
+GLM_MODEL_TYPES = {"glm", "glm4", "chatglm", "glm4_moe", "glm4_moe_lite"}
 
 
 def read_json(path: Path) -> dict:
@@ -80,6 +80,13 @@ class ModelFolder:
     @property
     def is_glm(self) -> bool:
         return self.model_type in GLM_MODEL_TYPES
+
+    @property
+    def routed_experts(self) -> int:
+        """How many routed experts each MoE layer has (config.json n_routed_experts / num_local_experts /
+        num_experts; 0 for a dense model)."""
+        cfg = self.config.get("text_config") or self.config
+        return int(next((cfg[k] for k in ("n_routed_experts", "num_local_experts", "num_experts") if cfg.get(k)), 0))
 
     @property
     def remote_code(self) -> bool:
