@@ -35,15 +35,26 @@ __all__ = ["grouped_mm", "experts_lora_forward", "fuse_expert_lora", "unfuse_exp
 
 
 def _aligned(t: torch.Tensor) -> bool:
+    """The grouped kernels' 16-byte rule for every non-unit stride (and, on a CPU, the data pointer:
+    CUDA allocations are aligned, and a pointer cannot be read while torch.compile traces)."""
     size = t.element_size()
-    return t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s, n in zip(t.stride(), t.shape) if n > 1 and s != 1)
+    if t.device.type == "cpu" and not torch.compiler.is_compiling() and t.data_ptr() % 16:
+        return False
+    return all((s * size) % 16 == 0 for s in t.stride() if s != 1)
+
+
+def _kernel_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if x.dtype != w.dtype or not (_aligned(x) and _aligned(w)):
+        return False
+    if torch.compiler.is_compiling() and w.dtype != torch.bfloat16:
+        return False  # inductor lowers grouped_mm for bf16 only
+    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (8, 0)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """x (S, K) sorted by group, w (G, K, N), offs (G,) int32 cumulative row counts -> (S, N)."""
     fn = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    if fn is not None and x.dtype == w.dtype and _aligned(x) and _aligned(w) and (
-            x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (8, 0)):
+    if fn is not None and _kernel_ok(x, w):
         return fn(x, w, offs=offs)
     out, start = [], 0
     for g, end in enumerate(offs.tolist()):

@@ -117,9 +117,14 @@ class RouterBalance:
     forwards (module.eval()) are not counted."""
 
     def __init__(self, model):
+        import torch
+
         self.total = None
         self.count = 0
-        self._hooks = [getattr(b, ROUTER).register_forward_hook(self._hook) for b in moe_blocks(model)]
+        # run eagerly under torch.compile: traced, the host-side count would be a guard that
+        # recompiles the block on every call
+        hook = torch.compiler.disable(self._hook)
+        self._hooks = [getattr(b, ROUTER).register_forward_hook(hook) for b in moe_blocks(model)]
 
     def _hook(self, module, args, output):
         if not module.training:

@@ -139,7 +139,7 @@ def _add_lora(model, method, adapter_fp32: bool):
     from glmtune.models.moe import is_moe
 
     if is_moe(model):
-        return get_peft_model(model, _moe_lora_config(model, method), autocast_adapter_dtype=adapter_fp32)
+        return get_peft_model(model, moe_lora_config(model, method), autocast_adapter_dtype=adapter_fp32)
     if method.train_router:
         raise ConfigError("method.train_router applies to mixture-of-experts models; this one has no router",
                           field="method.train_router", fix="remove it")
@@ -148,7 +148,7 @@ def _add_lora(model, method, adapter_fp32: bool):
     return get_peft_model(model, cfg, autocast_adapter_dtype=adapter_fp32)
 
 
-def _moe_lora_config(model, method):
+def moe_lora_config(model, method):
     """LoRA on attention (modules), dense / shared MLPs and routed experts (parameters); the router
     only with method.train_router (trained in full, saved with the adapter)."""
     from peft import LoraConfig
