@@ -122,6 +122,16 @@ def write_model_folder(path: Path, config, tiny: bool) -> Path:
     return path
 
 
+def write_short_records(path: Path, n: int) -> Path:
+    """The dry run's data: n short conversations (a CPU computes 151,552-way logits for every token)."""
+    from glmtune.io import write_jsonl_atomic
+
+    words = "red blue green cat dog bird stone river cloud lemon piano ocean".split()
+    write_jsonl_atomic(path, [{"messages": [{"role": "user", "content": " ".join(words[(i + j) % 12] for j in range(8 + i % 9))},
+                                            {"role": "assistant", "content": words[i % 12]}]} for i in range(n)])
+    return path
+
+
 def write_config(path: Path, model_dir: Path, data: Path, steps: int, tiny: bool) -> Path:
     import yaml
 
@@ -250,7 +260,8 @@ def main() -> None:
     work = Path(args.model_dir + ("" if args.dry_run or args.layers == 47 else f"_l{args.layers}"))
     t0 = time.time()
     model_dir = write_model_folder(work, config, args.dry_run)
-    data = write_records(work / "records.jsonl", model_dir, args.records)
+    data = (write_short_records(work / "records.jsonl", args.records) if args.dry_run
+            else write_records(work / "records.jsonl", model_dir, args.records))
     cfg = write_config(work / "bench.yaml", model_dir, data, args.steps, args.dry_run)
     print(json.dumps({"setup_s": round(time.time() - t0, 1), "model": str(model_dir),
                       "params_total": counts["total"], "params_active": counts["active"],
