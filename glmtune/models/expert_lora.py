@@ -95,7 +95,8 @@ def _chain(module):
 
 
 def _supported(experts) -> bool:
-    return (getattr(experts, "has_gate", True) and not getattr(experts, "has_bias", False)
+    return (getattr(experts, "has_gate", True) and getattr(experts, "is_concatenated", True)
+            and not getattr(experts, "has_bias", False)
             and not getattr(experts, "_is_expert_parallel", False)
             and not getattr(experts, "has_post_expert_norm", False)
             and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj"))
@@ -125,7 +126,7 @@ def experts_lora_forward(experts, hidden_states, top_k_index, top_k_weights, lor
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     transposed = getattr(experts, "is_transposed", False)
     h = _project(x, experts.gate_up_proj, transposed, offs, loras.get("gate_up_proj"))      # (S, 2I)
-    h = experts._apply_gate(h) if hasattr(experts, "_apply_gate") else _gate(experts, h)    # (S, I)
+    h = _gate(experts, h)                                                                 # (S, I)
     y = _project(h, experts.down_proj, transposed, offs, loras.get("down_proj"))            # (S, hidden)
     # the fp32 routing weights promote the product to fp32: the K slots of a token are summed in
     # fp32 (deterministically, no atomics), as transformers' grouped forward does
@@ -136,6 +137,7 @@ def experts_lora_forward(experts, hidden_states, top_k_index, top_k_weights, lor
 
 
 def _gate(experts, h):
+    """SwiGLU on the concatenated [gate; up] rows (transformers' default experts gating)."""
     gate, up = h.chunk(2, dim=-1)
     return experts.act_fn(gate) * up
 

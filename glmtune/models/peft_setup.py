@@ -98,7 +98,11 @@ def setup_method(model, method, *, gradient_checkpointing: bool = False, adapter
     traits = method_traits(method.name)
     gc_kwargs = {"use_reentrant": False}  # non-reentrant: works with frozen inputs and with DDP
     if traits.quantized:
-        _prepare_quantized(model, gradient_checkpointing, gc_kwargs, upcast=adapter_fp32)
+        from glmtune.models.moe import is_moe
+
+        # PEFT's kbit preparation upcasts every weight bitsandbytes left in bf16 to fp32: on a MoE
+        # model that is all routed experts (GLM-4.7-Flash: 56 GB more), so MoE skips it
+        _prepare_quantized(model, gradient_checkpointing, gc_kwargs, upcast=adapter_fp32 and not is_moe(model))
     elif gradient_checkpointing:
         enable_checkpointing(model, gc_kwargs)
         if traits.frozen_embeddings:
