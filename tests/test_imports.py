@@ -150,6 +150,8 @@ OTHER_OBJECTS_PRIVATE = {
         "transformers: the same check, on the tokenizer's own class",
     ("glmtune/models/fused_lora.py", "module._glmtune_peft_forward"):
         "glmtune's own attribute on a peft layer, set and removed in that module",
+    ("glmtune/models/expert_lora.py", "child._glmtune_peft_forward"):
+        "glmtune's own attribute on a peft ParamWrapper, set and removed in that module",
     ("glmtune/models/speed.py", "layer._compiled_call_impl"): "torch: nn.Module.compile() has no public undo",
     ("glmtune/train/speed.py", "base.config._attn_implementation"):
         "transformers: the attention implementation in use has no public getter",

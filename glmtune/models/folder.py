@@ -85,6 +85,13 @@ class ModelFolder:
         return self.model_type in GLM_MODEL_TYPES
 
     @property
+    def routed_experts(self) -> int:
+        """How many routed experts each MoE layer has (config.json n_routed_experts / num_local_experts /
+        num_experts; 0 for a dense model)."""
+        cfg = self.config.get("text_config") or self.config
+        return int(next((cfg[k] for k in ("n_routed_experts", "num_local_experts", "num_experts") if cfg.get(k)), 0))
+
+    @property
     def remote_code(self) -> bool:
         """Whether AutoModelForCausalLM would run the folder's own modelling code (config.json `auto_map`
         names it; transformers checks the same key) when trust_remote_code allows it."""

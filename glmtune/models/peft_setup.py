@@ -59,9 +59,14 @@ def apply_freeze(model, trainable_layers: int) -> None:
             pass
 
 
-def qlora_quant_config():
+def qlora_quant_config(*, moe: bool = False):
     """nf4 weights with double quantisation (quantised quantisation constants, ~0.4 bit/param saved)
-    and bf16 compute, as in the QLoRA paper (Dettmers et al. 2023, sec. 3)."""
+    and bf16 compute, as in the QLoRA paper (Dettmers et al. 2023, sec. 3).
+
+    bitsandbytes quantises nn.Linear layers only: on a mixture-of-experts model (``moe``) the routed
+    experts (fused 3-D parameters) stay in bf16 whatever this says, and the dense / shared-expert
+    MLP linears are kept out too, because their LoRA is a parameter target (glmtune.models.moe)
+    that needs a plain weight; only the attention linears become 4-bit."""
     import torch
     try:
         import bitsandbytes  # noqa: F401
@@ -72,8 +77,13 @@ def qlora_quant_config():
         raise ConfigError("qlora needs a CUDA GPU (bitsandbytes 4-bit kernels)", field="method.name",
                           fix="run on a GPU machine, or use method lora on CPU")
     from transformers import BitsAndBytesConfig
+    skip = {"llm_int8_skip_modules": ["lm_head", *MOE_UNQUANTIZED]} if moe else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_compute_dtype=torch.bfloat16, **skip)
+
+
+# module-name suffixes a MoE model's QLoRA keeps in bf16 (see qlora_quant_config)
+MOE_UNQUANTIZED = ("gate_proj", "up_proj", "down_proj")
 
 
 def setup_method(model, method, *, gradient_checkpointing: bool = False, adapter_fp32: bool = True):
@@ -88,7 +98,11 @@ def setup_method(model, method, *, gradient_checkpointing: bool = False, adapter
     traits = method_traits(method.name)
     gc_kwargs = {"use_reentrant": False}  # non-reentrant: works with frozen inputs and with DDP
     if traits.quantized:
-        _prepare_quantized(model, gradient_checkpointing, gc_kwargs, upcast=adapter_fp32)
+        from glmtune.models.moe import is_moe
+
+        # PEFT's kbit preparation upcasts every weight bitsandbytes left in bf16 to fp32: on a MoE
+        # model that is all routed experts (GLM-4.7-Flash: 56 GB more), so MoE skips it
+        _prepare_quantized(model, gradient_checkpointing, gc_kwargs, upcast=adapter_fp32 and not is_moe(model))
     elif gradient_checkpointing:
         enable_checkpointing(model, gc_kwargs)
         if traits.frozen_embeddings:
@@ -125,9 +139,34 @@ def _prepare_quantized(model, gradient_checkpointing: bool, gc_kwargs: dict, *, 
 
 def _add_lora(model, method, adapter_fp32: bool):
     from peft import LoraConfig, get_peft_model
+
+    from glmtune.models.moe import is_moe
+
+    if is_moe(model):
+        return get_peft_model(model, moe_lora_config(model, method), autocast_adapter_dtype=adapter_fp32)
+    if method.train_router:
+        raise ConfigError("method.train_router applies to mixture-of-experts models; this one has no router",
+                          field="method.train_router", fix="remove it")
     cfg = LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout, bias="none",
                      target_modules=lora_targets(model, method.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, cfg, autocast_adapter_dtype=adapter_fp32)
+
+
+def moe_lora_config(model, method):
+    """LoRA on attention (modules), dense / shared MLPs and routed experts (parameters); the router
+    only with method.train_router (trained in full, saved with the adapter)."""
+    from peft import LoraConfig
+
+    from glmtune.models.moe import ROUTER, lora_spec
+
+    if method.dropout > 0:
+        raise ConfigError("LoRA dropout does not work on mixture-of-experts parameters (PEFT's parameter LoRA "
+                          "adds B A to the weight, so the input cannot be dropped per LoRA branch)",
+                          field="method.dropout", fix="set method.dropout: 0")
+    modules, params = lora_spec(model, method.target_modules)
+    return LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=0.0, bias="none", target_modules=modules,
+                      target_parameters=params, modules_to_save=[ROUTER] if method.train_router else None,
+                      task_type="CAUSAL_LM")
 
 
 def _add_prefix(model, method, adapter_fp32: bool):
@@ -139,12 +178,25 @@ def _add_prefix(model, method, adapter_fp32: bool):
 
 def _train_all(model, method, adapter_fp32: bool):
     model.requires_grad_(True)
+    _router_grad(model, method)
     return model
 
 
 def _train_last_layers(model, method, adapter_fp32: bool):
     apply_freeze(model, method.trainable_layers)
+    _router_grad(model, method)
     return model
+
+
+def _router_grad(model, method) -> None:
+    """Mixture-of-experts routers stay frozen unless method.train_router (full / freeze)."""
+    from glmtune.models.moe import freeze_routers
+
+    if not method.train_router:
+        freeze_routers(model, train=False)
+    elif freeze_routers(model, train=True) == 0:
+        raise ConfigError("method.train_router applies to mixture-of-experts models; this one has no router",
+                          field="method.train_router", fix="remove it")
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,53 @@ def build_tiny_glm4(out_dir: str | Path, tokenizer_dir: str | Path, *, seed: int
     return out_dir
 
 
+# Mixture-of-experts GLMs with the family's quirks at tiny widths: layer 0 dense, the rest MoE with
+# 8 routed experts (top-2, sigmoid router with the aux-loss-free bias) + 1 shared expert.
+# Glm4Moe (GLM-4.5 / 4.6 / 4.7): GQA with partial rotary and q/k/v bias, as TINY_GLM4.
+# Glm4MoeLite (GLM-4.7-Flash): MLA attention (low-rank q and compressed kv, interleaved rotary).
+_TINY_MOE = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+                 n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+                 norm_topk_prob=True, routed_scaling_factor=1.0, vocab_size=151552, max_position_embeddings=4096,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=151329,
+                 eos_token_id=[151329, 151336, 151338])
+TINY_GLM4_MOE = dict(_TINY_MOE, num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=True,
+                     first_k_dense_replace=1, partial_rotary_factor=0.5)
+TINY_GLM4_MOE_LITE = dict(_TINY_MOE, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
+                          qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, routed_scaling_factor=1.8,
+                          mlp_layer_types=["dense", "sparse", "sparse"])
+
+
+def build_tiny_glm4_moe(out_dir: str | Path, tokenizer_dir: str | Path, *, lite: bool = False, seed: int = 0,
+                        overrides: dict | None = None, dtype: str = "float32", template: str = "glm4") -> Path:
+    """Write a random Glm4Moe (``lite=False``) or Glm4MoeLite (GLM-4.7-Flash layout) model folder.
+
+    The router is initialised with a 10x wider spread than the configs' 0.02, so a random model's
+    tokens spread over the experts instead of tying at sigmoid(0)."""
+    import torch
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM, Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM
+
+    from glmtune.models.tokenizer import load_tokenizer
+
+    out_dir = Path(out_dir)
+    kwargs = {**(TINY_GLM4_MOE_LITE if lite else TINY_GLM4_MOE), **(overrides or {})}
+    partial = kwargs.pop("partial_rotary_factor", None)
+    config = (Glm4MoeLiteConfig if lite else Glm4MoeConfig)(**kwargs)
+    rope = {"rope_theta": 10000.0, "rope_type": "default"}
+    if partial is not None:
+        rope["partial_rotary_factor"] = partial
+    config.rope_parameters = {**(config.rope_parameters or {}), **rope}
+    torch.manual_seed(seed)
+    model = (Glm4MoeLiteForCausalLM if lite else Glm4MoeForCausalLM)(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 0.2)
+    model.to(getattr(torch, dtype)).save_pretrained(out_dir)
+    load_tokenizer(tokenizer_dir).save_pretrained(out_dir)
+    write_glmtune_meta(out_dir, template=template)
+    return out_dir
+
+
 
 # A LLaVA-architecture vision-language model with a Qwen2 (ChatML) language model and a SigLIP
 # tower, shaped like llava-hf/llava-interleave-qwen-0.5b-hf (384 px pictures, 14 px patches -> 729

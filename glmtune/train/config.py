@@ -91,12 +91,17 @@ class MethodSection(ConfigSection):
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (0 = off, saves an activation copy per layer).")
     target_modules: Union[Literal["auto", "all-linear"], list[str]] = Field(
         "auto", description="Modules that get LoRA: auto (per architecture: GLM-4 q/k/v/o_proj, gate_up_proj, "
-                            "down_proj; remote-code ChatGLM query_key_value, dense, dense_h_to_4h, dense_4h_to_h), "
-                            "all-linear, or a list of module names.")
+                            "down_proj; remote-code ChatGLM query_key_value, dense, dense_h_to_4h, dense_4h_to_h; "
+                            "mixture-of-experts GLM-4.5+/4.7-Flash: attention, dense and shared-expert MLPs and the "
+                            "routed experts, never the router), all-linear, or a list of module names (on a MoE model "
+                            "`experts` names the routed experts).")
     num_virtual_tokens: int = Field(16, gt=0, description="prefix: virtual tokens (P-Tuning v2 pre_seq_len).")
     prefix_projection: bool = Field(False, description="prefix: reparameterise the prefix through an MLP.")
     trainable_layers: int = Field(2, gt=0, description="freeze: train the last N transformer blocks "
                                                         "(plus the final norm); everything else stays frozen.")
+    train_router: bool = Field(False, description="Mixture-of-experts models: also train the routers' weights "
+                                                  "(lora/qlora: in full, saved with the adapter). Off: the "
+                                                  "routers stay as pretrained, so tokens keep their experts.")
 
 
 class TrainSection(ConfigSection):
@@ -161,6 +166,11 @@ class SpeedSection(ConfigSection):
                             "process, no offload_activations. auto: on where all of that holds. GLM-4-9B LoRA "
                             "through glmtune train on one H200, with fused LoRA: 5.83x the seed recipe's "
                             "tokens/s at less memory (bench/RESULTS.md).")
+    expert_lora: Union[bool, Literal["auto"]] = Field(
+        "auto", description="Mixture-of-experts LoRA: run the routed experts' adapters through grouped GEMMs beside "
+                            "the frozen expert weights (glmtune.models.expert_lora) instead of PEFT's forward, which "
+                            "adds B A into a full copy of every expert's weight per layer and call. Exact (tested "
+                            "against PEFT). auto: on for lora/qlora on MoE models, single process or DDP.")
     graph_tokens: int | None = Field(
         None, gt=0, description="Tokens per CUDA-graphed row (default: the larger of 2048 and data.cutoff_len "
                                 "rounded up to 128). Memory grows with it (GLM-4-9B: ~6 MB per token).")
@@ -209,6 +219,9 @@ class TrainConfig(ConfigSection):
         if self.speed.graph_tokens is not None and self.speed.graph_tokens < self.data.cutoff_len:
             raise ValueError(f"speed.graph_tokens ({self.speed.graph_tokens}) must hold the longest conversation: "
                              f"set it >= data.cutoff_len ({self.data.cutoff_len})")
+        if self.method.train_router and self.method.name == "prefix":
+            raise ValueError("method.train_router does not apply to method prefix (it trains no weights of the "
+                             "model). Fix: remove method.train_router")
         if self.speed.adapter_dtype == "model" and not method.lora:
             raise ValueError("speed.adapter_dtype=model applies to method lora/qlora only")
         return self

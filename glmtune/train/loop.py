@@ -74,10 +74,12 @@ def build_model(cfg: TrainConfig, accelerator, plan: SpeedPlan | None = None):
     """Load the base in the right dtype, then apply the method (adapters, freezing, checkpointing).
     liger-kernel, when the plan uses it, must already be applied (it patches the classes built here)."""
     from glmtune.models.loading import load_model
+    from glmtune.models.folder import read_model_folder
     from glmtune.models.peft_setup import method_traits, qlora_quant_config, setup_method
 
     method = method_traits(cfg.method.name)
-    quant = qlora_quant_config() if method.quantized else None
+    moe = read_model_folder(cfg.model.path).routed_experts > 0
+    quant = qlora_quant_config(moe=moe) if method.quantized else None
     # full/freeze update the base weights: keep fp32 masters (AdamW on bf16 weights loses small updates)
     dtype = "float32" if method.updates_base else DTYPES[cfg.model.dtype]
     if cfg.model.dtype == "fp16":
@@ -312,6 +314,7 @@ class Run:
     scheduler: object = None
     monitor: Monitor | None = None
     graphed: object = None          # GraphedDecoder when speed.cuda_graphs engaged
+    router: object = None           # RouterBalance on a mixture-of-experts model (router_aux_loss in metrics)
     model_dtype: object = None
     step: int = 0
     last_loss: float | None = None
@@ -393,6 +396,7 @@ def setup(cfg: TrainConfig, accelerator, levers: SpeedLevers, console, *, resume
         raise GlmtuneError(f"{cfg.model.path}: config.json's auto_map said the model "
                            f"{'runs' if levers.plan.native else 'does not run'} remote code, the loaded model disagrees")
     model = levers.on_model(model)
+    run.router = router_balance(model)
     print_summary(console, cfg, model, stats, len(dev_ex), steps, world)
 
     # optimizer, schedule, accelerate, checkpoint state
@@ -416,6 +420,13 @@ def setup(cfg: TrainConfig, accelerator, levers: SpeedLevers, console, *, resume
     run.monitor = Monitor(out, enabled=run.main, resume_step=run.step, tensorboard=cfg.output.tensorboard,
                           plot=cfg.output.plot)
     return run
+
+
+def router_balance(model):
+    """Hooks logging a mixture-of-experts model's router balance loss (None for a dense model)."""
+    from glmtune.models.moe import RouterBalance, is_moe
+
+    return RouterBalance(model) if is_moe(model) else None
 
 
 def prepare_optimization(cfg: TrainConfig, accelerator, model, steps: int):
@@ -520,6 +531,10 @@ def log_row(run: Run, window: LogWindow, grad_norm) -> dict:
            "grad_norm": None if grad_norm is None else float(grad_norm),
            "trained_tokens": window.trained_tokens, "input_tokens": n_input,
            "trained_tokens_per_s": round(window.trained_tokens / dt, 1), "input_tokens_per_s": round(n_input / dt, 1)}
+    if run.router is not None and (balance := run.router.read()) is not None:
+        # DeepSeek-V3's balance loss (1.0 = even load over the experts), mean over MoE layers and the
+        # window's training forwards on this process; logged, not trained (glmtune.models.moe)
+        row["router_aux_loss"] = round(balance, 4)
     if accelerator.device.type == "cuda":  # this process's peak since the start
         row["peak_mem_allocated_gib"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 2)
         row["peak_mem_reserved_gib"] = round(torch.cuda.max_memory_reserved(accelerator.device) / 2**30, 2)
@@ -533,6 +548,8 @@ def finish(run: Run, *, return_model: bool) -> TrainResult:
         run.last_eval = evaluate(run.model, accelerator, run.dev_ex, run.dev_stream, **run.eval_kwargs())
         run.monitor.log({"step": run.step, "eval_loss": run.last_eval})
     final = run.save(keep_last=None, with_state=False, name="final")
+    if run.router is not None:
+        run.router.remove()
     run.monitor.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -42,6 +42,7 @@ class SpeedPlan:
     fused_lora: bool = False      # glmtune.models.fused_lora
     graphs: bool = False          # CUDA-graphed decoder blocks over fixed rows (glmtune.train.graphs)
     graph_tokens: int = 0         # tokens per graphed row
+    expert_lora: bool = False     # MoE: routed experts' LoRA through grouped GEMMs (glmtune.models.expert_lora)
     notes: tuple[str, ...] = ()   # why each `auto` lever that is off fell back
 
     @property
@@ -68,6 +69,7 @@ class AppliedSpeed:
     fused_layers: tuple[int, int] | None = None  # (LoRA layers running fused, LoRA layers); None = not fused
     graphs: bool = False
     graph_tokens: int = 0
+    expert_blocks: int = 0        # MoE expert blocks running the grouped expert LoRA
     notes: tuple[str, ...] = ()   # the plan's fallbacks, then those found while applying
 
     @property
@@ -91,6 +93,8 @@ class AppliedSpeed:
             on.append(f"fused LoRA ({self.fused_layers[0]} of {self.fused_layers[1]} LoRA layers)")
         if self.graphs:
             on.append(f"CUDA graphs ({self.graph_tokens}-token rows)")
+        if self.expert_blocks:
+            on.append(f"grouped expert LoRA ({self.expert_blocks} MoE layers)")
         return "speed: " + ", ".join(on)
 
 
@@ -211,13 +215,44 @@ def decide_fused_lora(cfg: TrainConfig, traits: MethodTraits, *, distributed: st
     return (False, f"speed.fused_lora auto -> off ({'; '.join(why)})") if why else (True, None)
 
 
+def decide_expert_lora(cfg: TrainConfig, traits: MethodTraits, *, moe: bool,
+                       distributed: str) -> tuple[bool, str | None]:
+    """speed.expert_lora: the routed experts' LoRA through grouped GEMMs. Exact, so auto is on
+    wherever there are LoRA'd experts and each process holds whole expert weights."""
+    sp = cfg.speed
+    if sp.expert_lora is True and not (traits.lora and moe):
+        raise ConfigError(f"speed.expert_lora=true runs LoRA on routed experts; "
+                          f"{'this model has none' if traits.lora else f'method {traits.name} has no LoRA'}",
+                          field="speed.expert_lora", fix="set speed.expert_lora: auto or false")
+    if sp.expert_lora is False or not (traits.lora and moe):
+        return False, None
+    if distributed not in ("NO", "MULTI_GPU"):
+        if sp.expert_lora is True:
+            raise ConfigError(f"speed.expert_lora=true reads each expert's whole weight; accelerate runs {distributed}",
+                              field="speed.expert_lora", fix="set speed.expert_lora: auto")
+        return False, f"speed.expert_lora auto -> off (accelerate runs {distributed}: sharded expert weights)"
+    return True, None
+
+
+def moe_notes(traits: MethodTraits, *, moe: bool) -> tuple[str, ...]:
+    """What does not apply to a mixture-of-experts model, said once in the speed notes."""
+    if not moe or not traits.quantized:
+        return ()
+    return ("qlora on a mixture-of-experts model: only the attention linears are 4-bit; the routed experts "
+            "(fused 3-D parameters) and the MLP linears stay bf16 (bitsandbytes quantises nn.Linear only)",)
+
+
 def decide_graphs(cfg: TrainConfig, traits: MethodTraits, *, cuda: bool, varlen: bool, processes: int,
-                  distributed: str) -> tuple[bool, str | None]:
+                  distributed: str, moe: bool = False) -> tuple[bool, str | None]:
     """speed.cuda_graphs: the decoder blocks replayed as CUDA graphs over fixed-size rows."""
     sp = cfg.speed
     if sp.cuda_graphs is False:
         return False, None
     why = []
+    if moe and sp.cuda_graphs == "auto":
+        # routing changes the rows each expert gets every step; the grouped GEMMs take their offsets
+        # from the device, but capture of MoE blocks is not measured yet, so auto stays eager
+        why.append("mixture-of-experts model: capture of routed experts is opt-in (speed.cuda_graphs: true)")
     if not cuda:
         why.append("no CUDA GPU")
     if not varlen:
@@ -270,7 +305,7 @@ def probe_kernels(cfg: TrainConfig, *, cuda: bool, native: bool, varlen_problem,
 
 def resolve_speed(cfg: TrainConfig, *, cuda: bool | None = None, native: bool | None = None,
                   varlen_problem: str | None | bool = False, liger_problem: str | None | bool = False,
-                  processes: int = 1, distributed: str = "NO") -> SpeedPlan:
+                  processes: int = 1, distributed: str = "NO", moe: bool | None = None) -> SpeedPlan:
     """Decide each lever. `varlen_problem` / `liger_problem`: why the kernel cannot run here (None = it
     can); left False they are probed. `processes` / `distributed`: accelerate's process count and
     DistributedType name. Raises ConfigError for an explicitly requested lever that can't run."""
@@ -278,6 +313,7 @@ def resolve_speed(cfg: TrainConfig, *, cuda: bool | None = None, native: bool | 
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     native = is_native(cfg) if native is None else native
+    moe = read_model_folder(cfg.model.path).routed_experts > 0 if moe is None else moe
     traits = method_traits(cfg.method.name)
     varlen_problem, liger_problem = probe_kernels(cfg, cuda=cuda, native=native, varlen_problem=varlen_problem,
                                                   liger_problem=liger_problem)
@@ -290,11 +326,13 @@ def resolve_speed(cfg: TrainConfig, *, cuda: bool | None = None, native: bool | 
                                   distributed=distributed, liger_problem=liger_problem)
     fused_lora, n_fused = decide_fused_lora(cfg, traits, distributed=distributed)
     graphs, n_graphs = decide_graphs(cfg, traits, cuda=cuda, varlen=varlen, processes=processes,
-                                     distributed=distributed)
-    notes = tuple(n for n in (n_packing, n_attention, n_compile, n_liger, n_fused, n_graphs) if n)
+                                     distributed=distributed, moe=moe)
+    expert_lora, n_experts = decide_expert_lora(cfg, traits, moe=moe, distributed=distributed)
+    notes = tuple(n for n in (n_packing, n_attention, n_compile, n_liger, n_fused, n_graphs, n_experts) if n)
     return SpeedPlan(packing=packing, varlen=varlen, liger=liger, compile=compile_on,
                      adapter_fp32=cfg.speed.adapter_dtype == "fp32", native=native, fused_lora=fused_lora,
-                     graphs=graphs, graph_tokens=graph_row_tokens(cfg), notes=notes)
+                     graphs=graphs, graph_tokens=graph_row_tokens(cfg), expert_lora=expert_lora,
+                     notes=notes + moe_notes(traits, moe=moe))
 
 
 def faster_settings(cfg: TrainConfig, plan: SpeedPlan, *, cuda: bool) -> str | None:
@@ -358,6 +396,8 @@ class SpeedLevers:
             self.applied = replace(self.applied, varlen=True)
         if plan.fused_lora:
             self._fuse_lora(model)
+        if plan.expert_lora:
+            self._fuse_experts(model)
         if plan.compile:
             try:
                 kernels.compile_decoder_layers(model, dynamic=not plan.graphs)  # graphed rows have one shape
@@ -379,6 +419,16 @@ class SpeedLevers:
             return
         self._undo.append(lambda: unfuse_lora(model))
         self.applied = replace(self.applied, fused_layers=(counts["fused"], counts["linear"]))
+
+    def _fuse_experts(self, model) -> None:
+        from glmtune.models.expert_lora import fuse_expert_lora, unfuse_expert_lora
+
+        blocks = fuse_expert_lora(model)
+        if blocks == 0:  # e.g. method.target_modules named no experts
+            self.applied = self.applied.noting("speed.expert_lora -> off (no LoRA on routed experts)")
+            return
+        self._undo.append(lambda: unfuse_expert_lora(model))
+        self.applied = replace(self.applied, expert_blocks=blocks)
 
     def graphed_decoder(self, model, lengths: list[int]):
         """Capture the decoder blocks as CUDA graphs for rows of plan.graph_tokens tokens; None when the

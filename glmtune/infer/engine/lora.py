@@ -61,6 +61,9 @@ def read_adapter(path: Path) -> tuple[dict, dict[str, tuple]]:
     for key, bad in (("use_dora", True), ("lora_bias", True), ("fan_in_fan_out", True)):
         if config.get(key) == bad:
             raise UnsupportedAdapter(f"{key}: {bad}", file=config_file, field=key)
+    if config.get("target_parameters"):  # e.g. LoRA on a MoE model's fused 3-D expert weights
+        raise UnsupportedAdapter(f"LoRA on parameters ({', '.join(sorted(config['target_parameters']))}), "
+                                 f"not only on linear layers", file=config_file, field="target_parameters")
     if config.get("bias", "none") != "none" or config.get("modules_to_save"):
         raise UnsupportedAdapter("trains biases or whole modules (bias / modules_to_save)", file=config_file,
                                  field="modules_to_save")
