@@ -56,7 +56,10 @@ class DataSection(ConfigSection):
     truncate_side: Literal["left", "right"] = Field("left", description=(
         "Dialogue text cut first: left = the oldest tokens (keeps the end next to the answer), right = the newest."))
     train_on: Literal["all_assistant", "last_assistant", "everything"] = Field(
-        "all_assistant", description="Which tokens carry loss (the template's mask).")
+        "all_assistant", description="Which tokens carry loss (the template's mask). GLM-4.5+ templates (glm45, "
+                                     "glm47): the reasoning of turns before the last user message is not rendered, "
+                                     "so not trained (as at inference); `\"keep_reasoning\": true` on an assistant "
+                                     "message (or the record) renders and trains it.")
     packing: Union[bool, Literal["auto"]] = Field(
         "auto", description="Concatenate each micro-batch's conversations into one padding-free row with "
                             "position ids restarting per conversation; attention never crosses conversations "
