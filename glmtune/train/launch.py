@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import re
+import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,11 +63,8 @@ def first_host(nodelist: str) -> str:
     `scontrol show hostnames` does this on a SLURM machine; parsed here so `srun glmtune train ...`
     needs no shell around it."""
     first = re.split(r",(?![^\[]*\])", nodelist.strip())[0]
-    m = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", first)
-    if not m:
-        return first
-    prefix, ranges, suffix = m.groups()
-    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+    # each bracket (there may be several: rack[1-2]-n[01-04]) -> its first number
+    return re.sub(r"\[([^\]]+)\]", lambda m: m.group(1).split(",")[0].split("-")[0], first)
 
 
 def _int(value: str, name: str) -> int:
@@ -233,11 +231,18 @@ def accelerate_command(glmtune_args: list[str], nproc: int, accel: str | None, n
            "--max_restarts", "0"]
     if path is not None:
         cmd += ["--config_file", str(path)]
-        if nodes.nnodes > 1 and conf.get("distributed_type") == "DEEPSPEED" \
-                and "deepspeed_multinode_launcher" not in (conf.get("deepspeed_config") or {}):
-            # glmtune runs on every node: DeepSpeed's default (pdsh over ssh from node 0) would start
-            # the other nodes' processes a second time
-            cmd += ["--deepspeed_multinode_launcher", "standard"]
+        ds_launcher = (conf.get("deepspeed_config") or {}).get("deepspeed_multinode_launcher")
+        if nodes.nnodes > 1 and conf.get("distributed_type") == "DEEPSPEED":
+            if ds_launcher is None:
+                # glmtune runs on every node: DeepSpeed's default (pdsh over ssh from node 0) would start
+                # the other nodes' processes a second time
+                cmd += ["--deepspeed_multinode_launcher", "standard"]
+            elif ds_launcher != "standard" and nodes.node_rank != 0:
+                raise ConfigError(f"deepspeed_multinode_launcher: {ds_launcher} starts every node's processes from "
+                                  "node 0 (the hostfile's hosts, over ssh)", file=path,
+                                  field="deepspeed_config.deepspeed_multinode_launcher",
+                                  fix="run glmtune on node 0 only, or set deepspeed_multinode_launcher: standard "
+                                      "to run the same command on every node")
     else:
         cmd += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
     return cmd + ["-m", "glmtune.cli.main", *glmtune_args]
@@ -268,6 +273,9 @@ def launch(cmd: list[str], *, nproc: int, nodes: Nodes, timeout_s: int, console=
         console.print(f"[cyan]·[/] {nodes.describe()}: accelerate launch {' '.join(cmd[3:])}")
     try:
         launch_command(args)
+    except subprocess.CalledProcessError as e:  # DeepSpeed's runner (hostfile): it printed what failed
+        raise DistributedError(f"node {nodes.node_rank}: {Path(e.cmd[0]).name} exited with status {e.returncode}; "
+                               "its error is above", exit_code=e.returncode if e.returncode > 0 else 1) from None
     except Exception as e:  # noqa: BLE001  (torch's elastic errors have no common base to catch by)
         failures = getattr(e, "failures", None)
         if failures:  # ChildFailedError: a worker exited non-zero (it printed its own error)
