@@ -1,6 +1,7 @@
 """`glmtune align {rm,dpo,grpo,ppo} CONFIG.yaml`: thin wrappers over glmtune.align.run_alignment."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -41,6 +42,9 @@ def _run(algorithm: str, config: Optional[Path], sets: Optional[List[str]], resu
     role = launch_role()
     nproc, accel, timeout = launch.pop("nproc"), launch.pop("accelerate_config"), launch.pop("dist_timeout")
     check_flags_for_role(role, nproc=nproc, **launch)
+    if role == "launcher" and (nproc > 1 or launch["nnodes"] not in (None, 1)):
+        from glmtune.align.config import check_for, load_align_config
+        check_for(load_align_config(config, list(sets or [])), algorithm, str(config))  # fail fast, before N processes
     if role == "launcher":  # TRL's trainers run under accelerate launch as they are: DDP / DeepSpeed / FSDP
         opts.launch_if_needed(["align", algorithm], config, list(sets or []), resume, role=role, nproc=nproc,
                               nodes=resolve_nodes(**launch), accelerate_config=accel, dist_timeout=timeout,
@@ -48,6 +52,8 @@ def _run(algorithm: str, config: Optional[Path], sets: Optional[List[str]], resu
     from glmtune.align.run import run_alignment
     with collective_errors():
         result = run_alignment(algorithm, config, overrides=list(sets or []), resume=resume, console=console)
+    if os.environ.get("RANK", "0") != "0":
+        return  # one summary per run, from rank 0 (which has the metrics)
     last = next((r for r in reversed(result.metrics) if "loss" in r), {})
     console.print(f"[green]done[/]: {result.steps} steps" + (f", last loss {last['loss']:.4f}" if last else "")
                   + f"\nweights: {result.adapter_path}\nmetrics: {result.output_dir / 'metrics.jsonl'}")

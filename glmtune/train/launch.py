@@ -265,6 +265,9 @@ def launch(cmd: list[str], *, nproc: int, nodes: Nodes, timeout_s: int, console=
     line: a worker's own error is printed by that worker; torchrun's report of it (a traceback of
     the elastic agent) and a rendezvous that timed out become one `error:` line here."""
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed import DistError
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
 
     args = launch_command_parser().parse_args(cmd[3:])  # after `python -m accelerate.commands.launch`
     os.environ[LAUNCH_ENV] = json.dumps({"nproc": nproc, **asdict(nodes)})
@@ -273,26 +276,25 @@ def launch(cmd: list[str], *, nproc: int, nodes: Nodes, timeout_s: int, console=
         console.print(f"[cyan]·[/] {nodes.describe()}: accelerate launch {' '.join(cmd[3:])}")
     try:
         launch_command(args)
+    except ChildFailedError as e:  # a worker exited non-zero (it printed its own error)
+        rank, failure = min(e.failures.items())
+        code = failure.exitcode if failure.exitcode > 0 else 1
+        raise DistributedError(f"node {nodes.node_rank}: process rank {rank} exited with status {failure.exitcode}"
+                               + (" (killed by a signal)" if failure.exitcode < 0 else "") + "; its error is above",
+                               exit_code=code) from None
     except subprocess.CalledProcessError as e:  # DeepSpeed's runner (hostfile): it printed what failed
         raise DistributedError(f"node {nodes.node_rank}: {Path(e.cmd[0]).name} exited with status {e.returncode}; "
                                "its error is above", exit_code=e.returncode if e.returncode > 0 else 1) from None
-    except Exception as e:  # noqa: BLE001  (torch's elastic errors have no common base to catch by)
-        failures = getattr(e, "failures", None)
-        if failures:  # ChildFailedError: a worker exited non-zero (it printed its own error)
-            rank, failure = min(failures.items())
-            code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
-            raise DistributedError(f"node {nodes.node_rank}: process rank {rank} exited with status "
-                                   f"{failure.exitcode}" + (" (killed by a signal)" if failure.exitcode < 0 else "")
-                                   + "; its error is above", exit_code=code) from None
-        if "clients joined" in str(e) or type(e).__name__ in ("DistStoreError", "DistNetworkError",
-                                                                 "RendezvousTimeoutError", "RendezvousConnectionError"):
-            raise DistributedError(
-                f"node {nodes.node_rank} of {nodes.nnodes}: the nodes did not all meet at "
-                f"{nodes.master_addr}:{nodes.master_port} within {timeout_s} s ({_first_line(e)})",
-                fix="start the same command on every node (node 0 listens, the others connect), check "
-                    "--master-addr/--master-port are node 0's and reachable, --nnodes is the same everywhere; "
-                    "--dist-timeout S waits longer") from None
-        raise
+    except (DistError, RendezvousError) as e:  # the static rendezvous timed out or could not connect
+        raise DistributedError(
+            f"node {nodes.node_rank} of {nodes.nnodes}: the nodes did not all meet at "
+            f"{nodes.master_addr}:{nodes.master_port} within {timeout_s} s ({_first_line(e)})",
+            fix="start the same command on every node (node 0 listens, the others connect), check "
+                "--master-addr/--master-port are node 0's and reachable, --nnodes is the same everywhere; "
+                "--dist-timeout S waits longer") from None
+    except ConnectionError as e:  # accelerate: node 0's port is taken
+        raise DistributedError(f"node {nodes.node_rank}: {_first_line(e)}",
+                               fix="choose another --master-port (the same on every node)") from None
     return 0
 
 
@@ -409,7 +411,7 @@ def collective_errors():
     except Exception as e:  # noqa: BLE001
         import torch.distributed as dist
 
-        lost = isinstance(e, getattr(dist, "DistError", ())) or (isinstance(e, RuntimeError) and _LOST.search(str(e)))
+        lost = isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and _LOST.search(str(e)))
         if not lost or not dist.is_initialized():
             raise
         raise DistributedError(

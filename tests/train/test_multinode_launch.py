@@ -177,3 +177,30 @@ def test_shipped_examples_parse_and_use_real_flags():
         assert "shared storage" in text and "Per node" in text
     sbatch = (EXAMPLES / "slurm.sbatch").read_text()
     assert "--ntasks-per-node=1" in sbatch and "glmtune train" in sbatch and "--nproc" in sbatch
+
+
+def test_align_takes_the_same_launch_flags(make_cfg, tmp_path, monkeypatch):
+    """`glmtune align dpo CFG --nproc 2 --nnodes 2 ...` checks the config, then launches `align dpo CFG`
+    in every process (the launch itself is replaced here; `--nproc 2` DPO on gloo runs in the lead's check)."""
+    import glmtune.train.launch as launch_mod
+    from glmtune.cli.main import main
+
+    cfg = tmp_path / "dpo.yaml"
+    cfg.write_text(yaml.safe_dump({**make_cfg("dpo").model_dump(mode="json", include={"model", "data", "method",
+                                                                                        "train", "output"})}))
+    seen = {}
+
+    def fake_launch(cmd, *, nproc, nodes, timeout_s, console=None):
+        seen.update(cmd=cmd, nproc=nproc, nodes=nodes, timeout_s=timeout_s)
+        return 0
+
+    monkeypatch.setattr(launch_mod, "launch", fake_launch)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    main(["align", "dpo", str(cfg), "--set", "align.beta=0.2", "--nproc", "2", "--nnodes", "2", "--node-rank", "1",
+          "--master-addr", "10.0.0.1", "--dist-timeout", "90"])
+    args = _parse(seen["cmd"])
+    assert args.training_script_args == ["align", "dpo", str(cfg), "--set", "align.beta=0.2"]
+    assert (args.num_processes, args.machine_rank, args.main_process_ip, args.rdzv_conf) == (4, 1, "10.0.0.1", "timeout=90")
+    with pytest.raises(SystemExit) as e:  # a bad key fails here, not in 4 processes
+        main(["align", "dpo", str(cfg), "--set", "align.nosuch=1", "--nproc", "2"])
+    assert e.value.code == 2
