@@ -28,7 +28,7 @@ RESUMABLE_CHANGES = ("output.save_every", "output.keep_last", "output.plot", "ou
 def _run_entries(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.iterdir()
                   if p.name in RUN_FILES or CKPT_RE.match(p.name) or p.name.startswith(".tmp-checkpoint-")
-                  or p.name == ".tmp-final")
+                  or p.name == ".tmp-final" or p.name.startswith(".tmp-shared-"))  # launch.check_shared_output's probe
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

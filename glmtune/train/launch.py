@@ -109,7 +109,8 @@ def resolve_nodes(nnodes: int | None = None, node_rank: int | None = None, maste
     if nnodes < 1:
         raise ConfigError(f"--nnodes {nnodes}: a run needs at least one node", field="--nnodes")
     if not 0 <= node_rank < nnodes:
-        raise ConfigError(f"--node-rank {node_rank} is not one of the {nnodes} nodes (0..{nnodes - 1})",
+        raise ConfigError(f"--node-rank {node_rank} is not one of the {nnodes} nodes (0..{nnodes - 1}; "
+                          f"values from {source or 'flags'})",
                           field="--node-rank", fix="number the nodes 0, 1, ... --nnodes - 1; node 0 is the master")
     if not 0 < master_port < 65536:
         raise ConfigError(f"--master-port {master_port} is not a TCP port", field="--master-port")
@@ -287,7 +288,7 @@ def launch(cmd: list[str], *, nproc: int, nodes: Nodes, timeout_s: int, console=
                                "its error is above", exit_code=e.returncode if e.returncode > 0 else 1) from None
     except (DistError, RendezvousError) as e:  # the static rendezvous timed out or could not connect
         raise DistributedError(
-            f"node {nodes.node_rank} of {nodes.nnodes}: the nodes did not all meet at "
+            f"node {nodes.node_rank} of {nodes.nnodes}: the nodes did not all meet (or lost the rendezvous) at "
             f"{nodes.master_addr}:{nodes.master_port} within {timeout_s} s ({_first_line(e)})",
             fix="start the same command on every node (node 0 listens, the others connect), check "
                 "--master-addr/--master-port are node 0's and reachable, --nnodes is the same everywhere; "
@@ -396,6 +397,40 @@ def check_one_run(accelerator, cfg, examples) -> None:
         raise ConfigError(f"the processes of this run disagree: {problem}",
                           fix="start every node with the same config file, --set overrides, data files, glmtune "
                               "version and --nnodes/--nproc/--master-addr/--master-port")
+
+
+def check_shared_output(accelerator, out: Path, *, wait_s: float = 30.0) -> None:
+    """output.dir must be one folder for all nodes: every process writes its RNG state into each
+    checkpoint and a resume reads them back. Rank 0 writes a probe file; a process that does not see
+    it within wait_s (network file systems show a new file after their attribute cache expires) stops
+    the run, on every process, with one line."""
+    if accelerator.num_processes == 1:
+        return
+    import secrets
+    import socket
+    import time
+
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    token = [secrets.token_hex(8) if accelerator.is_main_process else None]
+    broadcast_object_list(token)
+    probe = out / f".tmp-shared-{token[0]}"
+    if accelerator.is_main_process:
+        probe.write_text("glmtune: every node must see this file\n", encoding="utf-8")
+    accelerator.wait_for_everyone()
+    deadline = time.time() + wait_s
+    while not (seen := probe.exists() or (out.is_dir() and probe.name in os.listdir(out))) and time.time() < deadline:
+        time.sleep(0.5)
+    views = gather_object([(accelerator.process_index, socket.gethostname(), seen)])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        probe.unlink(missing_ok=True)
+    blind = [f"rank {r} ({host})" for r, host, ok in views if not ok]
+    if blind:
+        raise ConfigError(f"output.dir {out} is not the same folder on every node: {', '.join(blind[:4])} "
+                          f"did not see the file rank 0 wrote there within {wait_s:.0f} s", field="output.dir",
+                          fix="put output.dir on storage every node mounts at the same path (NFS, Lustre, ...): "
+                              "each process writes into the checkpoints")
 
 
 # messages of a collective whose peer went away (gloo, NCCL) or timed out

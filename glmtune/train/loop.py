@@ -25,7 +25,7 @@ from glmtune.train.checkpoint import (check_global_batch, list_checkpoints, load
 from glmtune.train.config import TrainConfig, load_config, resolve_template, save_resolved
 from glmtune.train.data import (BatchStream, collate, encode_records, split_dev, token_loss_sum,
                                 total_steps, trained_tokens)
-from glmtune.train.launch import check_one_run, process_group_kwargs
+from glmtune.train.launch import check_one_run, check_shared_output, process_group_kwargs
 from glmtune.train.monitor import Monitor, progress_bar, read_metrics
 from glmtune.train.profile import StepProfiler
 from glmtune.train.speed import AppliedSpeed, SpeedLevers, SpeedPlan, faster_settings, resolve_speed
@@ -412,6 +412,7 @@ def setup(cfg: TrainConfig, accelerator, levers: SpeedLevers, console, *, resume
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, out)
+    check_shared_output(accelerator, out)  # several nodes: one output.dir for all of them
     # printed only now: a failed capture turns graphs and compile off, fused LoRA may have found no layer
     print_speed(console, levers.applied, faster_settings(cfg, levers.plan, cuda=accelerator.device.type == "cuda"))
     ckpt = resolve_resume(resume, out)

@@ -204,3 +204,34 @@ def test_align_takes_the_same_launch_flags(make_cfg, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:  # a bad key fails here, not in 4 processes
         main(["align", "dpo", str(cfg), "--set", "align.nosuch=1", "--nproc", "2"])
     assert e.value.code == 2
+
+
+class _Process:
+    """One process of a 2-process run, as check_shared_output sees it (the collectives are replaced)."""
+    num_processes = 2
+
+    def __init__(self, rank):
+        self.process_index, self.is_main_process = rank, rank == 0
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_output_dir_must_be_one_folder_for_all_nodes(tmp_path, monkeypatch):
+    import accelerate.utils
+
+    from glmtune.train.launch import check_shared_output
+
+    def from_rank0(objs):
+        objs[0] = "abc"  # the token rank 0 broadcast
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", from_rank0)
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda mine: [(0, "h0", True), *mine])
+    with pytest.raises(ConfigError, match=r"output.dir .* is not the same folder on every node: rank 1 \(.*\) did not "
+                                          r"see the file rank 0 wrote there"):
+        check_shared_output(_Process(1), tmp_path, wait_s=0.2)  # rank 0's probe never appears here
+    (tmp_path / ".tmp-shared-abc").write_text("")
+    check_shared_output(_Process(1), tmp_path, wait_s=0.2)  # it does: one folder
+    (tmp_path / ".tmp-shared-abc").unlink()
+    check_shared_output(_Process(0), tmp_path, wait_s=0.2)  # rank 0 writes the probe and removes it
+    assert list(tmp_path.iterdir()) == []
