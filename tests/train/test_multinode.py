@@ -1,7 +1,8 @@
 """Two `glmtune train` launchers on 127.0.0.1 as two nodes x 1 process (gloo): the same losses as one
 node x 2 processes and as one process over the same global batch; a killed node stops the other
 within a bounded time, and `--resume latest` continues on one node; nodes that cannot meet or that
-disagree stop with one line, never hang. Every subprocess has a timeout and talks only to 127.0.0.1."""
+disagree stop with one line, never hang. Every subprocess has a timeout and talks only to 127.0.0.1.
+About 150 CPU-seconds in all, most of it each process importing torch/transformers/peft."""
 from __future__ import annotations
 
 import os
@@ -13,6 +14,7 @@ import time
 from math import isclose
 
 import psutil
+import pytest
 import yaml
 
 from glmtune.train import run_training
@@ -74,58 +76,74 @@ def losses(out_dir) -> list[float]:
     return [m["loss"] for m in read_metrics(out_dir / "metrics.jsonl") if "loss" in m]
 
 
-def test_two_nodes_match_one_node_of_two_and_one_process(make_cfg, tmp_path):
-    over = {"train.max_steps": 4, "train.lr": 1e-2}
-    one = run_training(make_cfg("one", **over, **{"train.batch_size": 4}))  # one process, the global batch
-    nodes_cfg = write_config(make_cfg("nodes", **over, **{"train.batch_size": 2}), tmp_path / "nodes.yaml")
-    pair_cfg = write_config(make_cfg("pair", **over, **{"train.batch_size": 2}), tmp_path / "pair.yaml")
-    port, port2 = free_port(), free_port()
-    procs = [node(nodes_cfg, 0, port), node(nodes_cfg, 1, port),
-             node(pair_cfg, 0, port2, "--nproc", 2, nnodes=1)]  # runs beside the two "nodes"
-    for code, err in finish(procs):
-        assert code == 0, err[-3000:]
-    a = [m["loss"] for m in one.metrics if "loss" in m]
-    b, c = losses(tmp_path / "nodes"), losses(tmp_path / "pair")
-    assert len(a) == len(b) == len(c) == 4
-    # fp32 losses near 12: 1e-6 relative is a few float32 ulps (one process sums the four conversations'
-    # token losses in one reduction, two processes in two)
-    assert all(isclose(x, y, rel_tol=1e-6) and isclose(x, z, rel_tol=1e-6) for x, y, z in zip(a, b, c)), (a, b, c)
-    # written once: one final adapter, one metrics line per step
-    assert (tmp_path / "nodes" / "final" / "adapter_model.safetensors").exists()
-    assert [m["step"] for m in read_metrics(tmp_path / "nodes" / "metrics.jsonl")] == [1, 2, 3, 4]
+@pytest.fixture(scope="module")
+def killed_run(tiny_model, qa_file, tmp_path_factory):
+    """One launch for both acceptance checks (each launched process costs seconds of imports):
+    two nodes x 1 process (batch 2 each) train 10 steps, saving every 2; beside them one node x 2
+    processes trains 4 steps; node 1 is killed once checkpoint-4 exists (steps 1-4 are logged)."""
+    from glmtune.train.config import load_config
 
+    tmp = tmp_path_factory.mktemp("multinode")
 
-def test_a_killed_node_stops_the_other_and_resume_continues_on_one_node(make_cfg, tmp_path):
-    over = {"train.max_steps": 10, "train.lr": 1e-2, "output.save_every": 2, "output.keep_last": 2}
-    cfg2 = make_cfg("killed", **over, **{"train.batch_size": 2})
-    path = write_config(cfg2, tmp_path / "killed.yaml")
-    port, out = free_port(), tmp_path / "killed"
-    log0 = open(tmp_path / "node0.log", "w+")
-    n0, n1 = node(path, 0, port, log=log0), node(path, 1, port, timeout_s=60)
+    def config(name, **train):
+        raw = {"model": {"path": str(tiny_model), "dtype": "fp32"},
+               "data": {"datasets": [str(qa_file)], "cutoff_len": 64}, "method": {"name": "lora", "r": 8, "alpha": 16},
+               "train": {"max_steps": 10, "batch_size": 2, "lr": 1e-2, "scheduler": "constant", "seed": 0, **train},
+               "output": {"dir": str(tmp / name), "plot": False, "tensorboard": False, "save_every": 2, "keep_last": 2}}
+        return load_config(raw)
+
+    nodes_yaml = write_config(config("nodes"), tmp / "nodes.yaml")
+    pair_yaml = write_config(config("pair", max_steps=4), tmp / "pair.yaml")
+    port, out = free_port(), tmp / "nodes"
+    log0 = open(tmp / "node0.log", "w+")
+    n0, n1 = node(nodes_yaml, 0, port, log=log0), node(nodes_yaml, 1, port)
+    pair = node(pair_yaml, 0, free_port(), "--nproc", 2, nnodes=1)
     deadline = time.time() + LIMIT_S
-    while time.time() < deadline and n0.poll() is None and not list_checkpoints(out):
+    while time.time() < deadline and n0.poll() is None and not any(p.name == "checkpoint-4" for p in list_checkpoints(out)):
         time.sleep(0.05)
-    assert n0.poll() is None and list_checkpoints(out), "the run ended (or never saved) before node 1 could be killed"
+    running = n0.poll() is None
     kill_tree(n1)
     killed_at = time.time()
     finish([n1], limit=30)
-    (code, _), = finish([n0], limit=90)  # gloo sees the peer's sockets close; NCCL would wait --dist-timeout
+    (code0, _), = finish([n0], limit=90)  # gloo sees the peer's sockets close; NCCL would wait --dist-timeout
+    stopped_s = time.time() - killed_at
+    (pair_code, pair_err), = finish([pair])
     log0.seek(0)
-    err = log0.read()
-    assert code != 0 and time.time() - killed_at < 90, err[-3000:]
+    ref = run_training(config("ref", batch_size=4))  # one process, the same global batch, uninterrupted
+    return {"config": config, "out": out, "running_at_kill": running, "code0": code0, "err0": log0.read(),
+            "stopped_s": stopped_s, "before_kill": losses(out), "pair": (pair_code, pair_err, tmp / "pair"),
+            "ref": [m["loss"] for m in ref.metrics if "loss" in m]}
+
+
+def test_two_nodes_match_one_node_of_two_and_one_process(killed_run):
+    ref, two_nodes = killed_run["ref"][:4], killed_run["before_kill"][:4]
+    code, err, pair_out = killed_run["pair"]
+    assert code == 0, err[-3000:]
+    one_node = losses(pair_out)
+    assert len(ref) == len(two_nodes) == len(one_node) == 4, (two_nodes, one_node)
+    # fp32 losses near 12: 1e-6 relative is a few float32 ulps (one process sums the four conversations'
+    # token losses in one reduction, two processes in two)
+    assert all(isclose(x, y, rel_tol=1e-6) and isclose(x, z, rel_tol=1e-6)
+               for x, y, z in zip(ref, two_nodes, one_node)), (ref, two_nodes, one_node)
+    # written once: one final adapter, one metrics line per step
+    assert (pair_out / "final" / "adapter_model.safetensors").exists()
+    assert [m["step"] for m in read_metrics(pair_out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_a_killed_node_stops_the_other_and_resume_continues_on_one_node(killed_run):
+    out, err = killed_run["out"], killed_run["err0"]
+    assert killed_run["running_at_kill"], "the run ended (or never saved) before node 1 could be killed"
+    assert killed_run["code0"] != 0 and killed_run["stopped_s"] < 90, err[-3000:]
     assert "error: rank 0: lost the other processes of the run" in err, err[-3000:]
     assert err.rstrip().splitlines()[-1].startswith("error: node 0: process rank 0 exited with status"), err[-2000:]
     assert not (out / "final").exists()
-    done = [m["step"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
 
     # resume on one node, one process, the same global micro-batch (2 processes x 2 -> 1 x 4)
-    cfg1 = make_cfg("killed", **over, **{"train.batch_size": 4})
-    prepare_output_dir(cfg1, resume="latest", overwrite=False, processes=1)  # what `glmtune train --resume` checks
-    resumed = run_training(cfg1, resume="latest")
-    ref = run_training(make_cfg("ref", **over, **{"train.batch_size": 4}))
-    steps = [m["step"] for m in resumed.metrics if "loss" in m]
-    assert steps == list(range(1, 11)) and len(done) >= 2
-    a, b = losses(tmp_path / "ref"), losses(out)
+    cfg = killed_run["config"]("nodes", batch_size=4)
+    prepare_output_dir(cfg, resume="latest", overwrite=False, processes=1)  # what `glmtune train --resume` checks
+    resumed = run_training(cfg, resume="latest")
+    assert [m["step"] for m in resumed.metrics if "loss" in m] == list(range(1, 11))
+    a, b = killed_run["ref"], losses(out)
     assert len(a) == len(b) == 10 and all(isclose(x, y, rel_tol=1e-6) for x, y in zip(a, b)), (a, b)
 
 
