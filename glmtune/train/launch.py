@@ -337,11 +337,15 @@ def examples_digest(examples) -> str:
 def run_identity(cfg, examples, *, rank: int, world: int, env: dict | None = None) -> dict:
     """What must be equal on every process of one run (and where this process is, for the message)."""
     import socket
+    from importlib.metadata import PackageNotFoundError, version
 
-    import glmtune
     env = os.environ if env is None else env
+    try:
+        installed = version("glmtune")
+    except PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+        installed = "not installed"
     flat = _flatten(cfg.model_dump(mode="json"))
-    return {"rank": rank, "world": world, "host": socket.gethostname(), "glmtune": glmtune.__version__,
+    return {"rank": rank, "world": world, "host": socket.gethostname(), "glmtune": installed,
             "launch": json.loads(env[LAUNCH_ENV]) if LAUNCH_ENV in env else None,
             "config": flat, "data": examples_digest(examples), "examples": len(examples)}
 
