@@ -456,4 +456,4 @@ def collective_errors():
         raise DistributedError(
             f"rank {dist.get_rank()}: lost the other processes of the run ({_first_line(e)})",
             fix="a node died, was stopped or lost its network; when all nodes are up again, rerun the same "
-                "command with --resume latest (on any number of nodes: see README, multi-node)") from None
+                "command with --resume latest (on any number of nodes: README, 'Several machines')") from None
