@@ -43,6 +43,16 @@ class ConfigError(InputError):
     """A bad key or value in a YAML config or a --set override."""
 
 
+class DistributedError(GlmtuneError):
+    """The processes of a multi-process / multi-node run could not meet or lost each other.
+
+    Not the user's input (exit status ``exit_code``, 1 by default, or the failed worker's own status)."""
+
+    def __init__(self, problem: str, *, fix: str | None = None, exit_code: int = 1):
+        self.problem, self.fix, self.exit_code = problem, fix, exit_code
+        super().__init__(end_sentence(problem) + (f" Fix: {fix}" if fix else ""))
+
+
 class ModelNotFoundError(GlmtuneError):
     """A model folder that does not exist or lacks weights/tokenizer. glmtune never downloads."""
 

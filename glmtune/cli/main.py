@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     except GlmtuneError as e:
         # escape: messages quote user text and fixes such as `pip install -e ".[real]"`, not rich markup
         err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))  # 2: bad input; a DistributedError carries its own
     except KeyboardInterrupt:
         if as_program:
             exit_at_once_on_ctrl_c()

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
 
+from glmtune.cli import launch_options as opts
 from glmtune.cli.main import app
 
 console = Console(stderr=True)
@@ -20,10 +20,13 @@ def train_cmd(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key: --set train.lr=1e-4 (repeatable)."),
     resume: Optional[str] = typer.Option(None, help="Continue exactly from `latest` (newest checkpoint in "
                                                     "output.dir) or a checkpoint-<step> folder."),
-    nproc: int = typer.Option(1, help="Processes/GPUs: N>1 runs the same command under `accelerate launch`."),
-    accelerate_config: Optional[str] = typer.Option(
-        None, "--accelerate-config", help="With --nproc: ddp, deepspeed_zero2, deepspeed_zero3, fsdp "
-                                          "(shipped in glmtune/resources/accelerate/) or a path to an accelerate YAML."),
+    nproc: int = opts.NPROC,
+    nnodes: Optional[int] = opts.NNODES,
+    node_rank: Optional[int] = opts.NODE_RANK,
+    master_addr: Optional[str] = opts.MASTER_ADDR,
+    master_port: Optional[int] = opts.MASTER_PORT,
+    dist_timeout: int = opts.DIST_TIMEOUT,
+    accelerate_config: Optional[str] = opts.ACCELERATE_CONFIG,
     overwrite: bool = typer.Option(False, help="Delete the previous run in a non-empty output.dir "
                                                "(checkpoints, final, metrics) and start over."),
     explain: bool = typer.Option(False, help="Print every config key with its default and meaning, then exit."),
@@ -38,22 +41,27 @@ def train_cmd(
         return
     if config is None:
         raise ConfigError("no config file given", fix="glmtune train configs/<preset>.yaml (or --explain)")
+    from glmtune.train.launch import (check_flags_for_role, collective_errors, launch_role, prepares_output,
+                                      resolve_nodes, world_size)
+
+    role = launch_role()  # glmtune launches / a child of glmtune's launcher / under torchrun or accelerate launch
+    check_flags_for_role(role, nproc=nproc, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                         master_port=master_port)
     sets = list(set_ or [])
     cfg = load_config(config, sets)  # fail fast, before starting N processes
-    if "LOCAL_RANK" not in os.environ:  # the launching process decides; ranks find the folder ready
+    nodes = resolve_nodes(nnodes, node_rank, master_addr, master_port) if role == "launcher" else None
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other", field="--overwrite",
+                          fix="--resume to continue the run, --overwrite to start over")
+    if prepares_output(role, overwrite, nodes):  # one process decides; the others find the folder ready
         from glmtune.train.checkpoint import prepare_output_dir
-        if resume and overwrite:
-            raise ConfigError("--resume and --overwrite contradict each other", field="--overwrite",
-                              fix="--resume to continue the run, --overwrite to start over")
-        prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from glmtune.train.launch import accelerate_command
-        cmd = accelerate_command(config, sets, resume, nproc, accelerate_config)
-        console.print(f"[cyan]·[/] {' '.join(cmd)}")
-        raise typer.Exit(subprocess.call(cmd))
+        prepare_output_dir(cfg, resume=resume, overwrite=overwrite, processes=world_size(role, nproc, nodes))
+    opts.launch_if_needed(["train"], config, sets, resume, role=role, nproc=nproc, nodes=nodes,
+                          accelerate_config=accelerate_config, dist_timeout=dist_timeout, console=console)
     from glmtune.train import run_training
 
-    result = run_training(cfg, resume=resume)  # the config parsed above, not the file read again
+    with collective_errors():  # a node that died mid-run: one line, not a gloo/NCCL traceback
+        result = run_training(cfg, resume=resume)  # the config parsed above, not the file read again
     if result.metrics or os.environ.get("RANK", "0") == "0":
         console.print(f"[green]done[/]: {result.steps} steps, final loss {result.final_loss:.4f}"
                       + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")

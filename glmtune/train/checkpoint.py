@@ -4,7 +4,7 @@ Layout of `OUT/checkpoint-<step>/`:
   adapter_model.safetensors + adapter_config.json   (lora/qlora/prefix: `PeftModel.from_pretrained`)
   or model*.safetensors + config.json               (full/freeze: `AutoModelForCausalLM.from_pretrained`)
   tokenizer files, glmtune.json                      (so the folder is self-describing)
-  trainer_state.json                                 ({"step": ..., "micro_batches": ...})
+  trainer_state.json                                 ({"step", "micro_batches", "processes", "global_micro_batch"})
   state/                                             (accelerate: optimizer, scheduler, RNG of every process)
 The weights live only in the loadable files; accelerate's copy of them is skipped (see the hooks).
 """
@@ -28,7 +28,7 @@ RESUMABLE_CHANGES = ("output.save_every", "output.keep_last", "output.plot", "ou
 def _run_entries(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.iterdir()
                   if p.name in RUN_FILES or CKPT_RE.match(p.name) or p.name.startswith(".tmp-checkpoint-")
-                  or p.name == ".tmp-final")
+                  or p.name == ".tmp-final" or p.name.startswith(".tmp-shared-"))  # launch.check_shared_output's probe
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -44,12 +44,14 @@ def config_changes(saved: dict, new: dict) -> list[str]:
     return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
 
 
-def prepare_output_dir(cfg, *, resume: str | None, overwrite: bool) -> None:
+def prepare_output_dir(cfg, *, resume: str | None, overwrite: bool, processes: int | None = None) -> None:
     """Decide, before anything loads, what may happen to ``output.dir``.
 
     An empty or missing folder is used as is. A folder holding anything needs ``--resume`` (and the
     saved config.yaml must match the new config, apart from RESUMABLE_CHANGES) or ``--overwrite``
     (which deletes the previous run's files, never anything else): two runs are never mixed.
+    `processes` (all nodes together, when the launcher knows it): a resume on another number of
+    processes may change train.batch_size so that the global micro-batch stays the checkpoint's.
     """
     import yaml
 
@@ -73,6 +75,11 @@ def prepare_output_dir(cfg, *, resume: str | None, overwrite: bool) -> None:
         return  # resuming from a folder glmtune did not write: the checkpoint check says what is wrong
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
     changed = config_changes(saved, cfg.model_dump(mode="json"))
+    if changed == ["train.batch_size"] and processes is not None:
+        ckpt = resolve_resume(resume, out)
+        state = json.loads((ckpt / "trainer_state.json").read_text()) if ckpt else {}
+        if state.get("global_micro_batch") == cfg.train.batch_size * processes:
+            return  # same examples per step on more or fewer processes: the same run
     if changed:
         diff = "; ".join(f"{k}: {_flatten(saved).get(k)!r} -> {_flatten(cfg.model_dump(mode='json')).get(k)!r}"
                          for k in changed[:6])
@@ -178,6 +185,22 @@ def save_checkpoint(accelerator, model, out_dir: Path, step: int, write_extras,
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def check_global_batch(path: Path, batch_size: int, processes: int) -> None:
+    """A resume continues the run when each step sees the checkpoint's examples: the global micro-batch
+    (train.batch_size x processes, the unit glmtune.train.data.BatchStream deals out) must be the one the
+    checkpoint was written with; the number of nodes and of processes per node may change."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    before = state.get("global_micro_batch")
+    if before is None or before == batch_size * processes:
+        return  # a checkpoint from before this was recorded: as before, not checked
+    fix = (f"--set train.batch_size={before // processes} on these {processes} processes" if before % processes == 0
+           else f"{state.get('processes')} processes in all (--nnodes x --nproc)")
+    raise ConfigError(f"{path.name} was written by {state.get('processes')} process(es) x train.batch_size "
+                      f"{before // max(state.get('processes') or 1, 1)} (global micro-batch {before}); this run has "
+                      f"{processes} x {batch_size} = {batch_size * processes}, so each step would see other examples",
+                      file=path / "trainer_state.json", field="train.batch_size", fix=f"resume with {fix}")
 
 
 def load_checkpoint(accelerator, model, path: Path) -> dict:

@@ -20,11 +20,12 @@ import torch
 
 from glmtune.data.registry import load_dataset
 from glmtune.templates import IGNORE_INDEX
-from glmtune.train.checkpoint import (list_checkpoints, load_checkpoint, register_state_hooks, resolve_resume,
-                                      save_checkpoint)
+from glmtune.train.checkpoint import (check_global_batch, list_checkpoints, load_checkpoint, register_state_hooks,
+                                      resolve_resume, save_checkpoint)
 from glmtune.train.config import TrainConfig, load_config, resolve_template, save_resolved
 from glmtune.train.data import (BatchStream, collate, encode_records, split_dev, token_loss_sum,
                                 total_steps, trained_tokens)
+from glmtune.train.launch import check_one_run, check_shared_output, process_group_kwargs
 from glmtune.train.monitor import Monitor, progress_bar, read_metrics
 from glmtune.train.profile import StepProfiler
 from glmtune.train.speed import AppliedSpeed, SpeedLevers, SpeedPlan, faster_settings, resolve_speed
@@ -51,8 +52,9 @@ def make_accelerator(cfg: TrainConfig):
     # cpu=True without CUDA: under `accelerate launch` the processes then join a gloo group (MULTI_CPU)
     # instead of each running alone. Autocast in the config's dtype; for lora/prefix the frozen base is already stored in it and the
     # small trained tensors stay fp32, for full/freeze fp32 master weights are loaded (see build_model).
+    # kwargs_handlers: the collective timeout (--dist-timeout), so a lost node stops the run, not hangs it
     return Accelerator(mixed_precision={"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[cfg.model.dtype],
-                       cpu=not torch.cuda.is_available())
+                       cpu=not torch.cuda.is_available(), kwargs_handlers=process_group_kwargs())
 
 
 def build_datasets(cfg: TrainConfig, tokenizer, template):
@@ -341,7 +343,9 @@ class Run:
                            base_model=str(Path(self.cfg.model.path).resolve()))
 
     def save(self, **kw) -> Path:
-        state = {"step": self.step, "micro_batches": self.step * self.cfg.train.grad_accum}
+        world = self.accelerator.num_processes
+        state = {"step": self.step, "micro_batches": self.step * self.cfg.train.grad_accum, "processes": world,
+                 "global_micro_batch": self.cfg.train.batch_size * world}  # what a resume must keep (check_global_batch)
         return save_checkpoint(self.accelerator, self.model, self.out, self.step, self.write_extras, state, **kw)
 
 
@@ -377,6 +381,7 @@ def setup(cfg: TrainConfig, accelerator, levers: SpeedLevers, console, *, resume
     tokenizer = load_tokenizer(cfg.model.path)
     template = resolve_template(cfg)
     train_ex, dev_ex, stats = build_datasets(cfg, tokenizer, template)
+    check_one_run(accelerator, cfg, train_ex)  # same config, data and launch flags on every node, before the model loads
     world, rank = accelerator.num_processes, accelerator.process_index
     stream = BatchStream(len(train_ex), cfg.train.batch_size, seed=cfg.train.seed, rank=rank, world=world,
                          lengths=[len(e) for e in train_ex])
@@ -411,10 +416,12 @@ def setup(cfg: TrainConfig, accelerator, levers: SpeedLevers, console, *, resume
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, out)
+    check_shared_output(accelerator, out)  # several nodes: one output.dir for all of them
     # printed only now: a failed capture turns graphs and compile off, fused LoRA may have found no layer
     print_speed(console, levers.applied, faster_settings(cfg, levers.plan, cuda=accelerator.device.type == "cuda"))
     ckpt = resolve_resume(resume, out)
     if ckpt is not None:
+        check_global_batch(ckpt, cfg.train.batch_size, world)  # any number of nodes, the same examples per step
         run.step = load_checkpoint(accelerator, run.model, ckpt)["step"]
         console.print(f"resumed from {ckpt} at step {run.step}")
     run.monitor = Monitor(out, enabled=run.main, resume_step=run.step, tensorboard=cfg.output.tensorboard,
