@@ -76,7 +76,13 @@ def _train_tiny_glm4(root: Path, tokenizer_dir: Path, steps: int) -> Path:
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     tok, tpl = load_tokenizer(out), get_template("glm4")
-    encs = [tpl.encode(tok, c) for c in conversations()]
+    return _learn_and_save(model, [tpl.encode(tok, c) for c in conversations()], steps, out)
+
+
+def _learn_and_save(model, encs, steps: int, out):
+    """Train ``model`` on the encoded conversations (padded batch) until it knows them; save it to ``out``."""
+    import torch
+
     width = max(len(e) for e in encs)
     ids = torch.tensor([e.input_ids + [0] * (width - len(e)) for e in encs])
     labels = torch.tensor([e.labels + [-100] * (width - len(e)) for e in encs])
@@ -160,12 +166,5 @@ def _train_tiny_glm45(root: Path, tokenizer_dir: Path, steps: int) -> Path:
     write_glmtune_meta(out, template="glm45")
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     tok, tpl = load_tokenizer(out), get_template("glm45")
-    encs = [tpl.encode(tok, msgs, tools=tools) for msgs, tools in GLM45_CONVERSATIONS]
-    width = max(len(e) for e in encs)
-    ids = torch.tensor([e.input_ids + [0] * (width - len(e)) for e in encs])
-    labels = torch.tensor([e.labels + [-100] * (width - len(e)) for e in encs])
-    mask = (torch.arange(width)[None, :] < torch.tensor([len(e) for e in encs])[:, None]).long()
-    loss = _train(model, ids, mask, labels, steps)
-    assert loss < 0.1, f"tiny model did not learn its answers (loss {loss:.3f})"
-    model.eval().save_pretrained(out)
-    return out
+    return _learn_and_save(model, [tpl.encode(tok, msgs, tools=tools) for msgs, tools in GLM45_CONVERSATIONS],
+                           steps, out)
