@@ -248,8 +248,10 @@ def training_arguments(cfg: AlignConfig, algo: Algorithm, out_dir, *, has_dev: b
         eval_strategy="steps" if (cfg.eval.every and has_dev) else "no", eval_steps=cfg.eval.every or None,
         report_to="none",  # glmtune's Monitor writes metrics.jsonl, TensorBoard and the plots
         bf16=cfg.model.dtype == "bf16", fp16=cfg.model.dtype == "fp16",
-        use_cpu=not cuda, dataloader_num_workers=0, disable_tqdm=True, dataset_num_proc=None,
+        use_cpu=not cuda, dataloader_num_workers=0, disable_tqdm=True,
     )
+    if algo.rows != "prompts":
+        kwargs["dataset_num_proc"] = None  # TRL's dataset preparation in this process (no worker pool)
     kwargs.update(algo.options(cfg))
     config_cls, _ = algo.classes()
     fields = set(config_cls.__dataclass_fields__)
