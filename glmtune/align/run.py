@@ -135,11 +135,11 @@ def run_alignment(algorithm: str, config, *, overrides: list[str] | None = None,
     table = PromptTable([]) if algo.rows == "prompts" else None
     train_ds = _dataset(build_rows(algo, train_records, template, tokenizer, cfg, table), "training")
     dev_ds = _dataset(build_rows(algo, dev_records, template, tokenizer, cfg, table), "dev") if dev_records else None
-    reward_kw = {}
+    trainer_kw = {}
     if algo.rows == "prompts":
         ctx = RewardContext(train_records, template, tokenizer, table.messages)
         fns, _ = build_rewards(cfg.align.rewards, ctx)
-        reward_kw = {"reward_funcs": fns}
+        trainer_kw = {"reward_funcs": fns}
 
     out = Path(cfg.output.dir)
     ckpt = resolve_resume(resume, out)
@@ -159,10 +159,10 @@ def run_alignment(algorithm: str, config, *, overrides: list[str] | None = None,
     if algo.packs:
         from glmtune.align.packed import decide_packing
         pack_tokens, note = decide_packing(cfg, model)
-        reward_kw["pack_tokens"] = pack_tokens
+        trainer_kw["pack_tokens"] = pack_tokens
         console.print(note)
     trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=dev_ds,
-                          processing_class=tokenizer, callbacks=[monitor_callback(monitor)], **reward_kw)
+                          processing_class=tokenizer, callbacks=[monitor_callback(monitor)], **trainer_kw)
     from transformers.trainer_callback import PrinterCallback
     trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl/TensorBoard, not dicts on stdout
     if algo.note:
