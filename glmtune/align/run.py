@@ -145,6 +145,10 @@ def run_alignment(algorithm: str, config, *, overrides: list[str] | None = None,
     ckpt = resolve_resume(resume, out)
     args = training_arguments(cfg, algo, out, has_dev=dev_ds is not None, cuda=torch.cuda.is_available())
     model = load_policy(cfg, algo, template, tokenizer)
+    pack_note = None
+    if algo.packs:  # decided (align.packing: true on a model that cannot pack fails) before anything is written
+        from glmtune.align.packed import decide_packing
+        trainer_kw["pack_tokens"], pack_note = decide_packing(cfg, model)
 
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out, algorithm)
@@ -156,11 +160,8 @@ def run_alignment(algorithm: str, config, *, overrides: list[str] | None = None,
     _, trainer_cls = algo.classes()
     if algo.rows == "prompts":
         trainer_cls.glmtune_prompt_ids = table.ids
-    if algo.packs:
-        from glmtune.align.packed import decide_packing
-        pack_tokens, note = decide_packing(cfg, model)
-        trainer_kw["pack_tokens"] = pack_tokens
-        console.print(note)
+    if pack_note:
+        console.print(pack_note)
     trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=dev_ds,
                           processing_class=tokenizer, callbacks=[monitor_callback(monitor)], **trainer_kw)
     from transformers.trainer_callback import PrinterCallback

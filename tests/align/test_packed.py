@@ -141,3 +141,27 @@ def test_packed_reference_logps_equal_trl_precompute(dpo_pair):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
         assert not g.requires_grad
+
+
+def test_packing_decision(tiny_model, tmp_path):
+    """auto packs on sdpa/eager, explains itself otherwise; `true` where it cannot run is a config error."""
+    from glmtune.align.config import load_align_config
+    from glmtune.align.packed import decide_packing
+    from glmtune.errors import ConfigError
+    from glmtune.train.model import load_base
+
+    def cfg(**align):
+        return load_align_config({"model": {"path": str(tiny_model), "dtype": "fp32"},
+                                  "data": {"datasets": ["x.jsonl"], "cutoff_len": 100},
+                                  "output": {"dir": str(tmp_path / "o")}, "align": align})
+    model = load_base(cfg())
+    assert decide_packing(cfg(), model)[0] == 400                      # 4 x cutoff_len
+    assert decide_packing(cfg(pack_tokens=256), model)[0] == 256
+    tokens, note = decide_packing(cfg(packing=False), model)
+    assert tokens is None and "align.packing is false" in note
+    model.config._attn_implementation = "flash_attention_2"
+    tokens, note = decide_packing(cfg(), model)
+    assert tokens is None and "flash_attention_2 takes no block mask" in note
+    with pytest.raises(ConfigError, match="field 'align.packing': align.packing: model.attn_implementation "
+                                          "flash_attention_2 takes no block mask"):
+        decide_packing(cfg(packing=True), model)
