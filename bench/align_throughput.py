@@ -1,22 +1,27 @@
-"""DPO and GRPO with LoRA on the GLM-4-9B shape: `glmtune align` vs TRL with its defaults, same data.
+"""DPO and GRPO with LoRA on the GLM-4-9B shape: `glmtune align` vs TRL, same data, same GPU run.
 
     python3 bench/align_throughput.py [--steps 8] [--layers 40] [--tiny] [--only dpo|grpo|all]
+                                      [--rank 64] [--batch 8] [--who glmtune,trl]
                                       [--out bench/results/align_throughput.jsonl]
 
 Builds a random bf16 GLM-4-9B-shaped model folder (bench/benchlib.py, saved once under --cache-dir,
 with glmtune's GLM-4 tokenizer and glmtune.json) and a synthetic task (prompts of ~200 tokens,
 answers of ~64), then runs each configuration in its own process (clean peak memory):
 
-  glmtune-dpo   `glmtune align dpo` (run_alignment: glmtune template ids, LoRA via glmtune's method)
-  trl-dpo       DPOTrainer(model=folder, DPOConfig defaults, peft_config=LoraConfig defaults) on the
-                same pairs as plain text prompt/chosen/rejected
-  glmtune-grpo  `glmtune align grpo` with a `format` reward
-  trl-grpo      GRPOTrainer(model=folder, GRPOConfig defaults, LoraConfig defaults), same reward
+  glmtune-dpo          `glmtune align dpo` (run_alignment): packed pairs (prompt once per pair, block
+                       mask), reference log-probs once per batch, LoRA r{--rank} on every linear layer
+  glmtune-dpo-padded   the same with align.packing: false (TRL's padded collator): the packing gain alone
+  trl-dpo              DPOTrainer(model=folder, DPOConfig, peft_config=LoraConfig r{--rank} on the same
+                       layers), same batch and checkpointing: equal adapter and batch
+  trl-dpo-defaults     DPOTrainer with TRL's defaults (LoraConfig q_proj/v_proj r8, its checkpointing on)
+  glmtune-grpo         `glmtune align grpo` with a `format` reward
+  trl-grpo             GRPOTrainer(model=folder, GRPOConfig defaults, LoraConfig defaults), same reward
 
-Only the batch size, step count and generation length are set the same on both sides (TRL's defaults
-for everything else: bf16 from the model dtype, its own LoRA targets q_proj/v_proj). Each worker
-prints one JSON line: tokens/s (TRL's num_tokens / train_runtime), peak GiB, seconds per step. All
-lines go to --out (raw output) and a markdown table to stdout.
+DPO tokens are TRL's `num_tokens` on both sides (the padded batch's attention mask: the prompt counted
+for chosen and rejected alike), so glmtune's packing is measured as time, never as a different count.
+Each worker prints one JSON line: tokens/s (num_tokens / train_runtime), peak GiB, seconds per step.
+All lines go to --out (raw output) and a markdown table to stdout. `--tiny` runs the same on a CPU
+(hidden 256, 2 layers, fp32): a check that every row runs, not a speed figure.
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ sys.path.insert(0, HERE)
 # PEFT has no default LoRA targets for GLM-4 (its table covers llama-style names by model type), so
 # TRL's "defaults" get PEFT's usual llama choice: the query and value projections.
 TRL_LORA_TARGETS = ["q_proj", "v_proj"]
+# every linear layer of a GLM-4 block: what glmtune's method.target_modules auto picks (peft_setup.LORA_TARGETS)
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
 WORDS = ("alpha beta gamma delta river stone cloud tiger maple ocean piano lemon comet forest silver candle "
          "harbor violet rocket garden winter falcon meadow").split()
 
@@ -67,14 +74,27 @@ def build_data(out_dir: str, n: int = 256) -> dict[str, str]:
     return {"pairs": pairs, "prompts": prompts}
 
 
-def _cfg(args, model_dir, data, algo) -> dict:
-    return {"model": {"path": model_dir, "dtype": "bf16"},
-            "data": {"datasets": [data["pairs"] if algo == "dpo" else data["prompts"]], "cutoff_len": 1024},
-            "method": {"name": "lora", "r": 8, "alpha": 16},
-            "train": {"max_steps": args.steps, "batch_size": args.batch, "lr": 1e-5, "seed": 0},
-            "output": {"dir": os.path.join(args.work, f"glmtune-{algo}"), "plot": False, "tensorboard": False},
-            "align": {"num_generations": args.generations, "max_new_tokens": args.new_tokens,
-                      "rewards": [{"name": "format", "options": {"pattern": "[a-z ]+"}}]}}
+def _cfg(args, model_dir, data, algo, *, packing: bool = True) -> dict:
+    import torch
+    cfg = {"model": {"path": model_dir, "dtype": "bf16" if torch.cuda.is_available() else "fp32"},
+           "data": {"datasets": [data["pairs"] if algo == "dpo" else data["prompts"]], "cutoff_len": 1024},
+           "method": {"name": "lora", "r": args.rank, "alpha": 2 * args.rank},
+           "train": {"max_steps": args.steps, "batch_size": args.batch, "lr": 1e-5, "seed": 0,
+                     "gradient_checkpointing": args.checkpointing},
+           "output": {"dir": os.path.join(args.work, args.worker or f"glmtune-{algo}"), "plot": False,
+                      "tensorboard": False}}
+    if algo == "dpo":
+        cfg["align"] = {"packing": "auto" if packing else False}
+    else:
+        cfg["align"] = {"num_generations": args.generations, "max_new_tokens": args.new_tokens,
+                        "rewards": [{"name": "format", "options": {"pattern": "[a-z ]+"}}]}
+    return cfg
+
+
+def _checkpointing_field(config_cls) -> str:
+    """TrainingArguments' checkpointing switch by its installed name (transformers 5.24 renamed it)."""
+    fields = config_cls.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
 
 def _format_reward(prompts, completions, **_):
@@ -87,11 +107,11 @@ def worker(args) -> dict:
 
     model_dir, data = build_model_dir(args), build_data(os.path.join(args.work, "data"))
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-    algo = args.worker.split("-")[1]
+    who, algo, *variant = args.worker.split("-")
     start = time.perf_counter()
-    if args.worker.startswith("glmtune"):
+    if who == "glmtune":
         from glmtune.align import run_alignment
-        trainer = run_alignment(algo, _cfg(args, model_dir, data, algo)).trainer
+        trainer = run_alignment(algo, _cfg(args, model_dir, data, algo, packing=variant != ["padded"])).trainer
     else:
         from datasets import load_dataset
         from peft import LoraConfig
@@ -103,8 +123,13 @@ def worker(args) -> dict:
                       per_device_train_batch_size=args.batch, logging_steps=1, save_strategy="no",
                       **({} if torch.cuda.is_available() else {"use_cpu": True}))  # --tiny CPU debug runs
         if algo == "dpo":
-            trainer = trl.DPOTrainer(model=model_dir, args=trl.DPOConfig(**common), train_dataset=ds,
-                                     peft_config=LoraConfig(task_type="CAUSAL_LM", target_modules=TRL_LORA_TARGETS))
+            if variant == ["defaults"]:
+                conf, lora = trl.DPOConfig(**common), LoraConfig(task_type="CAUSAL_LM", target_modules=TRL_LORA_TARGETS)
+            else:  # equal adapter, batch and checkpointing to glmtune-dpo
+                conf = trl.DPOConfig(**common, **{_checkpointing_field(trl.DPOConfig): args.checkpointing})
+                lora = LoraConfig(task_type="CAUSAL_LM", r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                  target_modules=ALL_LINEAR)
+            trainer = trl.DPOTrainer(model=model_dir, args=conf, train_dataset=ds, peft_config=lora)
         else:
             conf = trl.GRPOConfig(**common, num_generations=args.generations, max_completion_length=args.new_tokens)
             trainer = trl.GRPOTrainer(model=model_dir, reward_funcs=_format_reward, args=conf, train_dataset=ds,
@@ -118,7 +143,8 @@ def worker(args) -> dict:
             "train_runtime_s": round(runtime, 2), "tokens_per_s": round(tokens / runtime, 1),
             "s_per_step": round(runtime / max(trainer.state.global_step, 1), 3), "wall_s": round(wall, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
-            "batch": args.batch, "layers": args.layers, "tiny": args.tiny}
+            "batch": args.batch, "layers": args.layers, "tiny": args.tiny, "rank": args.rank,
+            "checkpointing": args.checkpointing}
 
 
 def main() -> None:
@@ -130,6 +156,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="per-device batch (grpo: completions, a multiple of "
                                                          "--generations)")
     p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--rank", type=int, default=64, help="LoRA rank of the glmtune runs and trl-dpo (alpha 2 x rank)")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in glmtune-* and trl-dpo")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--only", choices=["dpo", "grpo", "all"], default="all")
     p.add_argument("--who", default="glmtune,trl", help="which side(s) to run: glmtune, trl or both")
@@ -142,8 +170,10 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
     build_model_dir(args)  # once, before the workers
-    runs = [f"{who}-{algo}" for algo in (["dpo", "grpo"] if args.only == "all" else [args.only])
-            for who in ("glmtune", "trl") if who in args.who.split(",")]
+    variants = {"dpo": {"glmtune": ["glmtune-dpo", "glmtune-dpo-padded"], "trl": ["trl-dpo", "trl-dpo-defaults"]},
+                "grpo": {"glmtune": ["glmtune-grpo"], "trl": ["trl-grpo"]}}
+    runs = [run for algo in (["dpo", "grpo"] if args.only == "all" else [args.only])
+            for who in ("glmtune", "trl") if who in args.who.split(",") for run in variants[algo][who]]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     rows = []
     for run in runs:

@@ -7,7 +7,8 @@ are `Template.answer_ids`: the trained tokens after the prompt, with the end-of-
 must learn to stop with (the same ids evaluation scores a label by).
 
 Rows per algorithm:
-- dpo: {prompt_ids, chosen_ids, rejected_ids}               (TRL DataCollatorForPreference)
+- dpo/orpo/simpo: {prompt_ids, chosen_ids, rejected_ids}    (TRL DataCollatorForPreference, or packed)
+- kto: {prompt_ids, completion_ids, label}                  (TRL DataCollatorForUnpairedPreference)
 - rm:  {chosen_ids, rejected_ids} = whole prompt+answer ids  (TRL reward collator)
 - grpo/ppo: {prompt (rendered text), label?, references?, bad_answers?}; the prompt's ids are looked
   up by its text when TRL asks to tokenize it (glmtune.align.trainers).
@@ -61,6 +62,34 @@ def preference_rows(records: list[dict], template, tokenizer, *, cutoff_len: int
             r = template.answer_ids(tokenizer, prompt, rejected, rec.get("tools"), p_ids)
             if _check_length(len(p_ids) + max(len(c), len(r)), cutoff_len, on_overflow, rec):
                 rows.append({"prompt_ids": p_ids, "chosen_ids": c, "rejected_ids": r})
+    return rows
+
+
+def answer_labels(rec: dict) -> list[tuple[str, bool]]:
+    """(answer, desirable) of a record for KTO: its chosen and rejected answer, or every gold answer
+    (desirable) and every bad answer (undesirable); the two sides need not be the same size."""
+    if "chosen" in rec:
+        return [(rec["chosen"], True), (rec["rejected"], False)]
+    if rec.get("references") and rec.get("bad_answers"):
+        return [(g, True) for g in rec["references"]] + [(b, False) for b in rec["bad_answers"]]
+    raise InputError("no preference pair: needs chosen/rejected, or gold_answers with bad_answers",
+                     field="chosen", **_where(rec), fix="convert the data with `glmtune data convert`")
+
+
+def unpaired_rows(records: list[dict], template, tokenizer, *, cutoff_len: int, on_overflow: str,
+                  seed: int = 0) -> list[dict]:
+    """KTO rows {prompt_ids, completion_ids, label}, in a seeded shuffle: KTO's KL term pairs each row
+    with its neighbour's answer, which should come from another prompt."""
+    import random
+    rows = []
+    for rec in records:
+        prompt = prompt_of(rec)
+        p_ids = template.encode_prompt(tokenizer, prompt, tools=rec.get("tools"))
+        for answer, good in answer_labels(rec):
+            a = template.answer_ids(tokenizer, prompt, answer, rec.get("tools"), p_ids)
+            if _check_length(len(p_ids) + len(a), cutoff_len, on_overflow, rec):
+                rows.append({"prompt_ids": p_ids, "completion_ids": a, "label": good})
+    random.Random(seed).shuffle(rows)
     return rows
 
 

@@ -1,6 +1,8 @@
 """The alignment recipe, top to bottom: config -> data -> rewards -> model -> TRL trainer -> save.
 
-Everything that can fail on user input (config keys, data files, reward names) is checked before the
+The model goes through `glmtune train`'s seams (glmtune.train.model): the same weight dtype, base
+load (qlora included), method from models.peft_setup.METHODS, and trained-folder extras (tokenizer,
+glmtune.json). Everything that can fail on user input (config keys, data files, reward names) is checked before the
 output folder is created, so a bad run writes nothing. The policy starts from `model.path` plus, if
 given, the SFT adapter `model.adapter` (trained further; TRL keeps a frozen copy of it as the "ref"
 adapter, so the reference is the starting policy without a second base model in memory).
@@ -13,11 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from glmtune.align.config import AlignConfig, check_for, load_align_config, save_resolved
-from glmtune.align.data import PromptTable, preference_rows, prompt_table, reward_model_rows
+from glmtune.align.data import PromptTable, preference_rows, prompt_table, reward_model_rows, unpaired_rows
 from glmtune.align.trainers import ALGORITHMS, Algorithm, training_arguments
 from glmtune.errors import ConfigError, InputError
-
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @dataclass
@@ -57,6 +57,8 @@ def build_rows(algo: Algorithm, records: list[dict], template, tokenizer, cfg: A
         return preference_rows(records, template, tokenizer, **kw)
     if algo.rows == "rm_pairs":
         return reward_model_rows(records, template, tokenizer, **kw)
+    if algo.rows == "unpaired":
+        return unpaired_rows(records, template, tokenizer, seed=cfg.train.seed, **kw)
     before = len(table.rows)
     prompt_table(records, template, tokenizer, table=table, **kw)
     return table.rows[before:]
@@ -74,33 +76,19 @@ def _dataset(rows: list[dict], what: str):
 # model
 
 def load_policy(cfg: AlignConfig, algo: Algorithm, template, tokenizer):
-    """The model TRL trains: LM (+ SFT adapter, or a fresh LoRA) or, for rm, a scalar-head classifier."""
-    import torch
-
-    from glmtune.models.loading import check_model_dir
-    from glmtune.models.peft_setup import enable_checkpointing, lora_targets, qlora_quant_config, setup_method
-
+    """The model TRL trains: LM (+ SFT adapter, or the method's fresh adapter) or, for rm, a scalar-head
+    classifier; loaded and set up by train's functions (glmtune.train.model)."""
     from transformers import set_seed
+
+    from glmtune.models.peft_setup import enable_checkpointing
+    from glmtune.train.model import apply_method, load_base
+
     set_seed(cfg.train.seed)  # a fresh LoRA's init depends on it, not on what ran before in the process
-    method = cfg.method.name
-    dtype = getattr(torch, "float32" if method == "full" or cfg.model.dtype == "fp16" else DTYPES[cfg.model.dtype])
-    quant = qlora_quant_config() if method == "qlora" else None
-    kw = dict(dtype=dtype, local_files_only=True, quantization_config=quant,
-              trust_remote_code=cfg.model.trust_remote_code,
-              **({"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}))
-    path = check_model_dir(cfg.model.path)
+    model = load_base(cfg, device_index=int(os.environ.get("LOCAL_RANK", "0")),
+                      sequence_classifier=algo.sequence_classifier)
     if algo.sequence_classifier:
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForSequenceClassification
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kw)
         model.config.pad_token_id = tokenizer.pad_token_id
-        if method == "full":
-            return model
-        lora = LoraConfig(r=cfg.method.r, lora_alpha=cfg.method.alpha, lora_dropout=cfg.method.dropout,
-                          target_modules=lora_targets(model, cfg.method.target_modules), task_type="SEQ_CLS")
-        return get_peft_model(model, lora)
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+        return apply_method(model, cfg, task_type="SEQ_CLS")
     # rollouts stop where serving stops: the template's end tokens, not only the folder's eos
     model.generation_config.eos_token_id = template.stop_token_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -110,7 +98,7 @@ def load_policy(cfg: AlignConfig, algo: Algorithm, template, tokenizer):
             enable_checkpointing(model, {"use_reentrant": False})
             model.enable_input_require_grads()
         return PeftModel.from_pretrained(model, cfg.model.adapter, is_trainable=True)
-    return setup_method(model, cfg.method, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    return apply_method(model, cfg)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,16 +135,20 @@ def run_alignment(algorithm: str, config, *, overrides: list[str] | None = None,
     table = PromptTable([]) if algo.rows == "prompts" else None
     train_ds = _dataset(build_rows(algo, train_records, template, tokenizer, cfg, table), "training")
     dev_ds = _dataset(build_rows(algo, dev_records, template, tokenizer, cfg, table), "dev") if dev_records else None
-    reward_kw = {}
+    trainer_kw = {}
     if algo.rows == "prompts":
         ctx = RewardContext(train_records, template, tokenizer, table.messages)
         fns, _ = build_rewards(cfg.align.rewards, ctx)
-        reward_kw = {"reward_funcs": fns}
+        trainer_kw = {"reward_funcs": fns}
 
     out = Path(cfg.output.dir)
     ckpt = resolve_resume(resume, out)
     args = training_arguments(cfg, algo, out, has_dev=dev_ds is not None, cuda=torch.cuda.is_available())
     model = load_policy(cfg, algo, template, tokenizer)
+    pack_note = None
+    if algo.packs:  # decided (align.packing: true on a model that cannot pack fails) before anything is written
+        from glmtune.align.packed import decide_packing
+        trainer_kw["pack_tokens"], pack_note = decide_packing(cfg, model)
 
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out, algorithm)
@@ -165,16 +157,17 @@ def run_alignment(algorithm: str, config, *, overrides: list[str] | None = None,
     resume_step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"] if ckpt else -1
     monitor = Monitor(out, enabled=main, resume_step=resume_step, tensorboard=cfg.output.tensorboard,
                       plot=cfg.output.plot)
-    trainer_cls = algo.trainer()
+    _, trainer_cls = algo.classes()
     if algo.rows == "prompts":
         trainer_cls.glmtune_prompt_ids = table.ids
+    if pack_note:
+        console.print(pack_note)
     trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=dev_ds,
-                          processing_class=tokenizer, callbacks=[monitor_callback(monitor)], **reward_kw)
+                          processing_class=tokenizer, callbacks=[monitor_callback(monitor)], **trainer_kw)
     from transformers.trainer_callback import PrinterCallback
     trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl/TensorBoard, not dicts on stdout
-    if algorithm == "ppo":
-        console.print("ppo: TRL 1.x has no PPO trainer; running RLOOTrainer (PPO-clipped objective, KL to the "
-                      "reference, leave-one-out baseline instead of a value head)")
+    if algo.note:
+        console.print(algo.note)
     console.print(f"[bold]{algorithm}[/] ({type(trainer).__name__}) on {cfg.model.path}"
                   + (f" + {cfg.model.adapter}" if cfg.model.adapter else "")
                   + f": {len(train_ds)} training rows, {len(dev_ds) if dev_ds is not None else 0} dev rows")
@@ -184,7 +177,7 @@ def run_alignment(algorithm: str, config, *, overrides: list[str] | None = None,
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     if dev_ds is not None:
         trainer.evaluate()
-        if algorithm == "dpo" and main:
+        if algo.rows == "pairs" and algo.reference and main:
             from glmtune.align.metrics import preference_kl
             monitor.log({"step": trainer.state.global_step, "eval_kl": preference_kl(trainer, dev_ds)})
     final = save_final(trainer, tokenizer, cfg, algorithm, template.name, out / "final")
@@ -195,15 +188,13 @@ def run_alignment(algorithm: str, config, *, overrides: list[str] | None = None,
 
 def save_final(trainer, tokenizer, cfg: AlignConfig, algorithm: str, template_name: str, folder: Path) -> Path:
     """OUT/final: the trained adapter (only the policy's, not TRL's frozen "ref" copy) or the whole model,
-    with tokenizer files and glmtune.json so Predictor/chat/serve/export read it like a training output."""
-    from glmtune.io import write_json_atomic
+    with the tokenizer files and glmtune.json `glmtune train` writes (train.model.write_folder_extras), so
+    Predictor/chat/serve/export read it like a training output."""
+    from glmtune.train.model import write_folder_extras
     model = trainer.accelerator.unwrap_model(trainer.model)
     if hasattr(model, "peft_config"):
         model.save_pretrained(folder, selected_adapters=["default"])
     else:
         trainer.save_model(str(folder))
-    tokenizer.save_pretrained(folder)
-    write_json_atomic(folder / "glmtune.json", {"template": template_name, "method": cfg.method.name,
-                                                "algorithm": algorithm,
-                                                "base_model": str(Path(cfg.model.path).resolve())})
+    write_folder_extras(folder, tokenizer, cfg, template_name, algorithm=algorithm)
     return folder

@@ -1,4 +1,4 @@
-"""`glmtune align {rm,dpo,grpo,ppo} CONFIG.yaml`: thin wrappers over glmtune.align.run_alignment."""
+"""`glmtune align {rm,dpo,kto,orpo,simpo,grpo,ppo} CONFIG.yaml`: thin wrappers over glmtune.align.run_alignment."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ from glmtune.cli import launch_options as opts
 from glmtune.cli.main import app
 
 console = Console(stderr=True)
-align_app = typer.Typer(help="Align a model on TRL: reward model (rm), DPO, GRPO, PPO (TRL's RLOO).",
+align_app = typer.Typer(help="Align a model on TRL: reward model (rm), DPO, KTO, ORPO, SimPO, GRPO, PPO (TRL's RLOO).",
                         invoke_without_command=True)
 app.add_typer(align_app, name="align")
 
@@ -24,7 +24,7 @@ RESUME = typer.Option(None, help="Continue from `latest` (newest checkpoint in o
 @align_app.callback()
 def align_group(ctx: typer.Context,
                 explain: bool = typer.Option(False, help="Print every config key with its default and meaning.")) -> None:
-    """Reward model, DPO, GRPO and PPO from the same configs, templates and adapters as `glmtune train`."""
+    """Reward model, DPO, KTO, ORPO, SimPO, GRPO and PPO from the same configs, templates and adapters as `glmtune train`."""
     if explain:
         from glmtune.align.config import AlignConfig
         from glmtune.train.config import explain as explain_cfg
@@ -61,7 +61,10 @@ def _run(algorithm: str, config: Optional[Path], sets: Optional[List[str]], resu
 
 ALGORITHMS = {
     "rm": "Train a reward model (scalar head) on preference pairs; use it as a GRPO/PPO reward.",
-    "dpo": "Direct preference optimisation on preference pairs (or gold x bad answers).",
+    "dpo": "Direct preference optimisation on preference pairs (or gold x bad answers); pairs packed, prompt once.",
+    "kto": "Kahneman-Tversky optimisation: chosen answers desirable, rejected undesirable (unpaired; TRL KTOTrainer).",
+    "orpo": "Odds-ratio preference optimisation: SFT + preference in one loss, no reference model (TRL ORPOTrainer).",
+    "simpo": "SimPO: length-normalised preference margin, no reference model (TRL CPOTrainer, loss simpo).",
     "grpo": "Group relative policy optimisation with the rewards of align.rewards.",
     "ppo": "PPO-style RL with align.rewards (TRL 1.x: RLOOTrainer, no value head).",
 }

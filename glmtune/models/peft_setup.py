@@ -86,14 +86,16 @@ def qlora_quant_config(*, moe: bool = False):
 MOE_UNQUANTIZED = ("gate_proj", "up_proj", "down_proj")
 
 
-def setup_method(model, method, *, gradient_checkpointing: bool = False, adapter_fp32: bool = True):
+def setup_method(model, method, *, gradient_checkpointing: bool = False, adapter_fp32: bool = True,
+                 task_type: str = "CAUSAL_LM"):
     """Return the model to train (a PeftModel for lora/qlora/prefix, the model itself for full/freeze).
 
     `method` is a MethodSection. Gradient checkpointing is switched on here because PEFT's kbit
     preparation and the input-grad hook must see it before adapters are injected. `adapter_fp32=False`
     keeps LoRA weights in the base model's dtype (PEFT `autocast_adapter_dtype=False`): no fp32 copy of
     every adapted activation (speed.adapter_dtype: model); for qlora the non-quantized weights also stay
-    in the model dtype instead of PEFT's fp32 upcast.
+    in the model dtype instead of PEFT's fp32 upcast. `task_type`: PEFT's task of the adapter (SEQ_CLS
+    for a reward model's scalar head, which PEFT then trains and saves with the adapter).
     """
     traits = method_traits(method.name)
     gc_kwargs = {"use_reentrant": False}  # non-reentrant: works with frozen inputs and with DDP
@@ -108,7 +110,7 @@ def setup_method(model, method, *, gradient_checkpointing: bool = False, adapter
         if traits.frozen_embeddings:
             # the embeddings are frozen, so checkpointed blocks would see inputs without grad
             model.enable_input_require_grads()
-    return traits.apply(model, method, adapter_fp32)
+    return traits.apply(model, method, adapter_fp32, task_type)
 
 
 def enable_checkpointing(model, checkpoint_kwargs: dict) -> None:
@@ -137,7 +139,7 @@ def _prepare_quantized(model, gradient_checkpointing: bool, gc_kwargs: dict, *, 
         enable_checkpointing(model, gc_kwargs)
 
 
-def _add_lora(model, method, adapter_fp32: bool):
+def _add_lora(model, method, adapter_fp32: bool, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig, get_peft_model
 
     from glmtune.models.moe import is_moe
@@ -148,7 +150,7 @@ def _add_lora(model, method, adapter_fp32: bool):
         raise ConfigError("method.train_router applies to mixture-of-experts models; this one has no router",
                           field="method.train_router", fix="remove it")
     cfg = LoraConfig(r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout, bias="none",
-                     target_modules=lora_targets(model, method.target_modules), task_type="CAUSAL_LM")
+                     target_modules=lora_targets(model, method.target_modules), task_type=task_type)
     return get_peft_model(model, cfg, autocast_adapter_dtype=adapter_fp32)
 
 
@@ -169,20 +171,20 @@ def moe_lora_config(model, method):
                       task_type="CAUSAL_LM")
 
 
-def _add_prefix(model, method, adapter_fp32: bool):
+def _add_prefix(model, method, adapter_fp32: bool, task_type: str = "CAUSAL_LM"):
     from peft import PrefixTuningConfig, get_peft_model
-    cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.num_virtual_tokens,
+    cfg = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=method.num_virtual_tokens,
                              prefix_projection=method.prefix_projection)
     return get_peft_model(model, cfg)
 
 
-def _train_all(model, method, adapter_fp32: bool):
+def _train_all(model, method, adapter_fp32: bool, task_type: str = "CAUSAL_LM"):
     model.requires_grad_(True)
     _router_grad(model, method)
     return model
 
 
-def _train_last_layers(model, method, adapter_fp32: bool):
+def _train_last_layers(model, method, adapter_fp32: bool, task_type: str = "CAUSAL_LM"):
     apply_freeze(model, method.trainable_layers)
     _router_grad(model, method)
     return model
@@ -205,7 +207,7 @@ class MethodTraits:
     other module branches on the method's name."""
 
     name: str
-    apply: Callable                 # (model, MethodSection, adapter_fp32) -> the model to train
+    apply: Callable                 # (model, MethodSection, adapter_fp32, task_type) -> the model to train
     lora: bool = False              # has LoRA layers: speed.fused_lora, CUDA graphs, speed.adapter_dtype
     quantized: bool = False         # 4-bit nf4 base weights (bitsandbytes, CUDA), bf16 compute
     updates_base: bool = False      # trains base weights: fp32 master weights, saved as a whole model

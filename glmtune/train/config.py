@@ -35,7 +35,8 @@ class ModelSection(ConfigSection):
                            "checkpoints; HF-native GLM-4 folders don't need it).")
 
 
-class DataSection(ConfigSection):
+class DataSourceSection(ConfigSection):
+    """What to read and how long a conversation may be: shared by `glmtune train` and `glmtune align`."""
     datasets: list[str] = Field(description="Training data: names from datasets.yaml or file paths "
                                             "(JSONL/JSON/CSV in any format `glmtune data convert` reads, "
                                             "auto-detected or named as PATH:FORMAT). One name or path may "
@@ -53,18 +54,6 @@ class DataSection(ConfigSection):
         "A conversation longer than cutoff_len: truncate its dialogue text (truncate_side), drop it, or stop "
         "with an error. The system prompt and last answer are never cut; a record whose answer alone does not "
         "fit is dropped and counted. `glmtune data stats --cutoff` prints what training will do."))
-    truncate_side: Literal["left", "right"] = Field("left", description=(
-        "Dialogue text cut first: left = the oldest tokens (keeps the end next to the answer), right = the newest."))
-    train_on: Literal["all_assistant", "last_assistant", "everything"] = Field(
-        "all_assistant", description="Which tokens carry loss (the template's mask). GLM-4.5+ templates (glm45, "
-                                     "glm47): the reasoning of turns before the last user message is not rendered, "
-                                     "so not trained (as at inference); `\"keep_reasoning\": true` on an assistant "
-                                     "message (or the record) renders and trains it.")
-    packing: Union[bool, Literal["auto"]] = Field(
-        "auto", description="Concatenate each micro-batch's conversations into one padding-free row with "
-                            "position ids restarting per conversation; attention never crosses conversations "
-                            "and the loss is the same as unpacked. auto: on, except for method prefix and "
-                            "remote-code models (which would need an explicit T x T mask).")
     max_samples: int | None = Field(None, gt=0, description="Use only the first N training records (debugging).")
 
     @field_validator("datasets", mode="before")
@@ -82,7 +71,25 @@ class DataSection(ConfigSection):
         return value
 
 
-class MethodSection(ConfigSection):
+class DataSection(DataSourceSection):
+    """`glmtune train`'s data: the sources, plus how conversations are encoded (cut, masked, packed)."""
+    truncate_side: Literal["left", "right"] = Field("left", description=(
+        "Dialogue text cut first: left = the oldest tokens (keeps the end next to the answer), right = the newest."))
+    train_on: Literal["all_assistant", "last_assistant", "everything"] = Field(
+        "all_assistant", description="Which tokens carry loss (the template's mask). GLM-4.5+ templates (glm45, "
+                                     "glm47): the reasoning of turns before the last user message is not rendered, "
+                                     "so not trained (as at inference); `\"keep_reasoning\": true` on an assistant "
+                                     "message (or the record) renders and trains it.")
+    packing: Union[bool, Literal["auto"]] = Field(
+        "auto", description="Concatenate each micro-batch's conversations into one padding-free row with "
+                            "position ids restarting per conversation; attention never crosses conversations "
+                            "and the loss is the same as unpacked. auto: on, except for method prefix and "
+                            "remote-code models (which would need an explicit T x T mask).")
+
+
+class MethodCoreSection(ConfigSection):
+    """The method and its LoRA keys: shared by `glmtune train` and `glmtune align`."""
+
     name: Literal["lora", "qlora", "prefix", "full", "freeze"] = Field(
         "lora", description="lora; qlora (LoRA on 4-bit nf4 weights, CUDA + bitsandbytes); prefix (P-Tuning v2 "
                             "= PEFT prefix tuning: trained key/value prefixes in every layer); full (all "
@@ -98,13 +105,17 @@ class MethodSection(ConfigSection):
                             "mixture-of-experts GLM-4.5+/4.7-Flash: attention, dense and shared-expert MLPs and the "
                             "routed experts, never the router), all-linear, or a list of module names (on a MoE model "
                             "`experts` names the routed experts).")
+    train_router: bool = Field(False, description="Mixture-of-experts models: also train the routers' weights "
+                                                  "(lora/qlora: in full, saved with the adapter). Off: the "
+                                                  "routers stay as pretrained, so tokens keep their experts.")
+
+
+class MethodSection(MethodCoreSection):
+    """`glmtune train`'s methods: also prefix tuning and freeze."""
     num_virtual_tokens: int = Field(16, gt=0, description="prefix: virtual tokens (P-Tuning v2 pre_seq_len).")
     prefix_projection: bool = Field(False, description="prefix: reparameterise the prefix through an MLP.")
     trainable_layers: int = Field(2, gt=0, description="freeze: train the last N transformer blocks "
                                                         "(plus the final norm); everything else stays frozen.")
-    train_router: bool = Field(False, description="Mixture-of-experts models: also train the routers' weights "
-                                                  "(lora/qlora: in full, saved with the adapter). Off: the "
-                                                  "routers stay as pretrained, so tokens keep their experts.")
 
 
 class TrainSection(ConfigSection):
@@ -184,12 +195,18 @@ class EvalSection(ConfigSection):
     batch_size: int | None = Field(None, gt=0, description="Eval micro-batch size (default: train.batch_size).")
 
 
-class OutputSection(ConfigSection):
+class RunOutputSection(ConfigSection):
+    """Where a run writes: shared by `glmtune train` and `glmtune align`."""
+
     dir: str = Field(description="Output folder: checkpoints, final adapter, metrics.jsonl, loss.png, config.yaml.")
     save_every: int = Field(0, ge=0, description="Write a checkpoint every N optimizer steps (0 = only at the end).")
     keep_last: int = Field(3, gt=0, description="Keep only the newest K step checkpoints.")
     plot: bool = Field(True, description="Refresh loss.png as training runs.")
     tensorboard: bool = Field(True, description="Write TensorBoard logs under DIR/tensorboard.")
+
+
+class OutputSection(RunOutputSection):
+    """`glmtune train`'s output: also the step profiler."""
     profile_steps: int = Field(0, ge=0, description="Profile N optimizer steps after 5 warm-up steps (torch.profiler): "
                                                     "DIR/profile.txt says how busy the GPU was and which ops took "
                                                     "the time; DIR/profile_trace.json opens in Perfetto.")

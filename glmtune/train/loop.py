@@ -30,7 +30,7 @@ from glmtune.train.monitor import Monitor, progress_bar, read_metrics
 from glmtune.train.profile import StepProfiler
 from glmtune.train.speed import AppliedSpeed, SpeedLevers, SpeedPlan, faster_settings, resolve_speed
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+from glmtune.train.model import DTYPES, apply_method, load_base, write_folder_extras  # noqa: F401 (DTYPES: public name)
 
 
 @dataclass
@@ -75,23 +75,8 @@ def build_datasets(cfg: TrainConfig, tokenizer, template):
 def build_model(cfg: TrainConfig, accelerator, plan: SpeedPlan | None = None):
     """Load the base in the right dtype, then apply the method (adapters, freezing, checkpointing).
     liger-kernel, when the plan uses it, must already be applied (it patches the classes built here)."""
-    from glmtune.models.loading import load_model
-    from glmtune.models.folder import read_model_folder
-    from glmtune.models.peft_setup import method_traits, qlora_quant_config, setup_method
-
-    method = method_traits(cfg.method.name)
-    moe = read_model_folder(cfg.model.path).routed_experts > 0
-    quant = qlora_quant_config(moe=moe) if method.quantized else None
-    # full/freeze update the base weights: keep fp32 masters (AdamW on bf16 weights loses small updates)
-    dtype = "float32" if method.updates_base else DTYPES[cfg.model.dtype]
-    if cfg.model.dtype == "fp16":
-        dtype = "float32"  # fp16 training = fp32 weights + autocast + loss scaling (accelerate's scaler)
-    model = load_model(cfg.model.path, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
-                       device_map={"": accelerator.local_process_index} if quant else None,
-                       quantization_config=quant, trust_remote_code=cfg.model.trust_remote_code)
-    model.config.use_cache = False  # a KV cache would also disable transformers' packed-sequence detection
-    return setup_method(model, cfg.method, gradient_checkpointing=cfg.train.gradient_checkpointing,
-                        adapter_fp32=plan.adapter_fp32 if plan else True)
+    model = load_base(cfg, device_index=accelerator.local_process_index)
+    return apply_method(model, cfg, adapter_fp32=plan.adapter_fp32 if plan else True)
 
 
 def reads_packing_from_position_ids(model) -> bool:
@@ -337,10 +322,7 @@ class Run:
 
     def write_extras(self, folder: Path) -> None:
         """Tokenizer files and glmtune.json next to every checkpoint, so each folder is self-describing."""
-        from glmtune.models.folder import write_glmtune_meta
-        self.tokenizer.save_pretrained(folder)
-        write_glmtune_meta(folder, template=self.template_name, method=self.cfg.method.name,
-                           base_model=str(Path(self.cfg.model.path).resolve()))
+        write_folder_extras(folder, self.tokenizer, self.cfg, self.template_name)
 
     def save(self, **kw) -> Path:
         world = self.accelerator.num_processes

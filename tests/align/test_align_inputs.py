@@ -144,5 +144,9 @@ def test_cli_one_line_error_and_explain(tiny_model, tmp_path):
 @pytest.mark.parametrize("preset", sorted(p.name for p in (
     __import__("pathlib").Path(__file__).resolve().parents[2] / "configs" / "align").glob("*.yaml")))
 def test_shipped_align_presets_validate(preset):
+    """Each preset loads and is what the algorithm its name starts with (dpo_..., kto_...) reads."""
     from pathlib import Path
-    load_align_config(Path(__file__).resolve().parents[2] / "configs" / "align" / preset, check_paths=False)
+
+    from glmtune.align.config import check_for
+    path = Path(__file__).resolve().parents[2] / "configs" / "align" / preset
+    check_for(load_align_config(path, check_paths=False), preset.split("_")[0], str(path))
