@@ -79,6 +79,8 @@ SUBSET=(
   tests/train/test_methods.py            # lora / prefix / freeze / full train, save and reload (peft)
   tests/align/test_trainers.py           # glmtune's config onto TRL's (TrainingArguments' field names)
   tests/align/test_dpo.py                # TRL's DPOTrainer on glmtune's rendered ids
+  tests/align/test_packed.py             # packed DPO = TRL's DPOTrainer loss / gradients (block mask)
+  tests/models/test_expert_lora.py       # PEFT's target_parameters on fused MoE experts vs the grouped LoRA
   tests/serve/test_openai_server.py      # the OpenAI server against the predictor
 )
 # Left out to stay within CI's time: they exercise no floored library that the rest does not.

@@ -186,8 +186,13 @@ def test_align_takes_the_same_launch_flags(make_cfg, tmp_path, monkeypatch):
     from glmtune.cli.main import main
 
     cfg = tmp_path / "dpo.yaml"
-    cfg.write_text(yaml.safe_dump({**make_cfg("dpo").model_dump(mode="json", include={"model", "data", "method",
-                                                                                        "train", "output"})}))
+    from glmtune.align.config import TRAIN_ONLY
+
+    raw = make_cfg("dpo").model_dump(mode="json", include={"model", "data", "method", "train", "output"})
+    for key in TRAIN_ONLY:  # train's sections, less what align refuses
+        section, _, name = key.partition(".")
+        raw.get(section, {}).pop(name, None)
+    cfg.write_text(yaml.safe_dump(raw))
     seen = {}
 
     def fake_launch(cmd, *, nproc, nodes, timeout_s, console=None):
