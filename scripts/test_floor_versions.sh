@@ -67,7 +67,7 @@ if wrong:
     sys.exit("error: the floor venv does not import the pinned versions: " + ", ".join(wrong))
 EOF
 
-# The subset: each library's API surface that glmtune calls, within ~2 min on 2 cores.
+# The subset: each library's API surface that glmtune calls, within ~4 min on 2 cores.
 # tests/serve last: its test files `from conftest import ...`, which resolves to the conftest
 # pytest loaded last (the serve one only when serve comes last on the command line).
 SUBSET=(
