@@ -16,6 +16,9 @@ Phases (``--phases``, comma-separated, in this order):
   predict   `glmtune predict` over N prompts (64 new tokens) with the engine, and with --engine off on
             a slice of them; `glmtune eval classify --mode generate` over CMCC-34-shaped dialogues.
   serve_nocompile   `serve` with `--no-compile` (the step as session 6 ran it), 1 and 64 streams.
+  serve_clients   `serve`, the load from 1, 4 and 8 client processes (is one Python client the limit?)
+  serve_inprocess   `serve` with `--no-engine-process` (the engine in the HTTP process, as session 7
+            ran it; `serve` runs it in its own process, the default on a GPU), 1 and 64 streams.
 
     python3 bench/serve_gpu.py --phases check,serve,baseline --out $OUT/serve_gpu.jsonl
 
@@ -145,7 +148,7 @@ def phase_check(model_dir: Path, out: Path | None) -> None:
 
 
 # -- engine -----------------------------------------------------------------------------------------
-def phase_engine(model_dir: Path, out: Path | None, max_tokens: int) -> None:
+def phase_engine(model_dir: Path, out: Path | None, max_tokens: int, modes: tuple = (False, True)) -> None:
     import torch
 
     from glmtune.infer.engine import EngineSettings, create_engine
@@ -157,7 +160,7 @@ def phase_engine(model_dir: Path, out: Path | None, max_tokens: int) -> None:
     tok, tpl = load_tokenizer(model_dir), get_template("glm4")
     stop = tpl.stop_token_ids(tok)
     ids = [tpl.encode_prompt(tok, [{"role": "user", "content": q}]) for q in prompts(128, seed=5)]
-    for compiled in (False, True):
+    for compiled in modes:
         t0 = time.perf_counter()
         engine, _, summary = create_engine(model, stop_ids=stop, settings=EngineSettings(compile=compiled))
         graphs = engine.warmup(widths=(256, 512))
@@ -242,7 +245,7 @@ async def load_level(url: str, models: list[str], questions: list[str], max_toke
 
     http = httpx.AsyncClient(limits=httpx.Limits(max_connections=len(questions) + 8), timeout=600)
     client = openai.AsyncOpenAI(base_url=url, api_key="none", http_client=http, max_retries=0)
-    t0 = time.perf_counter()
+    t0, cpu0, started = time.perf_counter(), time.process_time(), time.time()
     rows = await asyncio.gather(*[one_stream(client, models[i % len(models)], q, max_tokens)
                                   for i, q in enumerate(questions)], return_exceptions=True)
     wall = time.perf_counter() - t0
@@ -254,7 +257,44 @@ async def load_level(url: str, models: list[str], questions: list[str], max_toke
     return {"streams": len(questions), "ok": len(ok), "failed": len(failed), "first_failure": failed[:1],
             "wall_s": round(wall, 3), "completion_tokens": tokens, "tok_per_s": round(tokens / wall, 1),
             "ttft_p50_s": round(ttfts[len(ttfts) // 2], 3), "ttft_p90_s": round(ttfts[int(len(ttfts) * 0.9)], 3),
-            "tok_per_s_per_stream": round(statistics.mean(r["tokens"] / r["latency"] for r in ok), 1) if ok else None}
+            "tok_per_s_per_stream": round(statistics.mean(r["tokens"] / r["latency"] for r in ok), 1) if ok else None,
+            # the client's own CPU seconds: near wall_s, the one client process is what limits the figure
+            "client_cpu_s": round(time.process_time() - cpu0, 3), "started": started, "ended": time.time(),
+            "ttfts": [round(t, 4) for t in ttfts]}
+
+
+def spread_level(url: str, models: list[str], first: int, n: int, max_tokens: int, procs: int) -> dict:
+    """``n`` streams from ``procs`` client processes started together (questions first..first+n of
+    prompts(200, seed=2), round-robin over ``models``): the load of many users, not of one Python
+    process parsing every chunk. Aggregate tok/s = all tokens / (last end - common start)."""
+    share = [n // procs + (i < n % procs) for i in range(procs)]
+    start_at = time.time() + 6.0  # the workers import openai first
+    workers, at = [], first
+    for count in share:
+        cmd = [sys.executable, __file__, "--client", url, "--client-models", ",".join(models),
+               "--client-first", str(at), "--client-count", str(count), "--client-start", str(start_at),
+               "--max-tokens", str(max_tokens)]
+        workers.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+        at += count
+    rows = [json.loads(w.communicate(timeout=600)[0].strip().splitlines()[-1]) for w in workers]
+    ttfts = sorted(t for r in rows for t in r["ttfts"]) or [float("nan")]
+    tokens, wall = sum(r["completion_tokens"] for r in rows), max(r["ended"] for r in rows) - start_at
+    return {"streams": n, "client_processes": procs, "ok": sum(r["ok"] for r in rows),
+            "failed": sum(r["failed"] for r in rows), "wall_s": round(wall, 3), "completion_tokens": tokens,
+            "tok_per_s": round(tokens / wall, 1), "ttft_p50_s": round(ttfts[len(ttfts) // 2], 3),
+            "ttft_p90_s": round(ttfts[int(len(ttfts) * 0.9)], 3),
+            "late_start_s": round(max(r["started"] for r in rows) - start_at, 3),
+            "client_cpu_s": [r["client_cpu_s"] for r in rows]}
+
+
+def client_worker(args) -> None:
+    """One client process of :func:`spread_level`: waits for the common start, runs its streams."""
+    qs = prompts(200, seed=2)[args.client_first:args.client_first + args.client_count]
+    import httpx  # noqa: F401 - imported before the start, not inside the timed part
+    import openai  # noqa: F401
+    time.sleep(max(0.0, args.client_start - time.time()))
+    row = asyncio.run(load_level(args.client, args.client_models.split(","), qs, args.max_tokens))
+    print(json.dumps(row), flush=True)
 
 
 def gpu_memory_mib() -> int | None:
@@ -297,8 +337,12 @@ def phase_serve(model_dir: Path, out: Path | None, max_tokens: int, port: int, f
         asyncio.run(load_level(f"{url}/v1", list(adapters), qs[64:128], 16))
         levels = levels or ((1, ["glm4-9b"]), (1, ["glm4-9b"]), (16, ["glm4-9b"]), (64, ["glm4-9b"]),
                             (64, list(adapters)), (1, ["a0"]), (128, ["glm4-9b"]))
-        for n, models in levels:
-            row = asyncio.run(load_level(f"{url}/v1", models, qs[:n], max_tokens))
+        for n, models, *procs in levels:
+            if procs and procs[0] > 1:
+                row = spread_level(f"{url}/v1", models, 0, n, max_tokens, procs[0])
+            else:
+                row = asyncio.run(load_level(f"{url}/v1", models, qs[:n], max_tokens))
+                row.pop("ttfts")
             emit(out, {"phase": "serve", "flags": " ".join(flags), "adapters": len(models) if models[0] != "glm4-9b" else 0, **row,
                        "gpu_memory_mib": gpu_memory_mib()})
     finally:
@@ -409,7 +453,14 @@ def main() -> None:
     p.add_argument("--eval", type=int, default=489)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--tiny", action="store_true", help="a 2-layer tiny folder: a CPU dry run of this script")
+    p.add_argument("--engine-modes", default="eager,compiled", help="engine phase: eager, compiled or both")
+    for name, kind in (("client", str), ("client-models", str), ("client-first", int), ("client-count", int),
+                       ("client-start", float)):
+        p.add_argument(f"--{name}", type=kind, default=None, help=argparse.SUPPRESS)  # spread_level's workers
     args = p.parse_args()
+    if args.client:
+        client_worker(args)
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from train_product import write_model_folder
 
@@ -422,11 +473,19 @@ def main() -> None:
             if phase == "check":
                 phase_check(model_dir, args.out)
             elif phase == "engine":
-                phase_engine(model_dir, args.out, args.max_tokens)
+                phase_engine(model_dir, args.out, args.max_tokens,
+                             tuple(m == "compiled" for m in args.engine_modes.split(",")))
             elif phase == "serve":
                 phase_serve(model_dir, args.out, args.max_tokens, args.port)
+            elif phase == "serve_clients":  # the same server, the load from 1, 4 and 8 client processes
+                phase_serve(model_dir, args.out, args.max_tokens, args.port + 3, (),
+                            ((1, ["glm4-9b"]), (1, ["glm4-9b"]), (64, ["glm4-9b"]), (64, ["glm4-9b"], 4),
+                             (64, ["glm4-9b"], 8), (64, ["a0", "a1", "a2", "a3"], 8), (128, ["glm4-9b"], 8)))
             elif phase == "serve_nocompile":
                 phase_serve(model_dir, args.out, args.max_tokens, args.port + 1, ("--no-compile",),
+                            ((1, ["glm4-9b"]), (1, ["glm4-9b"]), (64, ["glm4-9b"])))
+            elif phase == "serve_inprocess":
+                phase_serve(model_dir, args.out, args.max_tokens, args.port + 2, ("--no-engine-process",),
                             ((1, ["glm4-9b"]), (1, ["glm4-9b"]), (64, ["glm4-9b"])))
             elif phase == "baseline":
                 phase_baseline(model_dir, args.out, args.max_tokens)

@@ -115,6 +115,11 @@ def write_model_folder(path: Path, config, tiny: bool) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size="5GB")
     del model
+    # the runs that follow are other processes: hand this one's ~60 GB of GPU memory back first
+    import gc
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     load_tokenizer(REPO / "glmtune/resources/tokenizers/glm4").save_pretrained(tmp)
     write_glmtune_meta(tmp, template="glm4")
     shutil.rmtree(path, ignore_errors=True)

@@ -79,7 +79,7 @@ SUBSET=(
   tests/train/test_methods.py            # lora / prefix / freeze / full train, save and reload (peft)
   tests/align/test_trainers.py           # glmtune's config onto TRL's (TrainingArguments' field names)
   tests/align/test_dpo.py                # TRL's DPOTrainer on glmtune's rendered ids
-  tests/align/test_packed.py             # packed DPO = TRL's DPOTrainer loss / gradients (block mask)
+  tests/align/test_packed.py             # packed DPO = TRL's DPOTrainer loss / gradients (block mask, varlen)
   tests/models/test_expert_lora.py       # PEFT's target_parameters on fused MoE experts vs the grouped LoRA
   tests/serve/test_openai_server.py      # the OpenAI server against the predictor
 )

@@ -22,6 +22,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch's OpenMP threads sleep while they wait instead of spinning (libgomp reads this when torch is
+# loaded, so it is set before any test module imports torch; subprocesses the tests start inherit it).
+# On a 2-core box that other jobs also use, a spinning thread takes the core its partner needs:
+# measured there with 2 threads, a tiny-model training loop ran 6-14x slower spinning than sleeping,
+# and tests/evaluate took 120 s instead of 70 s (as fast as 1 thread); on idle cores sleeping costs a
+# wake-up per parallel op. OMP_WAIT_POLICY=ACTIVE in the environment restores spinning.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GLMTUNE_SHARED_DATA") or REPO.parent / "shared" / "data")
@@ -54,10 +61,9 @@ def glm4_tokenizer_dir() -> Path:
 def glm45_tokenizer_dir(glm4_tokenizer_dir, tmp_path_factory) -> Path:
     """A GLM-4.5+ tokenizer folder (tokenizer.json): GLM-4's vocabulary plus GLM-4.5's added tokens at
     their official ids (<think> 151350, <tool_call> 151352, ...), as GLM-4.5/4.6/4.7 ship it."""
-    from glmtune.models.tokenizer import GLM45_SPECIALS, load_tokenizer
+    from glmtune.models.tokenizer import glm45_tokenizer
 
-    tok = load_tokenizer(glm4_tokenizer_dir)
-    tok.add_special_tokens({"additional_special_tokens": GLM45_SPECIALS})
+    tok = glm45_tokenizer(glm4_tokenizer_dir)
     assert tok.convert_tokens_to_ids("<think>") == 151350
     out = tmp_path_factory.mktemp("glm45") / "glm45-tokenizer"
     tok.save_pretrained(out)

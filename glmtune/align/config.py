@@ -73,17 +73,36 @@ class AlignSection(ConfigSection):
                         **_for("dpo", "kto", "orpo", "simpo"))
     loss_type: str | None = Field(None, description="TRL loss: dpo sigmoid (default), ipo, hinge, robust, "
                                                     "sigmoid_norm...; kto kto (default) or apo_zero_unpaired; "
-                                                    "grpo dapo (default), grpo, dr_grpo, bnpo, gspo...",
+                                                    "grpo dapo (default), grpo, dr_grpo, bnpo, cispo, sapo, luspo, "
+                                                    "vespo, or gspo (TRL's GSPO recipe: the grpo loss with "
+                                                    "sequence-level importance ratios; the paper clips them at "
+                                                    "clip_range ~3e-4 and sets kl_coef 0).",
                                   **_for("dpo", "kto", "grpo"))
+    importance_sampling: Literal["token", "sequence"] | None = Field(
+        None, description="grpo: the probability ratio per token, or one per completion (the mean of its "
+                          "tokens' log-ratios, GSPO); default token (sequence for gspo and luspo). TRL "
+                          "importance_sampling_level.", **_for("grpo"))
     packing: Union[bool, Literal["auto"]] = Field(
         "auto", description="dpo: each batch's pairs as packed rows, the prompt once per pair ([prompt, chosen, "
-                            "rejected], the rejected answer attending to the prompt and itself through a block "
-                            "mask) instead of two padded rows that repeat the prompt; logits only at answer "
+                            "rejected], the rejected answer attending to the prompt and itself: align.pack_attention) "
+                            "instead of two padded rows that repeat the prompt; logits only at answer "
                             "positions. Same loss and gradients as TRL's padded batch. auto: on for "
                             "transformers-native models with sdpa or eager attention.", **_for("dpo"))
-    pack_tokens: int | None = Field(None, gt=0, description="dpo packing: most tokens in one packed row (the "
-                                                            "block mask is rows x tokens^2); default 4 x "
+    pack_attention: Literal["auto", "varlen", "mask"] = Field(
+        "auto", description="dpo packing: how the rejected answer skips the chosen one. varlen: FlashAttention's "
+                            "variable-length kernel with the prompt's keys shared by both answers, no mask (CUDA, "
+                            "model.dtype bf16, sdpa); mask: SDPA/eager with a (rows, 1, T, T) block mask; auto: "
+                            "varlen where it can run, else mask.", **_for("dpo"))
+    pack_tokens: int | None = Field(None, gt=0, description="dpo packing with the block mask: most tokens in one "
+                                                            "packed row (the mask is rows x tokens^2); default 4 x "
                                                             "data.cutoff_len.", **_for("dpo"))
+    adapter_dtype: Literal["fp32", "model"] = Field(
+        "fp32", description="dpo/kto/orpo/simpo/grpo/ppo with lora/qlora: adapter weights in fp32 (PEFT's "
+                            "default: exact small updates; every adapted activation is copied to fp32 and back "
+                            "under autocast) or in the model's dtype "
+                            "(bf16: no such copies, but AdamW updates bf16 weights; train's fused LoRA layers "
+                            "engage); `glmtune train`'s speed.adapter_dtype.",
+        **_for("dpo", "kto", "orpo", "simpo", "grpo", "ppo"))
     precompute_reference: bool = Field(
         False, description="dpo: the reference log-probs of every training/dev pair computed once before "
                            "training (packed) instead of one extra no-grad forward per batch: faster from the "
@@ -109,6 +128,11 @@ class AlignSection(ConfigSection):
                                                      "epsilon).", **_for(*ROLLOUT))
     ppo_epochs: int = Field(1, gt=0, description="grpo/ppo: optimisation passes over each batch of rollouts "
                                                  "(TRL num_iterations).", **_for(*ROLLOUT))
+    rollouts: Literal["auto", "engine", "generate"] = Field(
+        "auto", description="grpo/ppo: who samples the completions. engine: glmtune's generation engine on the "
+                            "policy being trained (static KV cache, CUDA-graphed decode steps, the LoRA weights "
+                            "read in place); generate: TRL's transformers generate; auto: the engine where it "
+                            "can run the model, else generate (the reason printed once).", **_for(*ROLLOUT))
     rewards: list[RewardSpec] = Field(default_factory=list, description="grpo/ppo: the rewards, summed with their "
                                                                         "weights. Example: [{name: label}].",
                                       **_for(*ROLLOUT))
@@ -134,6 +158,8 @@ class AlignConfig(ConfigSection):
             raise ValueError("data.dev and data.val_size are mutually exclusive")
         if self.method.name not in ("lora", "qlora", "full"):
             raise ValueError(f"method.name={self.method.name} is not supported for alignment: use lora, qlora or full")
+        if self.align.adapter_dtype == "model" and self.method.name == "full":
+            raise ValueError("align.adapter_dtype=model applies to method lora/qlora only")
         if self.model.adapter and self.method.name == "full":
             raise ValueError("model.adapter with method.name=full: merge the adapter first (glmtune export) "
                              "and set model.path to the merged folder")

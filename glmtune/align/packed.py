@@ -7,18 +7,31 @@ forward the same again. Here each pair is one segment of a packed row
     [ prompt[:-1] | prompt[-1]  chosen | prompt[-1]'  rejected ]      seg 0 | seg 1 | seg 2
       pos 0..P-2    P-1         P..     P-1          P..
 
-with a block mask: a token sees earlier tokens of its own pair that are in the shared prompt (seg 0)
-or in its own branch (same seg). The last prompt token is written twice (once per branch, same
-position, same context) so every position predicts exactly one answer token: that keeps TRL's fused
-LM head (labels -> per-token log-probs, logits only at labelled positions) usable as it is. Each
-answer token therefore sees exactly the tokens and positions it sees in TRL's padded row, so the
-per-token log-probs, and with them TRL's loss and gradients, are the same (tests/align/test_packed.py
-checks both against TRL's padded batch, fp32 on CPU).
+where a token sees earlier tokens of its own pair that are in the shared prompt (seg 0) or in its own
+branch (same seg). The last prompt token is written twice (once per branch, same position, same
+context) so every position predicts exactly one answer token: that keeps TRL's fused LM head (labels
+-> per-token log-probs, logits only at labelled positions) usable as it is. Each answer token therefore
+sees exactly the tokens and positions it sees in TRL's padded row, so the per-token log-probs, and with
+them TRL's loss and gradients, are the same (tests/align/test_packed.py checks both against TRL's
+padded batch, fp32 on CPU).
+
+Two ways to attend that way (`align.pack_attention`, decided by `decide_packing`):
+
+- varlen (CUDA): FlashAttention's variable-length kernel, no mask at all. A pair is two attention
+  segments: queries [seg 0 + seg 1] over the same keys (plain causal), and queries [seg 2] over the
+  keys [seg 0 + seg 2]. The second one's keys are not contiguous in the row, so the kernel gets keys and
+  values gathered by `pack_kv_index` (seg 0's keys/values twice: a copy of 2 KV heads on GLM-4, not of
+  the hidden states; autograd sums their gradients back). FlashAttention aligns a segment with fewer
+  queries than keys to its last key, so a rejected token sees all of seg 0 and the rejected branch up
+  to itself: the block mask, without its rows x tokens^2 tensor and without SDPA falling off its
+  flash kernel for a dense mask. All pairs of a batch go into one row. Without CUDA (tests) the same
+  segments run through SDPA with the equivalent dense mask (`segment_attention_reference`).
+- mask: SDPA/eager with a (rows, 1, T, T) block mask built on the device from per-token pair and
+  segment ids; pairs are packed best-fit into rows of at most `row_tokens` tokens
+  (train.data.pack_rows_best_fit), since the mask grows with the square of a row.
 
 The packed rows are built on the host by the collator (`pack_pairs`, next to TRL's padded batch,
-whose masks TRL's loss reads); the (rows, 1, T, T) mask is built on the device from per-token pair
-and segment ids. Pairs are packed best-fit into rows of at most `row_tokens` tokens
-(train.data.pack_rows_best_fit): the mask grows with the square of a row.
+whose masks TRL's loss reads).
 
 The reference log-probs come from the same packed forward with the adapter off (or TRL's "ref"
 adapter, or TRL's ref_model), once per batch under no_grad, or once for the whole dataset before
@@ -28,14 +41,24 @@ loss (every loss_type), the metrics and the logging from them: only its forward 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from glmtune.templates import IGNORE_INDEX
 
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
-PACK_KEYS = ("pack_input_ids", "pack_position_ids", "pack_labels", "pack_pair", "pack_seg", "pack_src", "pack_dst")
+PAIR_ATTENTION = "glmtune_pairs"    # the attention implementation of the varlen layout (transformers registry)
+PAIR_KWARGS = ("pair_kv_index", "pair_cu_q", "pair_cu_k", "pair_max_q", "pair_max_k")
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How a DPO run packs its pairs (decide_packing): the attention layout, and for `mask` the row size."""
+    layout: Literal["varlen", "mask"]
+    row_tokens: int | None = None   # mask: most tokens per packed row; varlen: one row per batch
 
 
 def pair_segments(prompt: list[int], chosen: list[int], rejected: list[int]):
@@ -48,13 +71,42 @@ def pair_segments(prompt: list[int], chosen: list[int], rejected: list[int]):
     return ids, pos, seg, labels
 
 
-def pack_pairs(examples: list[dict], *, max_length: int | None, row_tokens: int) -> dict[str, torch.Tensor]:
-    """Rows {prompt_ids, chosen_ids, rejected_ids} -> the packed batch (PACK_KEYS).
+def varlen_pair_index(pairs: list[tuple[int, int, int]]) -> dict[str, torch.Tensor | int]:
+    """(P, C, R) = (prompt, chosen, rejected) lengths of the pairs laid out one after another in a row
+    (pair_segments) -> the varlen attention segments that attend like the block mask (PAIR_KWARGS).
+
+    Per pair at row offset o, with P' = P - 1 shared prompt tokens, C' = C + 1 and R' = R + 1 branch tokens:
+    queries [o, o + P' + C') attend causally to the same keys; queries [o + P' + C', o + P' + C' + R')
+    attend to keys gathered from [o, o + P') and [o + P' + C', o + P' + C' + R'), causally aligned to
+    the last key. `pair_kv_index` lists, for every gathered key, its index in the row."""
+    kv, lens_q, lens_k, o = [], [], [], 0
+    for p, c, r in pairs:
+        core, chosen, rejected = p - 1, c + 1, r + 1
+        kv += list(range(o, o + core + chosen)) + list(range(o, o + core))
+        kv += list(range(o + core + chosen, o + core + chosen + rejected))
+        lens_q += [core + chosen, rejected]
+        lens_k += [core + chosen, core + rejected]
+        o += core + chosen + rejected
+
+    def cumulative(lengths: list[int]) -> torch.Tensor:
+        return torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+
+    return {"pair_kv_index": torch.tensor(kv), "pair_cu_q": cumulative(lens_q), "pair_cu_k": cumulative(lens_k),
+            "pair_max_q": max(lens_q), "pair_max_k": max(lens_k)}
+
+
+def pack_pairs(examples: list[dict], *, max_length: int | None, row_tokens: int | None,
+               layout: str = "mask") -> dict[str, torch.Tensor]:
+    """Rows {prompt_ids, chosen_ids, rejected_ids} -> the packed batch (keys `pack_*`).
 
     Answers are cut as TRL's collator cuts them (prompt + answer to max_length, keep_start), so the
     padded batch TRL builds from the same rows, (2B, L) with chosen rows first, is what `pack_dst`
     indexes: pack_dst[i] is the flat index in TRL's (2B, L - 1) per-token layout of the answer token
-    whose log-prob is at flat index pack_src[i] of the packed (rows, T - 1) layout."""
+    whose log-prob is at flat index pack_src[i] of the packed (rows, T - 1) layout.
+
+    layout mask: rows of at most `row_tokens` tokens with per-token pair and segment ids (pack_pair,
+    pack_seg) for `pair_mask`; varlen: every pair in one row, with the varlen segments
+    (`varlen_pair_index`, keys pack_pair_*)."""
     from glmtune.train.data import pack_rows_best_fit
 
     n = len(examples)
@@ -63,7 +115,10 @@ def pack_pairs(examples: list[dict], *, max_length: int | None, row_tokens: int)
              for ex in examples]
     width = max(len(p) + max(len(c), len(r)) for p, c, r in pairs)   # L of TRL's padded batch
     lengths = [len(p) + len(c) + len(r) + 1 for p, c, r in pairs]
-    rows = list(pack_rows_best_fit(lengths, max(row_tokens, max(lengths)), lookahead=n))
+    if layout == "varlen":
+        rows = [list(range(n))]
+    else:
+        rows = list(pack_rows_best_fit(lengths, max(row_tokens, max(lengths)), lookahead=n))
     T = max(sum(lengths[i] for i in row) for row in rows)
     ids = torch.zeros(len(rows), T, dtype=torch.long)
     pos = torch.zeros_like(ids)
@@ -88,8 +143,14 @@ def pack_pairs(examples: list[dict], *, max_length: int | None, row_tokens: int)
                 src.append(r * (T - 1) + o + P + len(c) + j)
                 dst.append((n + b) * (width - 1) + P - 1 + j)
             o += k
-    return {"pack_input_ids": ids, "pack_position_ids": pos, "pack_labels": labels, "pack_pair": pair,
-            "pack_seg": seg, "pack_src": torch.tensor(src), "pack_dst": torch.tensor(dst)}
+    out = {"pack_input_ids": ids, "pack_position_ids": pos, "pack_labels": labels,
+           "pack_src": torch.tensor(src), "pack_dst": torch.tensor(dst)}
+    if layout == "varlen":
+        out.update({f"pack_{k}": v for k, v in
+                    varlen_pair_index([(len(p), len(c), len(r)) for p, c, r in pairs]).items()})
+    else:
+        out.update({"pack_pair": pair, "pack_seg": seg})
+    return out
 
 
 def pair_mask(pair: torch.Tensor, seg: torch.Tensor, *, boolean: bool, dtype=torch.float32) -> torch.Tensor:
@@ -105,24 +166,124 @@ def pair_mask(pair: torch.Tensor, seg: torch.Tensor, *, boolean: bool, dtype=tor
     return torch.zeros(allowed.shape, dtype=dtype, device=pair.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+# --------------------------------------------------------------------------------------------------
+# the varlen layout's attention
+
+def segment_attention_reference(q, k, v, cu_q, cu_k, *, scale: float | None = None) -> torch.Tensor:
+    """What FlashAttention's causal varlen kernel computes, through SDPA with a dense mask (CPU, fp32):
+    q (Tq, Hq, D), k/v (Tk, Hkv, D) -> (Tq, Hq, D). Query i of a segment with Lq queries and Lk keys sees
+    its keys 0 .. i + Lk - Lq (causal, aligned to the last key)."""
+    import torch.nn.functional as F
+
+    lens_q, lens_k = cu_q.diff().long(), cu_k.diff().long()
+    segs = torch.arange(len(lens_q), device=q.device)
+    seg_q, seg_k = segs.repeat_interleave(lens_q), segs.repeat_interleave(lens_k)
+    local_q = torch.arange(q.shape[0], device=q.device) - cu_q[:-1].long()[seg_q]
+    local_k = torch.arange(k.shape[0], device=q.device) - cu_k[:-1].long()[seg_k]
+    last = local_q + (lens_k - lens_q)[seg_q]               # the last key query i may see, in its segment
+    allowed = (seg_q[:, None] == seg_k[None, :]) & (local_k[None, :] <= last[:, None])
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=allowed[None, None], scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return out[0].transpose(0, 1)
+
+
+def pair_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                           scaling: float | None = None, **kwargs):
+    """transformers attention function of the varlen layout. With the PAIR_KWARGS (a packed DPO forward):
+    query (1, Hq, T, D), key/value (1, Hkv, T, D) of one packed row -> (1, T, Hq, D), the keys and values
+    gathered by pair_kv_index, FlashAttention varlen on CUDA in half precision, else
+    `segment_attention_reference`. Without them (any other call: evaluation metrics, generation) it is
+    SDPA, the implementation the model was loaded with."""
+    if "pair_kv_index" not in kwargs:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    from glmtune.models.speed import varlen_gqa_attention, varlen_support
+
+    index, cu_q, cu_k = kwargs["pair_kv_index"], kwargs["pair_cu_q"], kwargs["pair_cu_k"]
+    out_dtype = query.dtype
+    q = query[0].transpose(0, 1)                              # (T, Hq, D)
+    k = key[0].transpose(0, 1).index_select(0, index)         # (Tk, Hkv, D): the shared prompt's keys twice
+    v = value[0].transpose(0, 1).index_select(0, index)
+    if q.is_cuda and torch.is_autocast_enabled("cuda") and q.dtype not in (torch.float16, torch.bfloat16):
+        # fp32 weights under autocast (full fine-tuning): FlashAttention runs in the autocast dtype, as SDPA would
+        half = torch.get_autocast_dtype("cuda")
+        q, k, v = q.to(half), k.to(half), v.to(half)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_support() is None:
+        out = varlen_gqa_attention(q, k, v, cu_q, cu_k, kwargs["pair_max_q"], kwargs["pair_max_k"], scale=scaling)
+    else:
+        out = segment_attention_reference(q, k, v, cu_q, cu_k, scale=scaling)
+    return out.unsqueeze(0).to(out_dtype), None
+
+
+@functools.cache
+def register_pair_attention() -> str:
+    """Register PAIR_ATTENTION with transformers (once per process): the attention above, and SDPA's
+    mask for the calls that are not packed forwards (a packed forward passes a 4D placeholder, which
+    mask creation returns as it is, so no (T, T) mask is ever built for it)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from glmtune.models.speed import register_varlen_attention, varlen_available
+
+    if varlen_available():
+        register_varlen_attention()  # for its probe: can this torch's kernel take GLM-4's 2 KV heads as they are
+    AttentionInterface.register(PAIR_ATTENTION, pair_attention_forward)
+    AttentionMaskInterface.register(PAIR_ATTENTION, sdpa_mask)
+    return PAIR_ATTENTION
+
+
+def use_pair_attention(model) -> None:
+    """Switch `model` (PEFT-, DDP- or accelerate-wrapped, policy or TRL's ref_model) to PAIR_ATTENTION
+    before its first packed forward, and leave it there: gradient checkpointing recomputes the blocks
+    in backward, after any context around the forward would have ended, and the other calls (padded
+    evaluation metrics, generation) are plain SDPA through it anyway. Done at the forward, not when the
+    trainer is built, because TRL runs packed forwards inside its own __init__ (precomputed reference
+    log-probs) and may load its ref_model there."""
+    from glmtune.train.speed import set_attention
+
+    base = model
+    while hasattr(base, "module"):  # DDP / DeepSpeed engine
+        base = base.module
+    if getattr(base.config, "_attn_implementation", None) != PAIR_ATTENTION:
+        set_attention(base, register_pair_attention())
+
+
+# --------------------------------------------------------------------------------------------------
+# the trainer
+
 @dataclass
 class PackedCollator:
-    """TRL's DataCollatorForPreference batch (TRL's loss reads its masks) + the packed rows (PACK_KEYS)."""
+    """TRL's DataCollatorForPreference batch (TRL's loss reads its masks) + the packed rows (keys pack_*)."""
     base: object                # trl DataCollatorForPreference
-    row_tokens: int
+    packing: Packing
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.base(examples)
-        batch.update(pack_pairs(examples, max_length=self.base.max_length, row_tokens=self.row_tokens))
+        batch.update(pack_pairs(examples, max_length=self.base.max_length, row_tokens=self.packing.row_tokens,
+                                layout=self.packing.layout))
         return batch
+
+
+def _model_inputs(pack: dict, boolean_mask: bool) -> dict:
+    """The packed batch -> the model's keyword arguments: the block mask, or the varlen segments with a
+    (1, 1, 1, 1) placeholder mask (transformers takes a 4D mask as it is; pair_attention_forward ignores it)."""
+    kw = {"input_ids": pack["pack_input_ids"], "position_ids": pack["pack_position_ids"]}
+    if "pack_pair_kv_index" in pack:
+        kw["attention_mask"] = pack["pack_input_ids"].new_ones(1, 1, 1, 1, dtype=torch.bool)
+        kw.update({k: pack[f"pack_{k}"] for k in PAIR_KWARGS})
+    else:
+        kw["attention_mask"] = pair_mask(pack["pack_pair"], pack["pack_seg"], boolean=boolean_mask)
+    return kw
 
 
 def packed_token_outputs(model, pack: dict, *, n_seqs: int, width: int, boolean_mask: bool):
     """One packed forward -> TRL's fused-head output with every per-token field laid out as TRL's padded
     (n_seqs, width - 1) batch (zeros where no answer token is scored)."""
-    mask = pair_mask(pack["pack_pair"], pack["pack_seg"], boolean=boolean_mask)
-    out = model(input_ids=pack["pack_input_ids"], position_ids=pack["pack_position_ids"], attention_mask=mask,
-                labels=pack["pack_labels"], fused_lm_head=True, use_cache=False)
+    if "pack_pair_kv_index" in pack:
+        use_pair_attention(model)
+    out = model(**_model_inputs(pack, boolean_mask), labels=pack["pack_labels"], fused_lm_head=True, use_cache=False)
     src, dst = pack["pack_src"], pack["pack_dst"]
 
     def unpack(x):
@@ -151,20 +312,20 @@ class _PackedPolicy:
 
 
 def packed_dpo_trainer(base):
-    """`base` (glmtune's DPOTrainer) with packed forwards when built with `pack_tokens`; without it, base."""
+    """`base` (glmtune's DPOTrainer) with packed forwards when built with `packing`; without it, base."""
 
     class GlmtunePackedDPOTrainer(base):
-        def __init__(self, *args, pack_tokens: int | None = None, **kwargs):
-            self.pack_tokens = pack_tokens
-            if pack_tokens:
+        def __init__(self, *args, packing: Packing | None = None, **kwargs):
+            self.packing = packing
+            if packing:
                 from trl.trainer.dpo_trainer import DataCollatorForPreference
                 targs = kwargs["args"]
                 kwargs["data_collator"] = PackedCollator(
                     DataCollatorForPreference(pad_token_id=kwargs["processing_class"].pad_token_id,
                                               max_length=targs.max_length, truncation_mode=targs.truncation_mode),
-                    row_tokens=pack_tokens)
+                    packing=packing)
             super().__init__(*args, **kwargs)
-            if pack_tokens and self.ld_alpha is not None:
+            if packing and self.ld_alpha is not None:
                 raise ValueError("packed DPO does not implement TRL's ld_alpha weighting")
 
         def _boolean_mask(self) -> bool:
@@ -197,7 +358,7 @@ def packed_dpo_trainer(base):
             if "pack_input_ids" not in inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inputs = dict(inputs)
-            pack = {k: inputs.pop(k) for k in PACK_KEYS}
+            pack = {k: inputs.pop(k) for k in [k for k in inputs if k.startswith("pack_")]}
             if self.precompute_ref_logps:
                 return super().compute_loss(_PackedPolicy(model, pack, self._boolean_mask()), inputs,
                                             return_outputs, num_items_in_batch)
@@ -214,21 +375,45 @@ def packed_dpo_trainer(base):
     return GlmtunePackedDPOTrainer
 
 
-def decide_packing(cfg, model) -> tuple[int | None, str]:
-    """align.packing for a loaded policy -> (row tokens or None, the reason). Packing needs a model that
-    takes a custom 4D mask as it is (transformers-native) and a kernel that reads one (sdpa, eager)."""
+def decide_packing(cfg, model) -> tuple[Packing | None, str]:
+    """align.packing / align.pack_attention for a loaded policy -> (the packing, or None; the reason).
+
+    Packing needs a transformers-native model (it takes a custom mask / attention kwargs as they are).
+    varlen needs FlashAttention's varlen kernel (CUDA, torch.nn.attention.varlen), half-precision
+    compute (model.dtype bf16/fp16) and an sdpa model (the other calls fall back to SDPA), no attention
+    dropout; mask needs sdpa or eager. auto: varlen where it can run, else mask."""
     from glmtune.errors import ConfigError
+    from glmtune.models.speed import varlen_available
     from glmtune.train.loop import reads_packing_from_position_ids
 
+    a = cfg.align
     impl = getattr(model.config, "_attn_implementation", None) or cfg.model.attn_implementation
     problem = None
     if not reads_packing_from_position_ids(model):
         problem = "the model runs its own (remote) code, which may not take a custom attention mask"
     elif impl not in ("sdpa", "eager"):
         problem = f"model.attn_implementation {impl} takes no block mask (use sdpa or eager)"
-    if cfg.align.packing is True and problem:
+    if a.packing is True and problem:
         raise ConfigError(f"align.packing: {problem}", field="align.packing", fix="set align.packing: auto or false")
-    if cfg.align.packing is False or problem:
+    if a.packing is False or problem:
         return None, f"dpo: padded pairs (TRL's collator): {problem or 'align.packing is false'}"
-    tokens = cfg.align.pack_tokens or 4 * cfg.data.cutoff_len
-    return tokens, f"dpo: packed pairs (prompt once per pair, block mask, rows of <= {tokens} tokens)"
+
+    no_varlen = None
+    if not varlen_available():
+        no_varlen = "no CUDA FlashAttention varlen kernel here"
+    elif cfg.model.dtype == "fp32":
+        no_varlen = "model.dtype fp32 (FlashAttention computes in bf16/fp16)"
+    elif impl != "sdpa":
+        no_varlen = f"model.attn_implementation {impl} (varlen falls back to sdpa outside packed forwards)"
+    elif getattr(model.config, "attention_dropout", 0.0):
+        no_varlen = "the model has attention dropout"
+    if a.pack_attention == "varlen" and no_varlen:
+        raise ConfigError(f"align.pack_attention varlen: {no_varlen}", field="align.pack_attention",
+                          fix="set align.pack_attention: auto or mask")
+    if a.pack_attention == "varlen" or (a.pack_attention == "auto" and not no_varlen):
+        return Packing("varlen"), ("dpo: packed pairs (prompt once per pair, FlashAttention varlen with the prompt's "
+                                   "keys shared by both answers, one row per batch)")
+    tokens = a.pack_tokens or 4 * cfg.data.cutoff_len
+    why = f"; pack_attention auto -> mask: {no_varlen}" if a.pack_attention == "auto" else ""
+    return Packing("mask", tokens), (f"dpo: packed pairs (prompt once per pair, block mask, rows of <= {tokens} "
+                                     f"tokens{why})")

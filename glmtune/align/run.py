@@ -92,13 +92,15 @@ def load_policy(cfg: AlignConfig, algo: Algorithm, template, tokenizer):
     # rollouts stop where serving stops: the template's end tokens, not only the folder's eos
     model.generation_config.eos_token_id = template.stop_token_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    adapter_fp32 = cfg.align.adapter_dtype == "fp32"
     if cfg.model.adapter:
         from peft import PeftModel
         if cfg.train.gradient_checkpointing:
             enable_checkpointing(model, {"use_reentrant": False})
             model.enable_input_require_grads()
-        return PeftModel.from_pretrained(model, cfg.model.adapter, is_trainable=True)
-    return apply_method(model, cfg)
+        return PeftModel.from_pretrained(model, cfg.model.adapter, is_trainable=True,
+                                         autocast_adapter_dtype=adapter_fp32)
+    return apply_method(model, cfg, adapter_fp32=adapter_fp32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,10 +147,18 @@ def run_alignment(algorithm: str, config, *, overrides: list[str] | None = None,
     ckpt = resolve_resume(resume, out)
     args = training_arguments(cfg, algo, out, has_dev=dev_ds is not None, cuda=torch.cuda.is_available())
     model = load_policy(cfg, algo, template, tokenizer)
+    rollouts, rollout_note = None, None
+    if algo.rows == "prompts":  # decided (align.rollouts: engine on a model it cannot run fails) before writing
+        from glmtune.align.rollout import plan_rollouts
+        rollouts, rollout_note = plan_rollouts(cfg.align.rollouts, model, args, map(len, table.ids.values()),
+                                               algorithm, say=console.print,
+                                               local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     pack_note = None
     if algo.packs:  # decided (align.packing: true on a model that cannot pack fails) before anything is written
         from glmtune.align.packed import decide_packing
-        trainer_kw["pack_tokens"], pack_note = decide_packing(cfg, model)
+        trainer_kw["packing"], pack_note = decide_packing(cfg, model)
+    if algo.reference and not algo.sequence_classifier:
+        trainer_kw["fresh_adapter"] = cfg.model.adapter is None  # the reference is then the base model
 
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out, algorithm)
@@ -166,8 +176,11 @@ def run_alignment(algorithm: str, config, *, overrides: list[str] | None = None,
                           processing_class=tokenizer, callbacks=[monitor_callback(monitor)], **trainer_kw)
     from transformers.trainer_callback import PrinterCallback
     trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl/TensorBoard, not dicts on stdout
-    if algo.note:
-        console.print(algo.note)
+    trainer.glmtune_rollouts = rollouts
+    fused_note = fuse_policy_lora(trainer, cfg)
+    for note in (algo.note, rollout_note, fused_note):
+        if note:
+            console.print(note)
     console.print(f"[bold]{algorithm}[/] ({type(trainer).__name__}) on {cfg.model.path}"
                   + (f" + {cfg.model.adapter}" if cfg.model.adapter else "")
                   + f": {len(train_ds)} training rows, {len(dev_ds) if dev_ds is not None else 0} dev rows")
@@ -180,10 +193,31 @@ def run_alignment(algorithm: str, config, *, overrides: list[str] | None = None,
         if algo.rows == "pairs" and algo.reference and main:
             from glmtune.align.metrics import preference_kl
             monitor.log({"step": trainer.state.global_step, "eval_kl": preference_kl(trainer, dev_ds)})
+    if rollouts is not None:  # the rollout engine's KV cache and graphs (after an error: at exit, infer.engine)
+        rollouts.close()
     final = save_final(trainer, tokenizer, cfg, algorithm, template.name, out / "final")
     close_monitor(monitor, cfg.output.plot)
     return AlignResult(out, final, trainer.state.global_step,
                        metrics=read_metrics(out / "metrics.jsonl") if main else [], trainer=trainer)
+
+
+def fuse_policy_lora(trainer, cfg: AlignConfig) -> str | None:
+    """Train's fused LoRA (glmtune.models.fused_lora) on the policy's LoRA layers where it engages
+    (exact: a layer that cannot take it on a call runs PEFT's forward); the line saying so, or why not.
+    TRL's reference forwards run with the adapters off (or TRL's "ref" adapter), which the fused
+    layers leave to PEFT."""
+    from glmtune.models.fused_lora import fuse_lora
+    from glmtune.train.speed import fused_lora_blockers
+
+    if cfg.method.name not in ("lora", "qlora"):
+        return None
+    why = fused_lora_blockers(cfg.model.dtype, cfg.align.adapter_dtype, cfg.method.dropout,
+                              trainer.accelerator.distributed_type.value, key="align.adapter_dtype")
+    if why:
+        return f"fused LoRA: off ({'; '.join(why)})"
+    counts = fuse_lora(trainer.accelerator.unwrap_model(trainer.model))
+    return (f"fused LoRA: {counts['fused']} of {counts['linear']} LoRA linears"
+            + (f" and {counts['mlp']} gated MLPs" if counts["mlp"] else ""))
 
 
 def save_final(trainer, tokenizer, cfg: AlignConfig, algorithm: str, template_name: str, folder: Path) -> Path:

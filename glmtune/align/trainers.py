@@ -52,8 +52,26 @@ def _dpo():
     return trl.DPOConfig, packed_dpo_trainer(_dpo_trainer(trl.DPOTrainer))
 
 
+def _base_as_reference(base):
+    """``base`` (a TRL trainer with a reference) taking ``fresh_adapter``: from a freshly initialised
+    LoRA, TRL's frozen "ref" copy of the adapter is dropped and the reference is the base model."""
+    class BaseReferenceTrainer(base):
+        def __init__(self, *args, fresh_adapter: bool = False, **kwargs):
+            super().__init__(*args, **kwargs)
+            model = self.accelerator.unwrap_model(self.model)
+            copied = "ref" in getattr(model, "peft_config", {})
+            if fresh_adapter and getattr(self, "ref_model", None) is None and copied:
+                # TRL copies a PeftModel's adapter into a frozen "ref" adapter and runs it in every
+                # reference forward. A freshly initialised LoRA (B = 0) is the identity, so the reference
+                # is the base model: the adapters off give the same log-probs without the LoRA work (in
+                # the reference forward of every step, 2 GEMMs per adapted linear) nor its weights.
+                model.delete_adapter("ref")
+    BaseReferenceTrainer.__name__ = base.__name__
+    return BaseReferenceTrainer
+
+
 def _dpo_trainer(base):
-    class GlmtuneDPOTrainer(base):
+    class GlmtuneDPOTrainer(_base_as_reference(base)):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             # Rows are glmtune's template ids already; only TRL's own drop of rows whose prompt fills
             # max_length is kept (keep_start truncation would leave no completion token).
@@ -66,7 +84,7 @@ def _dpo_trainer(base):
 def _kto():
     trl = _trl()
 
-    class GlmtuneKTOTrainer(trl.KTOTrainer):
+    class GlmtuneKTOTrainer(_base_as_reference(trl.KTOTrainer)):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             # Rows are glmtune's {prompt_ids, completion_ids, label}; TRL's own steps after its
             # tokenization are kept: drop prompts that fill max_length, and the KL completions (each
@@ -106,26 +124,47 @@ def _simpo():
     return cpo.CPOConfig, cls
 
 
-def _with_glmtune_prompts(base):
-    class GlmtunePromptTrainer(base):
+def _with_glmtune_prompts(base, *, returns_logprobs: bool):
+    class GlmtunePromptTrainer(_base_as_reference(base)):
         glmtune_prompt_ids: dict[str, list[int]] = {}
+        glmtune_rollouts = None  # glmtune.align.rollout.EngineRollouts (set by run_alignment); None: TRL's generate
 
         def _tokenize_prompts(self, prompts: list):
             # prompts are glmtune-rendered texts; their ids come from the template, never from
             # tokenizer(text), which would re-parse special-token strings and add its own prefix
             return [list(self.glmtune_prompt_ids[p]) for p in prompts], None, {}
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
+            # TRL's seam between prompts and completions (its vLLM / transformers branches): the
+            # engine on the live policy when run_alignment chose it, else TRL's own; timed either way
+            import time
+
+            from glmtune.align.rollout import sampling_of
+
+            mode = "train" if self.model.training else "eval"
+            start = time.perf_counter()
+            if self.glmtune_rollouts is None:
+                out = super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
+            else:
+                completions = self.glmtune_rollouts.generate(
+                    self.accelerator.unwrap_model(self.model), prompt_ids, stop_ids=self.eos_token_ids,
+                    sampling=sampling_of(self.generation_config))
+                # GRPO also returns the sampler's log-probs (None: TRL computes them in its own forward)
+                out = (completions, None) if returns_logprobs else completions
+            self._metrics[mode]["rollout/seconds"].append(time.perf_counter() - start)
+            return out
     GlmtunePromptTrainer.__name__ = f"Glmtune{base.__name__}"
     return GlmtunePromptTrainer
 
 
 def _grpo():
     trl = _trl()
-    return trl.GRPOConfig, _with_glmtune_prompts(trl.GRPOTrainer)
+    return trl.GRPOConfig, _with_glmtune_prompts(trl.GRPOTrainer, returns_logprobs=True)
 
 
 def _rloo():
     trl = _trl()
-    return trl.RLOOConfig, _with_glmtune_prompts(trl.RLOOTrainer)
+    return trl.RLOOConfig, _with_glmtune_prompts(trl.RLOOTrainer, returns_logprobs=False)
 
 
 def _reward():
@@ -139,7 +178,11 @@ def _reward():
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 KTO_LOSSES = ("kto", "apo_zero_unpaired")
-GRPO_LOSSES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+GRPO_LOSSES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # GRPOConfig.loss_type
+# glmtune's names for a (TRL loss_type, importance_sampling_level) pair: GSPO (Zheng et al. 2025) is
+# the grpo loss on sequence-level ratios, as TRL's GSPO recipe sets it
+GRPO_RECIPES = {"gspo": ("grpo", "sequence")}
+SEQUENCE_LOSSES = ("luspo",)  # TRL: sequence-level ratios required
 
 
 def _loss_type(cfg: AlignConfig, allowed: tuple[str, ...], algorithm: str) -> str | None:
@@ -204,8 +247,20 @@ def _rollout_options(cfg: AlignConfig) -> dict:
 
 def _grpo_options(cfg: AlignConfig) -> dict:
     opts = _rollout_options(cfg)
-    if lt := _loss_type(cfg, GRPO_LOSSES, "grpo"):
+    lt = _loss_type(cfg, GRPO_LOSSES + tuple(GRPO_RECIPES), "grpo")
+    level = cfg.align.importance_sampling
+    if lt in GRPO_RECIPES:
+        lt, wanted = GRPO_RECIPES[lt]
+        if level not in (None, wanted):
+            raise ConfigError(f"loss_type {cfg.align.loss_type} uses {wanted}-level importance ratios, not {level}",
+                              field="align.importance_sampling", fix=f"drop it or set it to {wanted}")
+        level = wanted
+    if lt:
         opts["loss_type"] = lt
+    if level is None and lt in SEQUENCE_LOSSES:
+        level = "sequence"
+    if level is not None:
+        opts["importance_sampling_level"] = level
     return opts
 
 

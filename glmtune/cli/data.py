@@ -204,7 +204,7 @@ def _stats_table(source: str, s) -> Table:
 @data_app.command("render")
 def render_cmd(
     source: str = typer.Argument(..., metavar="FILE", help=IN_HELP),
-    template: str = typer.Option(..., help="Template family: glm4, glm45, glm47, chatglm3, chatglm2, qwen, llama3."),
+    template: str = typer.Option(..., help="Template family: glm4, glmz1, glm45, glm47, chatglm3, chatglm2, qwen, llama3."),
     tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer (or model) folder (needed except with --plain)."),
     index: int = typer.Option(0, help="Which record (0-based; -1 = last)."),
     plain: bool = typer.Option(False, "--plain", help="Print the exact rendered text only (no trailing newline)."),

@@ -32,8 +32,22 @@ def register_commands() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    register_commands()
     as_program = argv is None  # the console script / `python -m glmtune`, not a test calling main([...])
+    try:
+        run_command(argv, as_program)
+    except KeyboardInterrupt:
+        # A second Ctrl-C that landed while the first one's exit ran, before the handler of
+        # exit_at_once_on_ctrl_c was in place (click turns the first into Abort, and its handling
+        # takes a few ms): without this it escapes and Python ends the process by SIGINT, not 130.
+        if not as_program:
+            raise
+        _flush_streams()
+        os._exit(130)
+
+
+def run_command(argv: list[str] | None, as_program: bool) -> None:
+    """Run the command line; errors become their exit status (main catches a late Ctrl-C)."""
+    register_commands()
     try:
         # Non-standalone click *returns* a typer.Exit's code instead of exiting: pass it on, or a
         # failed `--nproc N` run (exit code of `accelerate launch`) would end with status 0.
@@ -43,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     except GlmtuneError as e:
         # escape: messages quote user text and fixes such as `pip install -e ".[real]"`, not rich markup
         err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
-        sys.exit(getattr(e, "exit_code", 2))  # 2: bad input; a DistributedError carries its own
+        leave(getattr(e, "exit_code", 2))  # 2: bad input; a DistributedError carries its own
     except KeyboardInterrupt:
         if as_program:
             exit_at_once_on_ctrl_c()
@@ -53,18 +67,45 @@ def main(argv: list[str] | None = None) -> None:
         raise
     except OSError as e:  # the machine said no (disk full, permissions) where no stage caught it
         err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
-        sys.exit(1)
+        leave(1)
     except Exception as e:  # click usage errors come through here in non-standalone mode
-        import click
-        if isinstance(e, click.exceptions.Abort):
+        # by class name: newer typer raises those of its own vendored copy of click, which are not
+        # click's classes (a missing required option was a traceback)
+        kinds = {c.__name__ for c in type(e).__mro__}
+        if "Abort" in kinds:
             sys.exit(130)
-        if isinstance(e, click.ClickException):
+        if "ClickException" in kinds:
             e.show()
             sys.exit(e.exit_code)
         raise
     finally:
         if as_program:
             exit_at_once_on_ctrl_c()
+
+
+def leave(code: int) -> None:
+    """End with ``code`` after an error was printed. In a process of a distributed run whose process
+    group is up, at once (``os._exit`` after flushing): interpreter shutdown there destroys the
+    group's C++ threads while they still run, which aborts the process ("terminate called without an
+    active exception", status -6), and the launcher then reports a signal instead of the error's
+    code. Nothing is lost: output files are written atomically or appended and flushed as they go."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        import logging
+
+        logging.shutdown()
+        _flush_streams()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _flush_streams() -> None:
+    """Flush stdout and stderr before ``os._exit`` (which skips it); a closed stream is left alone."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def exit_at_once_on_ctrl_c() -> None:
@@ -75,11 +116,7 @@ def exit_at_once_on_ctrl_c() -> None:
     in ..." tracebacks, or kill the process by SIGINT. Nothing is left to save: output files are
     written atomically or appended and synced as they go."""
     def now(signum, frame):
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
+        _flush_streams()
         os._exit(130)
 
     try:

@@ -44,6 +44,10 @@ def serve_cmd(
                                                            "cache holds (default: the model's context, at most "
                                                            "8192 on a GPU, 2048 on a CPU)."),
     compile_decode: Optional[bool] = typer.Option(None, "--compile/--no-compile", help=COMPILE_HELP),
+    engine_process: Optional[bool] = typer.Option(
+        None, "--engine-process/--no-engine-process",
+        help="Run the model and its engine in a process of their own, so HTTP and text never wait on the "
+             "decode loop's interpreter lock (hf back-end; default: on with a CUDA GPU, off on a CPU)."),
     image_root: Optional[Path] = typer.Option(
         None, help="Folder whose pictures requests may name by path (image_url: a path or file://); "
                    "without it, images come only as data: URIs. Paths outside it are refused."),
@@ -64,14 +68,46 @@ def serve_cmd(
     limits = ImageLimits(max_bytes=int(image_max_mb * 2**20), max_pixels=image_max_pixels,
                          max_images=image_max_count)
     engine_kwargs = {"engine": engine_option(engine, max_model_len, compile_decode), "liger": liger} if backend == "hf" else {}
-    predictor = Predictor(model, adapter=adapter_option(adapter), backend=backend, template=template,
-                          rag=rag, rag_threshold=rag_threshold, image_limits=limits, **engine_kwargs)
+    own_process = engine_process_choice(engine_process, backend=backend, engine=engine, model=model)
+    predictor = Predictor(model, adapter=adapter_option(adapter), backend="hf-process" if own_process else backend,
+                          template=template, rag=rag, rag_threshold=rag_threshold, image_limits=limits,
+                          **engine_kwargs)
+    if own_process and predictor.backend.engine_problem is not None:
+        # the child loaded the model and found the engine cannot run it: serve in this process instead
+        print(f"glmtune serve: the engine cannot run in its own process ({predictor.backend.engine_problem}); "
+              "loading the model here", flush=True)
+        predictor.close()
+        predictor = Predictor(model, adapter=adapter_option(adapter), backend=backend, template=template,
+                              rag=rag, rag_threshold=rag_threshold, image_limits=limits, **engine_kwargs)
     if max_body is None:
         max_body = 1 << 20
         if predictor.vision is not None:
             max_body += int(limits.max_bytes * limits.max_images * 4 / 3)
     # Requests name their adapter; with none named the server answers with the base model.
     predictor.default_adapter = None
-    serve(predictor, host=host, port=port, api_key=api_key, max_queue=max_queue, timeout=timeout,
-          max_tokens=max_tokens, model_name=model_name, image_root=image_root, max_body=max_body,
-          header_timeout=header_timeout)
+    try:
+        serve(predictor, host=host, port=port, api_key=api_key, max_queue=max_queue, timeout=timeout,
+              max_tokens=max_tokens, model_name=model_name, image_root=image_root, max_body=max_body,
+              header_timeout=header_timeout)
+    finally:
+        predictor.close()
+
+
+def engine_process_choice(asked: bool | None, *, backend: str, engine: str, model: Path) -> bool:
+    """Whether the model and engine go into a process of their own: asked, else on with a CUDA GPU.
+    Only the hf back-end's engine can (not vLLM, not `--engine off`, not a vision-language model,
+    whose pictures go through this process's processor)."""
+    from glmtune.errors import InputError
+    from glmtune.models.loading import is_vision_model
+
+    why = ("--backend is not hf" if backend != "hf" else "--engine off" if engine == "off"
+           else "a vision-language model" if is_vision_model(model) else None)
+    if asked and why:
+        raise InputError(f"--engine-process needs glmtune's engine on a text model ({why})", field="--engine-process",
+                         fix="leave --engine-process out")
+    if asked is not None:
+        return asked
+    if why:
+        return False
+    import torch
+    return torch.cuda.is_available()

@@ -112,21 +112,26 @@ def reasoning_counts(records: list[dict], template, tokenizer) -> tuple[int, int
     """(reasoning tokens the template renders, assistant turns whose reasoning it leaves out).
 
     A reasoning token is one between a ``<think>`` and a ``</think>`` control token of the segments
-    training encodes; a turn's reasoning is left out when it has some (``reasoning_content`` or an
-    inline ``<think>``) and its rendering holds none of it."""
-    from glmtune.templates import segment_ids
+    training encodes (GLM-Z1, whose tags are text: the reasoning a segment holds before ``</think>``
+    after a segment ending in ``<think>``); a turn's reasoning is left out when it has some
+    (``reasoning_content`` or an inline ``<think>``) and its rendering holds none of it."""
+    from glmtune.templates import Segment, segment_ids
     from glmtune.templates.glm45 import split_reasoning
 
     tokens = dropped = 0
     for rec in records:
         msgs = template.checked_messages(rec["messages"], rec.get("tools"))
-        inside, shown = False, set()
+        inside, opened, shown = False, False, set()
         for seg in template.segments(msgs, rec.get("tools"), False, True):
             if seg.special and seg.text in ("<think>", "</think>"):
                 inside = seg.text == "<think>"
             elif inside and seg.text:
                 tokens += len(segment_ids(tokenizer, seg))
                 shown.add(seg.turn)
+            elif opened and "</think>" in seg.text and seg.text.split("</think>")[0]:
+                tokens += len(segment_ids(tokenizer, Segment(seg.text.split("</think>")[0], turn=seg.turn)))
+                shown.add(seg.turn)
+            opened = not seg.special and seg.text.endswith("<think>")
         dropped += sum(1 for t, m in enumerate(msgs) if m["role"] == "assistant"
                        and split_reasoning(m)[0].strip() and t not in shown)
     return tokens, dropped

@@ -158,8 +158,8 @@ class HFBackend:
                 self._engine, _, self._engine_summary = create_engine(
                     self.model, stop_ids=stop_ids, lora=self.lora, settings=self.engine_settings, lock=self._lock)
                 log.info(self._engine_summary)
-            elif set(stop_ids) != self._engine.stop_ids:
-                raise GlmtuneError(f"the engine stops on {sorted(self._engine.stop_ids)}, not {sorted(stop_ids)}")
+            else:
+                check_stop_ids(self._engine, stop_ids)
         return self._engine
 
     @property
@@ -172,38 +172,14 @@ class HFBackend:
         return f"{self._engine_summary}; {self._engine.graphs_note}"
 
     def _engine_generate(self, prompts, adapter, stop_ids, gen: GenConfig, on_tokens, cancel) -> list[Output]:
-        import queue
-
-        engine = self.engine(stop_ids)
-        index = self.adapter_index(adapter)
-        updates = queue.SimpleQueue() if on_tokens is not None else None
-        seqs = [engine.submit(list(p), max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
-                              top_p=gen.top_p, top_k=gen.top_k, repetition_penalty=gen.repetition_penalty,
-                              seed=gen.seed, adapter=index, cancel=cancel,
-                              on_update=updates.put if updates is not None else None) for p in prompts]
-        if updates is not None:  # the caller's callback runs here, never on the engine's thread
-            seq, shown = seqs[0], 0
-            while not seq.done.is_set() or shown < len(seq.tokens):
-                updates.get()
-                ids = list(seq.tokens)
-                if len(ids) > shown:
-                    shown = len(ids)
-                    on_tokens(ids)
-        outs = []
-        for seq in seqs:
-            seq.done.wait()
-            if seq.error is not None:
-                raise seq.error
-            outs.append(engine_output(seq))
-        return outs
+        return generate_on_engine(self.engine(stop_ids), self.adapter_index(adapter), prompts, gen, on_tokens, cancel)
 
     def adapter_index(self, adapter: str | None) -> int:
         """The engine's index of ``adapter`` (-1: the base model); unknown names are a clear error."""
         if adapter in (None, BASE):
             return -1
         if adapter not in self.adapters:
-            raise InputError(f"no adapter named '{adapter}' is loaded" + ("" if self.adapters else " (none are)"),
-                             field="adapter", fix=f"use one of {', '.join([BASE] + self.adapters)}")
+            raise no_such_adapter(adapter, self.adapters)
         return self.lora.index(adapter)
 
     def _say_fallback(self, problem: str) -> None:
@@ -304,6 +280,46 @@ class HFBackend:
     def close(self) -> None:
         if self._engine is not None:
             self._engine.close()
+
+
+def no_such_adapter(adapter: str, loaded: list[str]) -> InputError:
+    """The error for a request naming an adapter that is not loaded."""
+    return InputError(f"no adapter named '{adapter}' is loaded" + ("" if loaded else " (none are)"),
+                      field="adapter", fix=f"use one of {', '.join([BASE] + list(loaded))}")
+
+
+def check_stop_ids(engine, stop_ids: list[int]) -> None:
+    """An engine is started for one set of stop ids; a caller asking for others is a bug to report."""
+    if set(stop_ids) != engine.stop_ids:
+        raise GlmtuneError(f"the engine stops on {sorted(engine.stop_ids)}, not {sorted(stop_ids)}")
+
+
+def generate_on_engine(engine, index: int, prompts, gen: GenConfig, on_tokens: OnTokens | None,
+                       cancel: threading.Event | None) -> list[Output]:
+    """Answer ``prompts`` on a generation engine (in this process or another: the same interface)
+    with adapter ``index``; ``on_tokens`` streams the one prompt's ids on the caller's thread."""
+    import queue
+
+    updates = queue.SimpleQueue() if on_tokens is not None else None
+    seqs = [engine.submit(list(p), max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                          top_p=gen.top_p, top_k=gen.top_k, repetition_penalty=gen.repetition_penalty,
+                          seed=gen.seed, adapter=index, cancel=cancel,
+                          on_update=updates.put if updates is not None else None) for p in prompts]
+    if updates is not None:  # the caller's callback runs here, never on the engine's thread
+        seq, shown = seqs[0], 0
+        while not seq.done.is_set() or shown < len(seq.tokens):
+            updates.get()
+            ids = list(seq.tokens)
+            if len(ids) > shown:
+                shown = len(ids)
+                on_tokens(ids)
+    outs = []
+    for seq in seqs:
+        seq.done.wait()
+        if seq.error is not None:
+            raise seq.error
+        outs.append(engine_output(seq))
+    return outs
 
 
 def engine_output(seq) -> Output:
@@ -484,4 +500,10 @@ def _vllm_prompt(prompt: list[int]) -> dict:
     return {"prompt_token_ids": list(prompt.unexpanded_ids), "multi_modal_data": {"image": images}}
 
 
-BACKENDS = {"hf": HFBackend, "vllm": VLLMBackend}
+def _process_backend(*args, **kwargs):
+    """HF back-end whose model and engine run in a child process (glmtune.infer.engine_process)."""
+    from glmtune.infer.engine_process import ProcessBackend
+    return ProcessBackend(*args, **kwargs)
+
+
+BACKENDS = {"hf": HFBackend, "vllm": VLLMBackend, "hf-process": _process_backend}

@@ -15,10 +15,13 @@ BOT_PREFIX = "glm> "
 
 
 def run_chat(predictor, system: str | None = None, *, read: Callable[[str], str] = input,
-             out: TextIO = sys.stdout, **gen) -> None:
+             out: TextIO | None = None, **gen) -> None:
     """Chat until /exit or end of input. History holds the visible answers (no RAG passages) and
-    the pictures attached to each user turn."""
+    the pictures attached to each user turn. ``out`` defaults to the ``sys.stdout`` of the call, not
+    of the import (a test runner or a redirect may have replaced it since)."""
     from glmtune.errors import GlmtuneError
+
+    out = sys.stdout if out is None else out
 
     history: list[dict] = []
     pending: list[dict] = []  # image parts for the next message

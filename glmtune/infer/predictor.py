@@ -95,6 +95,12 @@ class Predictor:
         self.vision, self.image_limits = None, ImageLimits()
         return self
 
+    def close(self) -> None:
+        """Let go of the back-end's engine (and its process, where it has one)."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
     @property
     def adapters(self) -> list[str]:
         return list(self.backend.adapters)

@@ -25,12 +25,24 @@ from glmtune.errors import InputError
 META_FILE = "glmtune.json"
 # The template families a folder's files can name; glmtune.templates registers one template each
 # (tests/models/test_folder.py keeps the two lists equal).
-FAMILIES = ("glm4", "glm45", "glm47", "chatglm3", "chatglm2", "qwen", "llama3")
+FAMILIES = ("glm4", "glmz1", "glm45", "glm47", "chatglm3", "chatglm2", "qwen", "llama3")
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/=]+ \d+\s*$")
 GLM_MODEL_TYPES = {"glm", "glm4", "chatglm", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa"}
 # GLM-4.5+ model types -> their template family when no chat template says (GLM-4.7 is also glm4_moe: its
-# shipped template tells it apart; GLM-5 (glm_moe_dsa) is assumed to speak GLM-4.7's form: unverified).
+# shipped template tells it apart). GLM-5 (glm_moe_dsa) speaks GLM-4.7's form in plain chat; its tool and
+# reasoning rendering may differ (a GLM-5.1 template is refused below), so a folder's shipped template wins.
 GLM45_MODEL_TYPES = {"glm4_moe": "glm45", "glm4_moe_lite": "glm47", "glm_moe_dsa": "glm47"}
+# Shipped chat templates glmtune does not reproduce: a marker in the template -> why (the folder's family
+# stops there with this reason; glmtune.json {"template": ...} still chooses one knowingly).
+UNSUPPORTED_TEMPLATES = {
+    "thinking_indices": "this is GLM-5.1's chat template, which glm47 does not reproduce: it lists each tool as "
+                        "its bare function (no `strict`/`defer_loading` keys), keeps reasoning unstripped and "
+                        "writes `<think></think>` before an answer without reasoning after the last user turn "
+                        "(tests/templates/test_glm5.py)",
+    "你是一个专业的深度研究助手": "this is GLM-Z1-Rumination's chat template (a fixed deep-research system prompt "
+                         "and tool list, system messages ignored, no `<think>` in the generation prompt), "
+                         "which no glmtune template reproduces",
+}
 
 
 def read_json(path: Path) -> dict:
@@ -122,6 +134,12 @@ class ModelFolder:
         explicit = self.meta.get("template")
         if explicit:
             return str(explicit)
+        template = _default_template(self.chat_template)
+        for marker, why in UNSUPPORTED_TEMPLATES.items():
+            if isinstance(template, str) and marker in template:
+                raise InputError(f"the folder's chat template: {why}", file=self.path,
+                                 fix='add glmtune.json with {"template": "glm47"} (or another family) to train '
+                                     'and serve with that template anyway, knowing where it differs')
         by_template = family_from_chat_template(self.chat_template)
         if by_template:
             return by_template
@@ -158,7 +176,7 @@ class ModelFolder:
         family = self.family
         if name is None and family is None:
             raise InputError("cannot tell which chat template this model uses", file=self.path,
-                             fix='add glmtune.json with {"template": "glm4"} (or glm45, glm47, chatglm3, '
+                             fix='add glmtune.json with {"template": "glm4"} (or glmz1, glm45, glm47, chatglm3, '
                                  'chatglm2, qwen, llama3), or pass --template')
         chosen = name or family
         if chosen == family == "qwen":
@@ -188,6 +206,8 @@ def family_from_chat_template(template) -> str | None:
     if "[gMASK]<sop>" in template and "<arg_key>" in template:
         # GLM-4.5+: XML tool calls. GLM-4.7 writes `<|user|>{{ ... }}` (no newline after role tokens).
         return "glm47" if "<|user|>{{" in template.replace(" ", "") else "glm45"
+    if "[gMASK]<sop>" in template and "split('</think>')" in template and "<think>{% endif %}" in template:
+        return "glmz1"  # GLM-Z1-0414: the GLM-4 layout, reasoning dropped from history, the prompt opens <think>
     for marker, fam in (("[gMASK]<sop>", "glm4"), ("[gMASK]sop", "chatglm3"),
                         ("<|im_start|>", "qwen"), ("<|start_header_id|>", "llama3"),
                         ("[Round", "chatglm2")):

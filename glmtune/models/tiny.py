@@ -64,12 +64,14 @@ def build_tiny_glm4_moe(out_dir: str | Path, tokenizer_dir: str | Path, *, lite:
                         overrides: dict | None = None, dtype: str = "float32", template: str = "glm4") -> Path:
     """Write a random Glm4Moe (``lite=False``) or Glm4MoeLite (GLM-4.7-Flash layout) model folder.
 
-    The router is initialised with a 10x wider spread than the configs' 0.02, so a random model's
-    tokens spread over the experts instead of tying at sigmoid(0)."""
+    ``template`` glm45 / glm47 gives the folder GLM-4.5's tokenizer (``tokenizer_dir`` GLM-4's, its added
+    tokens at the official ids), as the real models ship it. The router is initialised with a 10x wider
+    spread than the configs' 0.02, so a random model's tokens spread over the experts instead of tying at
+    sigmoid(0)."""
     import torch
     from transformers import Glm4MoeConfig, Glm4MoeForCausalLM, Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM
 
-    from glmtune.models.tokenizer import load_tokenizer
+    from glmtune.models.tokenizer import glm45_tokenizer, load_tokenizer
 
     out_dir = Path(out_dir)
     kwargs = {**(TINY_GLM4_MOE_LITE if lite else TINY_GLM4_MOE), **(overrides or {})}
@@ -86,7 +88,8 @@ def build_tiny_glm4_moe(out_dir: str | Path, tokenizer_dir: str | Path, *, lite:
             if name.endswith("mlp.gate.weight"):
                 p.normal_(0.0, 0.2)
     model.to(getattr(torch, dtype)).save_pretrained(out_dir)
-    load_tokenizer(tokenizer_dir).save_pretrained(out_dir)
+    tokenizer = glm45_tokenizer(tokenizer_dir) if template in ("glm45", "glm47") else load_tokenizer(tokenizer_dir)
+    tokenizer.save_pretrained(out_dir)
     write_glmtune_meta(out_dir, template=template)
     return out_dir
 

@@ -30,8 +30,14 @@ GLM4_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 GLM4_SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>",
                  "<|user|>", "<|assistant|>", "<|observation|>", "<|begin_of_image|>",
                  "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>"]
-# GLM-4.5+ (GLM-4.5/4.6/4.7, GLM-4.7-Flash) ship the GLM-4 vocabulary with these added tokens, ids
-# 151343.. in this order (their tokenizer.json; <think> = 151350, <tool_call> = 151352, /nothink = 151360).
+# GLM-4.5+ (GLM-4.5/4.6/4.7, GLM-4.7-Flash) ship the GLM-4 vocabulary with these added tokens, ids 151343..151364
+# in this order. Checked against public copies (no hub access here): a GLM-4.5-Air GGUF's load log (ik_llama.cpp
+# PR #689 thread, 2025-08-14) names 151343-151349 (<|begin_of_audio|> .. <|code_suffix|>), 151360 /nothink,
+# 151361-151364 (box, image, video) and 36 special tokens in all (151329..151364); SGLang's
+# Glm4MoeThinkingBudgetLogitProcessor pins <think> 151350 / </think> 151351; transformers' Glm4vMoeConfig
+# defaults image_token_id 151363 / video_token_id 151364. The eight tool tags fill 151352..151359, the ids left;
+# their order among themselves (<tool_call> 151352 .. </arg_value> 151359) is not confirmed by a public copy.
+# GLM-5.x (glm_moe_dsa) has another vocabulary (<|endoftext|> 154820, <think> 154841): its folder's tokenizer is used.
 GLM45_SPECIALS = ["<|begin_of_audio|>", "<|end_of_audio|>", "<|begin_of_transcription|>",
                   "<|end_of_transcription|>", "<|code_prefix|>", "<|code_middle|>", "<|code_suffix|>",
                   "<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
@@ -83,6 +89,18 @@ def load_tokenizer(path: str | Path, *, family: str | None = None):
         raise InputError(f"tokenizer.model is a sentencepiece model but the family is '{family}'",
                          file=model_file, fix="pass family='chatglm2' or 'chatglm3'")
     return _chatglm_tokenizer(model_file, family)
+
+
+def glm45_tokenizer(glm4_tokenizer_dir: str | Path):
+    """The GLM-4.5+ tokenizer built from a GLM-4 one: GLM45_SPECIALS added at their official ids (151343..).
+    For tiny test and demo folders; a real GLM-4.5/4.6/4.7 folder ships its own."""
+    tok = load_tokenizer(glm4_tokenizer_dir)
+    first = len(tok)
+    if first != 151343:  # the ids only land where GLM-4.5 has them on GLM-4's exact vocabulary
+        raise InputError(f"a GLM-4 tokenizer has 151343 tokens, this one {first}", file=glm4_tokenizer_dir,
+                         fix="build the GLM-4.5 tokenizer from glm-4-9b-chat's (glmtune/resources/tokenizers/glm4)")
+    tok.add_special_tokens({"additional_special_tokens": GLM45_SPECIALS})
+    return tok
 
 
 def _load_hf_folder(path: Path):

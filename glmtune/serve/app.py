@@ -120,6 +120,9 @@ def create_app(predictor, *, api_key: str | None = None, max_queue: int = 64, ti
             return error(404, f"The model '{req.model}' does not exist; this server has "
                               f"{', '.join([base_name] + predictor.adapters)}", param="model",
                          code="model_not_found")
+        if not engine.alive:  # say so at once: a request to a dead engine would only wait for its timeout
+            return error(503, f"the generation engine has stopped ({getattr(engine, 'last_error', None) or 'see the server log'})",
+                         "server_error", code="engine_stopped")
         messages = schemas.canonical_messages(req.messages, image_root)
         template = predictor.template.variant(**(req.chat_template_kwargs or {}))
         # Retrieval embeds the question: run it off the event loop.
@@ -218,7 +221,10 @@ async def _next_event(job: Job, deadline: float):
 
 def context_length(predictor) -> int | None:
     """Tokens the model can attend to (prompt + answer), from its config; None when unknown."""
-    model = getattr(getattr(predictor, "backend", None), "model", None)
+    backend = getattr(predictor, "backend", None)
+    if getattr(backend, "context_length", None):  # a back-end whose model is in another process says it
+        return backend.context_length
+    model = getattr(backend, "model", None)
     config = getattr(model, "config", None)
     if config is None:
         return None

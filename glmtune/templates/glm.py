@@ -1,4 +1,4 @@
-"""GLM-family templates: GLM-4 (glm-4-9b-chat, GLM-4-9B-0414), ChatGLM3 and ChatGLM2.
+"""GLM-family templates: GLM-4 (glm-4-9b-chat, GLM-4-9B-0414), GLM-Z1 (GLM-Z1-9B/32B-0414), ChatGLM3, ChatGLM2.
 
 GLM-4 and ChatGLM3 mark each message with a role token and end an assistant turn with the next
 role token (or end-of-text), which is why that token is trained: it is how the model learns to stop.
@@ -13,10 +13,17 @@ import json
 
 from glmtune.errors import InputError
 from glmtune.templates.base import Segment, Template, content_of, metadata_of, tool_call_parts
+from glmtune.templates.glm45 import split_reasoning
 
 GLM4_TOOL_SYSTEM = ("你是一个名为 GLM-4 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
                     "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具")
 GLM4_TOOL_HINT = "\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
+# GLM-Z1-0414's tools preamble (its official chat template: tests/templates/official/glmz1_chat_template.jinja;
+# the hint after each tool is GLM-4's).
+GLMZ1_TOOL_SYSTEM = ("你是一个名为 ChatGLM 的人工智能助手。你是基于智谱 AI 公司训练的语言模型 GLM-4 模型开发的，"
+                     "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具")
+# GLM-Z1's generation prompt ends `<|assistant|>` + this: the model always starts inside its thinking.
+GLMZ1_THINK_OPEN = "\n<think>"
 # ChatGLM3's tool demo system prompt, used when tools come without a system message.
 CHATGLM3_TOOL_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
 
@@ -114,6 +121,87 @@ class GLM4Template(_RoleTokenTemplate):
 
     def _body(self, meta, content, turn, trained):
         return [Segment(f"{meta}\n{content}", turn=turn, trained=trained)]
+
+
+class GLMZ1Template(_RoleTokenTemplate):
+    """GLM-Z1-9B-0414 / GLM-Z1-32B-0414: the GLM-4-0414 layout with forced thinking (official jinja template).
+
+    As the official template: every message but a system one shows ``content.split('</think>')[-1].strip()``
+    (so reasoning is never rendered in the history), empty messages are kept, tools get their own
+    ``<|system|>`` block, a tool call is ``<|assistant|>{name}\\n{arguments}`` and the generation prompt is
+    ``<|assistant|>\\n<think>``: the model writes ``reasoning</think>answer``.
+
+    That prompt is what the model continues, so the assistant message(s) ending a conversation (or one with
+    ``keep_reasoning``) are written the way the model writes them there: ``\\n<think>`` (the prompt's, not
+    trained) then ``{reasoning}</think>{answer}`` (trained; the reasoning may be empty). The official
+    template cannot render such a turn (it drops the reasoning and the ``<think>``); every earlier turn,
+    every generation prompt and every tool call renders exactly as it does, so a trained answer's context
+    is the prompt the model is served.
+    """
+
+    name = "glmz1"
+    prefix = ("[gMASK]", "<sop>")
+    eos = "<|endoftext|>"
+    stop_tokens = ("<|endoftext|>", "<|user|>", "<|observation|>")
+    supports_tools = True
+    metadata_line = False  # the generation prompt already holds the newline (and `<think>`)
+
+    def segments(self, messages, tools=None, add_generation_prompt=False, add_eos=True):
+        live = _live_turns(messages)
+        segs = [Segment(t, special=True) for t in self.prefix] + self._tool_segments(tools)
+        prev, called = None, False  # turn of the assistant block just emitted (if any), and whether it is a call
+        for turn, role, meta, content in self._blocks(messages, tools):
+            segs.append(_end_or_header(f"<|{role}|>", turn, prev))
+            trained = role == "assistant"
+            if trained and not meta and turn in live:
+                segs += [Segment(GLMZ1_THINK_OPEN, turn=turn),
+                         Segment(f"{live[turn]}</think>{content}", turn=turn, trained=True)]
+            else:
+                segs.append(Segment(f"{meta}\n{content}", turn=turn, trained=trained))
+            prev, called = (turn if trained else None), bool(meta)
+        if add_generation_prompt:
+            segs += [_end_or_header("<|assistant|>", len(messages), prev),
+                     Segment(GLMZ1_THINK_OPEN, turn=len(messages))]
+        elif add_eos and prev is not None:  # a final tool call ends where the tool's result would start
+            segs.append(Segment("<|observation|>" if called else self.eos, special=True, turn=prev, trained=True))
+        return segs
+
+    def _blocks(self, messages, tools):
+        for turn, role, meta, content in super()._blocks(messages, tools):
+            # the official `visible`: reasoning (up to the last `</think>`) and outer whitespace dropped
+            yield turn, role, meta, content if role == "system" else content.split("</think>")[-1].strip()
+
+    def _tool_segments(self, tools) -> list[Segment]:
+        if not tools:
+            return []
+        text = "\n" + GLMZ1_TOOL_SYSTEM
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict):
+                raise InputError("a tool must be an object", field=f"tools[{i}]")
+            fn = tool["function"] if tool.get("function") else tool  # as the template: `tool.function` or the tool
+            # `tojson(indent=4, ensure_ascii=False)` is json.dumps with those arguments
+            text += f"\n## {fn.get('name', '')}\n\n{json.dumps(fn, ensure_ascii=False, indent=4)}{GLM4_TOOL_HINT}"
+        return [Segment("<|system|>", special=True), Segment(text)]
+
+    def parse_output(self, text: str, tools: list | None = None) -> dict:
+        from glmtune.templates.parse import parse_glm_output
+
+        return parse_glm_output(text, starts_in_reasoning=True, tools=tools)
+
+    def output_stream(self, tools: list | None = None):
+        from glmtune.templates.parse import GLMStreamParser
+
+        return GLMStreamParser(starts_in_reasoning=True, tools=tools)
+
+
+def _live_turns(messages) -> dict[int, str]:
+    """turn -> reasoning (stripped, maybe '') of the assistant messages a GLM-Z1 model writes after its
+    thinking prompt: those that end the conversation (after its last non-assistant message), so their
+    context is exactly the official prompt; any with ``keep_reasoning`` too. Earlier turns render as the
+    official template renders them in the prompt (reasoning dropped)."""
+    last_other = max((i for i, m in enumerate(messages) if m["role"] != "assistant"), default=-1)
+    return {turn: split_reasoning(msg)[0].strip() for turn, msg in enumerate(messages)
+            if msg["role"] == "assistant" and (turn > last_other or msg.get("keep_reasoning"))}
 
 
 class ChatGLM3Template(_RoleTokenTemplate):

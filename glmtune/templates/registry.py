@@ -10,7 +10,7 @@ from typing import Callable
 from glmtune.errors import InputError
 from glmtune.templates.base import Template
 from glmtune.templates.chatml import ChatMLTemplate, Llama3Template
-from glmtune.templates.glm import ChatGLM2Template, ChatGLM3Template, GLM4Template
+from glmtune.templates.glm import ChatGLM2Template, ChatGLM3Template, GLM4Template, GLMZ1Template
 from glmtune.templates.glm45 import GLM45Template, GLM47Template
 
 _REGISTRY: dict[str, Callable[..., Template]] = {}
@@ -35,6 +35,7 @@ def get_template(name: str, **options) -> Template:
 
 
 register_template("glm4", GLM4Template)
+register_template("glmz1", GLMZ1Template)
 register_template("glm45", GLM45Template)
 register_template("glm47", GLM47Template)
 register_template("chatglm3", ChatGLM3Template)

@@ -47,8 +47,8 @@ class DataSourceSection(ConfigSection):
                                                    "(default ./datasets.yaml, as for `glmtune data`).")
     val_size: float = Field(0.0, ge=0, description="Hold out this share (<1) or count (>=1) of the training "
                                                    "records as the dev split (seeded shuffle).")
-    template: str | None = Field(None, description="Chat template (glm4, chatglm3, chatglm2, qwen, llama3). "
-                                                   "Default: the model folder's glmtune.json.")
+    template: str | None = Field(None, description="Chat template (glm4, glmz1, glm45, glm47, chatglm3, chatglm2, "
+                                                   "qwen, llama3). Default: the model folder's glmtune.json.")
     cutoff_len: int = Field(1024, gt=0, description="Longest encoded conversation, in tokens.")
     on_overflow: Literal["truncate", "drop", "error"] = Field("truncate", description=(
         "A conversation longer than cutoff_len: truncate its dialogue text (truncate_side), drop it, or stop "

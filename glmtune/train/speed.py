@@ -149,8 +149,11 @@ def decide_attention(cfg: TrainConfig, *, packing: bool, native: bool, cuda: boo
 
 
 def decide_compile(cfg: TrainConfig, traits: MethodTraits, *, cuda: bool, native: bool,
-                   distributed: str) -> tuple[bool, str | None]:
-    """speed.compile: regional torch.compile of the decoder blocks."""
+                   distributed: str, moe: bool = False) -> tuple[bool, str | None]:
+    """speed.compile: regional torch.compile of the decoder blocks. auto stays off on a
+    mixture-of-experts model: on the H200 (torch 2.11) inductor's code for a GLM-4.7-Flash block
+    failed at run time ("Invalid strides/sizes" in the grouped expert GEMMs) and the data-dependent
+    routing made its compile outlast a 120 s run (bench/results/2026-12-02_s8/)."""
     sp = cfg.speed
     if sp.compile != "auto":
         if sp.compile and not native:
@@ -158,6 +161,7 @@ def decide_compile(cfg: TrainConfig, traits: MethodTraits, *, cuda: bool, native
                               "its own remote code", field="speed.compile", fix="set speed.compile: false")
         return bool(sp.compile), None
     why = ("no CUDA GPU" if not cuda else "remote-code model" if not native
+           else "mixture-of-experts model: inductor fails on the grouped expert GEMMs" if moe
            else f"accelerate runs {distributed}" if distributed in SHARDED
            else None if traits.kernels else f"method {traits.name}")
     return (False, f"speed.compile auto -> off ({why})") if why else (True, None)
@@ -189,6 +193,25 @@ def decide_liger(cfg: TrainConfig, traits: MethodTraits, *, cuda: bool, native: 
     return (sp.liger if sp.liger != "auto" else "flce" if compile_on else "all"), None
 
 
+def fused_lora_blockers(dtype: str, adapter_dtype: str, dropout: float, distributed: str, *,
+                        key: str) -> list[str]:
+    """Why fused LoRA would not engage (empty: it would): the adapter weights must have the
+    activations' dtype (fp32 adapters on a bf16 model, and fp16, which loads fp32 weights under fp16
+    autocast, run PEFT's forward), no dropout, each process holding whole layer weights (not FSDP /
+    DeepSpeed shards). ``key``: the setting that gives adapters the model's dtype (train and align
+    name it differently)."""
+    adapters = "fp32" if adapter_dtype == "fp32" or dtype == "fp16" else dtype
+    why = []
+    if adapters != dtype:
+        why.append(f"adapters {adapters}, activations {dtype}: every layer would run PEFT's forward; "
+                   f"{key}: model fuses on bf16")
+    if dropout > 0:
+        why.append("method.dropout > 0 (a dropped-out input runs PEFT's forward)")
+    if distributed not in ("NO", "MULTI_GPU"):
+        why.append(f"accelerate runs {distributed}")
+    return why
+
+
 def decide_fused_lora(cfg: TrainConfig, traits: MethodTraits, *, distributed: str) -> tuple[bool, str | None]:
     """speed.fused_lora: exact, so auto is on wherever there is LoRA and it can engage: the adapter
     weights have the activations' dtype (fp16 loads fp32 weights under fp16 autocast, so never
@@ -199,16 +222,8 @@ def decide_fused_lora(cfg: TrainConfig, traits: MethodTraits, *, distributed: st
                           field="speed.fused_lora", fix="set speed.fused_lora: auto or false")
     if sp.fused_lora is False or not traits.lora:
         return False, None
-    act = cfg.model.dtype
-    adapters = "fp32" if sp.adapter_dtype == "fp32" or act == "fp16" else act
-    why = []
-    if adapters != act:
-        why.append(f"adapters {adapters}, activations {act}: every layer would run PEFT's forward; "
-                   "speed.adapter_dtype: model fuses on bf16")
-    if cfg.method.dropout > 0:
-        why.append("method.dropout > 0 (a dropped-out input runs PEFT's forward)")
-    if distributed not in ("NO", "MULTI_GPU"):
-        why.append(f"accelerate runs {distributed}")
+    why = fused_lora_blockers(cfg.model.dtype, sp.adapter_dtype, cfg.method.dropout, distributed,
+                              key="speed.adapter_dtype")
     if why and sp.fused_lora is True:
         raise ConfigError(f"speed.fused_lora=true cannot run here: {'; '.join(why)}", field="speed.fused_lora",
                           fix="set speed.fused_lora: auto (or speed.adapter_dtype: model)")
@@ -321,7 +336,7 @@ def resolve_speed(cfg: TrainConfig, *, cuda: bool | None = None, native: bool | 
     varlen, n_attention = decide_attention(cfg, packing=packing, native=native, cuda=cuda,
                                            varlen_problem=varlen_problem)
     # compile before liger: auto liger depends on it
-    compile_on, n_compile = decide_compile(cfg, traits, cuda=cuda, native=native, distributed=distributed)
+    compile_on, n_compile = decide_compile(cfg, traits, cuda=cuda, native=native, distributed=distributed, moe=moe)
     liger, n_liger = decide_liger(cfg, traits, cuda=cuda, native=native, compile_on=compile_on,
                                   distributed=distributed, liger_problem=liger_problem)
     fused_lora, n_fused = decide_fused_lora(cfg, traits, distributed=distributed)

@@ -59,7 +59,9 @@ def test_preference_method_raises_heldout_margin(algorithm, align, lr, trainer, 
     assert type(res.trainer).__name__ == trainer
     if algorithm == "dpo":
         assert "ref_chosen_logps" in res.trainer.train_dataset.column_names
-    after = heldout_margin(res.trainer.accelerator.unwrap_model(res.trainer.model), dev)
+    policy = res.trainer.accelerator.unwrap_model(res.trainer.model)
+    assert list(policy.peft_config) == ["default"]  # no frozen "ref" copy of a fresh LoRA (it is the base)
+    after = heldout_margin(policy, dev)
     print(algorithm, "held-out margin", before, "->", after)
     assert after > before + 0.5, (before, after)
     losses = [r["loss"] for r in res.metrics if "loss" in r]

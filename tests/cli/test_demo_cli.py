@@ -149,3 +149,11 @@ def test_demo_question_on_a_real_terminal(tmp_path):
     child.close()
     assert child.exitstatus == 0 and not (out / "data" / "old.jsonl").exists()
     assert (out / "data" / "train.jsonl").exists()
+
+
+def test_a_missing_required_option_is_a_usage_line_not_a_traceback(capsys):
+    """typer raises its vendored click's MissingParameter, which is not click's own class: it was a
+    traceback until main() recognised click errors by class name."""
+    code, err = run_cli(capsys, "data", "render", "x.jsonl", "--tokenizer", "t")
+    assert code == 2
+    assert "Missing option '--template'" in err and "Traceback" not in err

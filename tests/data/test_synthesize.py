@@ -3,9 +3,6 @@ dropped and why; provenance; resume), and the plumbing against `glmtune serve` o
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -105,27 +102,17 @@ def test_grounding_chunking_and_parsing(glm4_tokenizer_dir):
 
 
 def test_against_glmtune_serve_on_the_tiny_model(pages, tmp_path, trained_glm4_dir):
-    """Plumbing: the tiny model cannot write JSON, so every chunk is asked twice and dropped as invalid_json."""
-    from server_wait import wait_healthy
+    """Plumbing: the tiny model cannot write JSON, so every chunk is asked twice and dropped as invalid_json.
+    (`glmtune serve`'s command in this process, its app on a free port: tests/serve runs the server process.)"""
+    from live_server import served
 
     one_page = tmp_path / "pages"
     one_page.mkdir()
     (one_page / "library.txt").write_text(next(p["text"] for p in read_pages(pages) if p["title"] == "Library"))
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "glmtune", "serve", "--model", str(trained_glm4_dir),
-                             "--port", str(port), "--max-tokens", "16"],
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_healthy(proc, f"http://127.0.0.1:{port}", deadline_s=300, poll_s=0.2)   # 300: a busy 2-core CI box
-        s = synthesize_qa(one_page, tmp_path / "qa.jsonl", llm=f"http://127.0.0.1:{port}/v1", per_chunk=2,
+    with served("--model", trained_glm4_dir, "--max-tokens", "16") as server:
+        s = synthesize_qa(one_page, tmp_path / "qa.jsonl", llm=f"{server.url}/v1", per_chunk=2,
                           lang="en", max_tokens=16)
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=20)
     assert s.chunks == 1 and s.requests == 2 and dict(s.dropped) == {"invalid_json": 1} and s.pairs_kept == 0
     assert (tmp_path / "qa.jsonl").read_text() == ""
     log = [json.loads(x) for x in (tmp_path / "qa.progress.jsonl").read_text(encoding="utf-8").splitlines()]

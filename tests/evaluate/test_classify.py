@@ -4,7 +4,6 @@ equal sklearn's; --quick / --max-len; the CLI writes metrics.json."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -46,7 +45,8 @@ def trained_cls_dir(tmp_path_factory, glm4_tokenizer_dir):
     ids = torch.tensor([e.input_ids + [0] * (width - len(e)) for e in encs])
     labels = torch.tensor([e.labels + [-100] * (width - len(e)) for e in encs])
     mask = (torch.arange(width)[None, :] < torch.tensor([len(e) for e in encs])[:, None]).long()
-    loss = _train(model, ids, mask, labels, 800)
+    # 300 steps: loss ~0.03 and 49-81 of 100 valid greedy answers (measured; 800 steps gave 57-60)
+    loss = _train(model, ids, mask, labels, 300)
     assert loss < 0.1, f"tiny classifier did not learn its answer format (loss {loss:.3f})"
     model.eval().save_pretrained(out)
     return out
@@ -193,13 +193,14 @@ def test_report_counts_truncation_and_quick_is_stratified(trained_cls_dir, test_
 
 
 def test_cli_writes_metrics(trained_cls_dir, test_file, tmp_path):
+    from glmtune.cli.main import main
+
     labels = tmp_path / "labels.yaml"
     labels.write_text("7: 办理开通\n1: 办理取消\n29: 办理缴费\n12: 投诉费用\n19: 投诉网络\n", encoding="utf-8")
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "glmtune", "eval", "classify", "--model", str(trained_cls_dir),
-                        "--data", str(test_file), "--labels", str(labels), "--quick", "20", "--out", str(out)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    # the CLI's entry point in this process (a subprocess would cost a torch import)
+    main(["eval", "classify", "--model", str(trained_cls_dir), "--data", str(test_file), "--labels", str(labels),
+          "--quick", "20", "--out", str(out)])
     m = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert m["mode"] == "constrained" and m["n_samples"] == 20 and m["invalid_count"] == 0
     assert set(m["labels"]) == {"办理开通", "办理取消", "办理缴费", "投诉费用", "投诉网络"}

@@ -6,7 +6,6 @@ remote-code folder given to a command is refused with one line naming the import
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,9 +18,7 @@ from glmtune.models.tiny_chatglm import TINY_CHATGLM, write_chatglm_checkpoint
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS / "serve"))
-sys.path.insert(0, str(TESTS / "real"))
-from server_wait import wait_healthy  # noqa: E402
-from topic_task import cli_env, free_port  # noqa: E402
+from live_server import served  # noqa: E402
 
 FAMILIES = ("chatglm2", "chatglm3", "glm4")
 MESSAGES = [{"role": "system", "content": "你是一个乐于助人的助手。"},
@@ -229,38 +226,31 @@ def test_train_lora_and_prefix_then_eval_classify(imported, tmp_path):
 
 
 def test_chat_and_serve_answer_like_predictor(imported):
-    pexpect = pytest.importorskip("pexpect")
+    """`glmtune chat` and `glmtune serve` on imported folders, through the CLI's commands in this
+    process (the terminal and the server process are tests/infer/test_chat_cli.py's and
+    tests/serve/test_serve_cli.py's; each subprocess here would cost a torch import)."""
     import openai
+    from typer.testing import CliRunner
 
     from glmtune import Predictor
+    from glmtune.cli.main import app, register_commands
 
+    register_commands()
     glm4_dir, chatglm2_dir = imported["glm4"][1], imported["chatglm2"][1]
     question = "你好，请介绍一下你自己。"
-    child = pexpect.spawn(sys.executable, ["-m", "glmtune", "chat", "--model", str(glm4_dir), "--max-new-tokens", "6"],
-                          env=cli_env(), encoding="utf-8", timeout=120, dimensions=(40, 200))
-    try:
-        child.expect_exact("you> ")
-        child.sendline(question)
-        child.expect_exact("glm> ")
-        child.expect_exact("\r\nyou> ")
-        answer = child.before.replace("\r\n", "\n")
-        child.sendline("/exit")
-        child.expect(pexpect.EOF)
-    finally:
-        child.close()
-    assert child.exitstatus == 0
+    res = CliRunner().invoke(app, ["chat", "--model", str(glm4_dir), "--max-new-tokens", "6"],
+                             input=f"{question}\n/exit\n")
+    assert res.exit_code == 0, res.output
+    # the chat prints "you> " when it reads, "glm> " before the streamed answer and a newline after it
+    after_question = res.output.split("you> ", 2)
+    assert len(after_question) == 3 and after_question[1].startswith("glm> "), res.output
+    answer = after_question[1][len("glm> "):].removesuffix("\n")
     assert answer == Predictor(glm4_dir, max_new_tokens=6)(question)
 
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "glmtune", "serve", "--model", str(chatglm2_dir), "--port",
-                             str(port), "--max-tokens", "6"], env={**cli_env(), "GLMTUNE_API_KEY": "k"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_healthy(proc, f"http://127.0.0.1:{port}", deadline_s=120, poll_s=0.3)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=60)
-        served = client.chat.completions.create(model=chatglm2_dir.name, messages=[
+    with served("--model", chatglm2_dir, "--max-tokens", "6", env={"GLMTUNE_API_KEY": "k"}) as live:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="k", max_retries=0, timeout=60)
+        with pytest.raises(openai.AuthenticationError):  # the key from the environment is required
+            openai.OpenAI(base_url=f"{live.url}/v1", api_key="other", max_retries=0).models.list()
+        reply = client.chat.completions.create(model=chatglm2_dir.name, messages=[
             {"role": "user", "content": question}]).choices[0].message.content
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=30)
-    assert served == Predictor(chatglm2_dir, max_new_tokens=6)(question)
+    assert reply == Predictor(chatglm2_dir, max_new_tokens=6)(question)

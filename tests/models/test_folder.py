@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -58,16 +59,38 @@ def test_model_type_remote_code_and_meta(tmp_path):
     assert folder.template_args() == {"name": "chatglm3"}
 
 
-@pytest.mark.parametrize("jinja_file,family", [("glm45_chat_template.jinja", "glm45"),
-                                               ("glm46_chat_template.jinja", "glm45"),
-                                               ("glm47_chat_template.jinja", "glm47")])
-def test_glm45_family_from_the_shipped_template(jinja_file, family, tmp_path):
-    from pathlib import Path
+OFFICIAL = Path(__file__).resolve().parents[1] / "templates" / "official"
 
-    official = Path(__file__).resolve().parents[1] / "templates" / "official" / jinja_file
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "glm4_moe"}))
-    (tmp_path / "chat_template.jinja").write_text(official.read_text(encoding="utf-8"), encoding="utf-8")
+
+@pytest.mark.parametrize("jinja_file,model_type,family", [("glm45_chat_template.jinja", "glm4_moe", "glm45"),
+                                                          ("glm46_chat_template.jinja", "glm4_moe", "glm45"),
+                                                          ("glm47_chat_template.jinja", "glm4_moe", "glm47"),
+                                                          ("glmz1_chat_template.jinja", "glm4", "glmz1")])
+def test_glm_family_from_the_shipped_template(jinja_file, model_type, family, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    (tmp_path / "chat_template.jinja").write_text((OFFICIAL / jinja_file).read_text(encoding="utf-8"), encoding="utf-8")
     assert family_of(tmp_path) == family
+
+
+# GLM-Z1-Rumination-32B-0414's template (as its GGUF conversion printed it, ik_llama.cpp PR #333), first line and
+# the generation prompt: a fixed research system prompt, and no <think> to open.
+RUMINATION = ("[gMASK]<sop><|system|>\n你是一个专业的深度研究助手，通过提供的工具与模拟浏览器交互，来帮助用户完成深度信息调研和报告撰写任务。"
+              "{%- for message in messages if message.role != 'system' %}{%- set content = message['content'] %}"
+              "{%- set visible = content.split('</think>')[-1].strip() %}{%- endfor %}"
+              "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.mark.parametrize("template,match", [((OFFICIAL / "glm51_chat_template.jinja").read_text(encoding="utf-8"),
+                                             "GLM-5.1's chat template"),
+                                            (RUMINATION, "GLM-Z1-Rumination's chat template")])
+def test_templates_glmtune_does_not_reproduce_are_refused(template, match, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "glm_moe_dsa"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    with pytest.raises(InputError, match=match) as e:
+        read_model_folder(tmp_path).template_args()
+    assert '{"template": "glm47"}' in e.value.fix
+    write_glmtune_meta(tmp_path, template="glm47")  # the explicit choice is the way through
+    assert read_model_folder(tmp_path).template_args() == {"name": "glm47"}
 
 
 @pytest.mark.parametrize("model_type,family", [("glm4_moe", "glm45"), ("glm4_moe_lite", "glm47"),

@@ -14,8 +14,10 @@ nothing to learn from. Before = the SFT adapter, after = the aligned adapter, on
 - GRPO with the `label` reward (from 20 SFT steps) on the prompt-only train records with `label`. On the
   60 held-out prompts: greedy exact-match accuracy and the expected label reward (mean probability
   of the gold topic among the topics: what a sampled answer's reward expects, without sampling noise).
-  lr 5e-5 with 8 completions per prompt: at 3e-4 and 4 per prompt, Adam's first (sign-sized) steps
-  on one group's signal collapsed the policy onto one topic for every prompt within 2 steps.
+  lr 1e-4, 20 steps, 8 completions per prompt: at 3e-4 and 4 per prompt, Adam's first (sign-sized) steps
+  on one group's signal collapsed the policy onto one topic for every prompt within 2 steps; 10 steps
+  (at 5e-5 or 1e-4) moved the held-out figures by only 0.04-0.05 (measured 2026-12-02: 20 steps at 1e-4
+  took greedy accuracy 0.55 -> 0.70 and the expected label reward 0.41 -> 0.59, 267 s of `align grpo`).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ LORA = {"name": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"}
 OUTPUT = {"plot": False, "tensorboard": False}
 DPO_SFT_STEPS, GRPO_SFT_STEPS = 10, 20
 DPO_TRAIN, DPO_ALIGN = {"max_steps": 12, "batch_size": 8, "lr": 1e-3}, {"beta": 0.1}
-GRPO_TRAIN = {"max_steps": 10, "batch_size": 32, "lr": 5e-5}
+GRPO_TRAIN = {"max_steps": 20, "batch_size": 32, "lr": 1e-4}
 GRPO_ALIGN = {"num_generations": 8, "max_new_tokens": 4, "kl_coef": 0.0, "rewards": [{"name": "label"}]}
 
 
@@ -167,5 +169,5 @@ def test_grpo_label_reward_improves_held_out_accuracy(smollm2_dir, topic_split, 
     figures = {"sft": before, "grpo": after, "train_reward": rewards,
                "sft_cli_seconds": round(sft["seconds"]), "grpo_cli_seconds": round(seconds)}
     print("\nREAL_GRPO_RESULTS " + json.dumps(figures))
-    assert after["greedy_accuracy"] >= before["greedy_accuracy"] + 0.05, figures
-    assert after["expected_label_reward"] >= before["expected_label_reward"] + 0.05, figures
+    assert after["greedy_accuracy"] > before["greedy_accuracy"] + 0.05 - 1e-9, figures  # 3 of 60 prompts
+    assert after["expected_label_reward"] > before["expected_label_reward"] + 0.05, figures

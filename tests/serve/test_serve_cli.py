@@ -13,19 +13,21 @@ import urllib.error
 import urllib.request
 
 import openai
+import pytest
 
 from conftest import free_port
 from server_wait import wait_healthy
 from tiny_trained import QA
 
 
-def test_serve_subprocess_matches_predictor(trained_glm4_dir):
+@pytest.mark.parametrize("flags", [(), ("--engine-process",)], ids=["in-process", "engine-process"])
+def test_serve_subprocess_matches_predictor(trained_glm4_dir, flags):
     from glmtune import Predictor
 
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GLMTUNE_API_KEY": "k-123"}
     proc = subprocess.Popen([sys.executable, "-m", "glmtune", "serve", "--model", str(trained_glm4_dir),
-                             "--port", str(port), "--max-tokens", "24"],
+                             "--port", str(port), "--max-tokens", "24", *flags],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_healthy(proc, f"http://127.0.0.1:{port}", deadline_s=90, poll_s=0.2)
@@ -45,6 +47,7 @@ def test_serve_subprocess_matches_predictor(trained_glm4_dir):
         proc.terminate()
         out, _ = proc.communicate(timeout=20)
     assert f"http://127.0.0.1:{port}/v1" in out  # binds to localhost by default, and says so
+    assert ("in its own process (pid " in out) == bool(flags), out  # the start-up line says where the engine runs
 
 
 def test_adapter_name_must_be_plain(trained_glm4_dir, tmp_path):

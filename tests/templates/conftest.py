@@ -42,7 +42,7 @@ def llama3_tok(glm4_tokenizer_dir):
     return _with_specials(glm4_tokenizer_dir, LLAMA3_SPECIALS)
 
 
-TOKENIZER_FIXTURES = {"glm4": "glm4_tok", "chatglm3": "chatglm3_tok", "chatglm2": "chatglm2_tok",
+TOKENIZER_FIXTURES = {"glm4": "glm4_tok", "glmz1": "glm4_tok", "chatglm3": "chatglm3_tok", "chatglm2": "chatglm2_tok",
                       "qwen": "chatml_tok", "llama3": "llama3_tok", "glm45": "glm45_tok", "glm47": "glm45_tok"}
 
 
@@ -55,10 +55,8 @@ def tokenizer_for(request):
 @pytest.fixture(scope="session")
 def glm45_tok(glm4_tokenizer_dir):
     """The GLM-4.5+ tokenizer: GLM-4's vocabulary plus its added tokens at the official ids (151343..)."""
-    from glmtune.models.tokenizer import GLM45_SPECIALS
+    from glmtune.models.tokenizer import GLM45_SPECIALS, glm45_tokenizer
 
-    tok = load_tokenizer(glm4_tokenizer_dir)  # a fresh object: glm4_tok stays the GLM-4 tokenizer
-    first = len(tok)
-    tok.add_special_tokens({"additional_special_tokens": GLM45_SPECIALS})
-    assert [tok.convert_tokens_to_ids(t) for t in GLM45_SPECIALS] == list(range(first, first + len(GLM45_SPECIALS)))
+    tok = glm45_tokenizer(glm4_tokenizer_dir)  # a fresh object: glm4_tok stays the GLM-4 tokenizer
+    assert [tok.convert_tokens_to_ids(t) for t in GLM45_SPECIALS] == list(range(151343, 151365))
     return tok

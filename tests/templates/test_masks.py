@@ -24,7 +24,7 @@ PREFIX = {"glm4": ["[gMASK]", "<sop>"], "chatglm3": ["[gMASK]", "sop"], "chatglm
 
 
 def test_registry_lists_all_families():
-    assert list_templates() == ["chatglm2", "chatglm3", "glm4", "glm45", "glm47", "llama3", "qwen"]
+    assert list_templates() == ["chatglm2", "chatglm3", "glm4", "glm45", "glm47", "glmz1", "llama3", "qwen"]
     with pytest.raises(InputError, match="unknown template"):
         get_template("nope")
 

@@ -185,6 +185,8 @@ def test_decide_compile(make_cfg):
     assert decide_compile(cfg, lora, **{**on, "distributed": "DEEPSPEED"}) == (
         False, "speed.compile auto -> off (accelerate runs DEEPSPEED)")
     assert decide_compile(cfg, prefix, **on) == (False, "speed.compile auto -> off (method prefix)")
+    assert decide_compile(cfg, lora, **on, moe=True) == (
+        False, "speed.compile auto -> off (mixture-of-experts model: inductor fails on the grouped expert GEMMs)")
     assert decide_compile(make_cfg(**{"speed.compile": True}), lora, **{**on, "cuda": False}) == (True, None)
     with pytest.raises(ConfigError, match="speed.compile=true compiles transformers-native decoder blocks"):
         decide_compile(make_cfg(**{"speed.compile": True}), lora, **{**on, "native": False})

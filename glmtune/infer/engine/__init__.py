@@ -35,10 +35,14 @@ class EngineSettings:
     prefix_cache: bool = True           # reuse the keys of repeated prompt prefixes
 
 
-def engine_support(model) -> str | None:
-    """None when the engine can run this model; else why not (the caller falls back to ``generate``)."""
+def engine_support(model, *, live_adapters: bool = False) -> str | None:
+    """None when the engine can run this model; else why not (the caller falls back to ``generate``).
+
+    ``live_adapters``: the model's PEFT LoRA layers are part of the forward the engine runs, their
+    weights read in place (alignment's rollouts of the adapter in training); otherwise a PEFT-wrapped
+    model is refused."""
     config = model.config.get_text_config()
-    if getattr(model, "peft_config", None):
+    if getattr(model, "peft_config", None) and not live_adapters:
         return "the model is wrapped by PEFT (adapters load into the engine from their folders instead)"
     if any(t in ("sliding_attention", "linear_attention", "mamba") for t in (getattr(config, "layer_types", None) or [])):
         return "it has layers that are not full attention (sliding window / linear)"

@@ -41,6 +41,8 @@ class StepContext:
     mode: str                                      # "prefill" | "decode" | "probe"
     chunks: list[PrefillChunk] = field(default_factory=list)
     varlen: dict | None = None                     # packed-K/V FlashAttention inputs (prefill on CUDA)
+    token_slots: object = None                     # (T,) int64: the slot of each packed token (prefill)
+    token_pos: object = None                       # (T,) int64: the position it is written at (prefill)
     write_pos: object = None                       # (B,) int64: where row r's new k/v go (decode)
     kv_mask: object = None                         # (B, 1, 1, L) bool: positions row r attends (decode)
     probed: dict = field(default_factory=dict)     # layer -> (k shape, v shape, dtype) (probe)
@@ -100,13 +102,30 @@ def _decode(ctx: StepContext, module, query, key, value, scaling):
     return out.reshape(batch, hq, 1, -1).transpose(1, 2)
 
 
+def slot_positions(ranges, device) -> tuple:
+    """(slot, position) of every cache position in ``ranges`` = [(slot, start, end), ...], in order,
+    as two (T,) tensors: the index of one scatter or gather per layer for all prompt chunks (a loop
+    over chunks would launch 2 copies per chunk per layer: ~4,000 for a 4,096-token prefill of 25
+    prompts on a 40-layer model)."""
+    import torch
+
+    slots = torch.cat([torch.full((end - start,), slot, dtype=torch.long) for slot, start, end in ranges])
+    pos = torch.cat([torch.arange(start, end, dtype=torch.long) for _, start, end in ranges])
+    return slots.to(device), pos.to(device)
+
+
+def prefill_indices(chunks: list[PrefillChunk], device) -> tuple:
+    """Where each packed prompt token's k/v is written: its chunk's slot, start + its offset in the chunk."""
+    return slot_positions([(c.slot, c.start, c.start + c.length) for c in chunks], device)
+
+
 def _prefill(ctx: StepContext, layer: int, query, key, value, scaling):
     import torch
 
     k_cache, v_cache = ctx.cache.layer(layer)
-    for c in ctx.chunks:
-        k_cache[c.slot, :, c.start:c.start + c.length] = key[0, :, c.offset:c.offset + c.length]
-        v_cache[c.slot, :, c.start:c.start + c.length] = value[0, :, c.offset:c.offset + c.length]
+    # (T, Hkv, D) rows scattered to (slot, :, position)
+    k_cache[ctx.token_slots, :, ctx.token_pos] = key[0].transpose(0, 1)
+    v_cache[ctx.token_slots, :, ctx.token_pos] = value[0].transpose(0, 1)
     if ctx.varlen is not None:
         return _prefill_varlen(ctx, k_cache, v_cache, query, scaling)
     out = query.new_empty(1, query.shape[2], query.shape[1], value.shape[-1])
@@ -127,16 +146,20 @@ def _prefill(ctx: StepContext, layer: int, query, key, value, scaling):
     return out
 
 
+def varlen_key_indices(chunks: list[PrefillChunk], device) -> tuple:
+    """The keys the packed chunks attend to: chunk i's slot's first start_i + length_i positions,
+    concatenated in chunk order (FlashAttention's packed K/V layout)."""
+    return slot_positions([(c.slot, 0, c.start + c.length) for c in chunks], device)
+
+
 def _prefill_varlen(ctx: StepContext, k_cache, v_cache, query, scaling):
     """One FlashAttention varlen call over the packed chunks; each chunk's keys are its slot's first
-    start + length positions gathered into one packed (T_k, Hkv, D) tensor (bottom-right causal)."""
-    import torch
-
+    start + length positions, gathered into one packed (T_k, Hkv, D) tensor by one index per layer
+    (bottom-right causal)."""
     from glmtune.models.speed import varlen_gqa_attention
 
-    keys = torch.cat([k_cache[c.slot, :, :c.start + c.length].transpose(0, 1) for c in ctx.chunks])
-    values = torch.cat([v_cache[c.slot, :, :c.start + c.length].transpose(0, 1) for c in ctx.chunks])
     v = ctx.varlen
+    keys, values = k_cache[v["k_slots"], :, v["k_pos"]], v_cache[v["k_slots"], :, v["k_pos"]]
     out = varlen_gqa_attention(query[0].transpose(0, 1), keys, values, v["cu_q"], v["cu_k"], v["max_q"],
                                v["max_k"], scale=scaling)
     return out.unsqueeze(0)

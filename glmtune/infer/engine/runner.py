@@ -29,7 +29,8 @@ import contextlib
 import functools
 from dataclasses import dataclass
 
-from glmtune.infer.engine.attention import PrefillChunk, StepContext, engine_forward
+from glmtune.infer.engine.attention import (PrefillChunk, StepContext, engine_forward, prefill_indices,
+                                            varlen_key_indices)
 from glmtune.infer.engine.sampling import SamplingRows, is_stop, next_tokens
 from glmtune.models.loading import find_decoder
 
@@ -154,7 +155,9 @@ class ModelRunner:
                 keep.append(offset - 1)
                 finishing.append(slot)
         dev = self.device
-        ctx = StepContext(self.cache, "prefill", chunks=parts, varlen=self._varlen(parts))
+        token_slots, token_pos = prefill_indices(parts, dev)
+        ctx = StepContext(self.cache, "prefill", chunks=parts, varlen=self._varlen(parts), token_slots=token_slots,
+                          token_pos=token_pos)
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         position_ids = torch.tensor([positions], dtype=torch.long, device=dev)
         keep_t = torch.tensor(keep or [offset - 1], dtype=torch.long, device=dev)
@@ -188,7 +191,9 @@ class ModelRunner:
         q_lens = [p.length for p in parts]
         k_lens = [p.start + p.length for p in parts]
         cum = lambda xs: torch.tensor([0] + list(_accumulate(xs)), dtype=torch.int32, device=self.device)  # noqa: E731
-        return {"cu_q": cum(q_lens), "cu_k": cum(k_lens), "max_q": max(q_lens), "max_k": max(k_lens)}
+        k_slots, k_pos = varlen_key_indices(parts, self.device)
+        return {"cu_q": cum(q_lens), "cu_k": cum(k_lens), "max_q": max(q_lens), "max_k": max(k_lens),
+                "k_slots": k_slots, "k_pos": k_pos}
 
     # -- decode -----------------------------------------------------------------------------------
     def decode(self, n_rows: int, longest: int, *, sampling: bool, adapters: bool = True, rows: list) -> Pending:

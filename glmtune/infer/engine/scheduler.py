@@ -165,6 +165,13 @@ class GenerationEngine:
 
     # -- the loop -----------------------------------------------------------------------------------
     def _loop(self) -> None:
+        device = self.runner.cache.device
+        if str(device).startswith("cuda"):
+            import torch
+
+            # CUDA's current device is per thread: without this, this thread's streams, events and graph
+            # pool would be cuda:0's while the model sits on cuda:N (serve --device cuda:1, a rank > 0)
+            torch.cuda.set_device(device)
         while not self._closed:
             self._take_incoming()
             if not (self._running or self._waiting or self._pending):
