@@ -204,9 +204,9 @@ async def _next_final(job: Job, deadline: float, request):
 
 
 async def _next_event(job: Job, deadline: float):
-    """The job's next event, or ("timeout", None) at ``deadline`` (the loop's clock). A streamed
-    token's event is awaited here once per token per stream: a queued one is taken at once, and the
-    wait is ``asyncio.timeout_at`` where Python has it (``wait_for`` wraps the get in a new task)."""
+    """The job's next event, or ("timeout", None) at ``deadline`` (the loop's clock): a queued one is
+    taken at once, and the wait is ``asyncio.timeout_at`` where Python has it (``wait_for`` wraps the
+    get in a new task). A non-streamed request's wait, in polls (streams use one timer instead)."""
     if not job.events.empty() and asyncio.get_running_loop().time() < deadline:
         return job.events.get_nowait()
     try:
@@ -332,11 +332,14 @@ async def _sse(job: Job, deadline: float, cid: str, model: str, prompt_tokens: i
 
     created = int(time.time())
     content = schemas.content_events(cid, model, created)
+    # One timer per stream, not a timeout scope per token (a timer handle made and cancelled for every
+    # streamed token): at the deadline a ("timeout", None) event joins the stream's queue.
+    timer = asyncio.get_running_loop().call_at(deadline, job.put, "timeout", None)
     try:
         yield sse(schemas.chunk(cid, model, {"role": "assistant", "content": ""}, created=created))
         held = None
         while True:
-            kind, value = held if held is not None else await _next_event(job, deadline)
+            kind, value = held if held is not None else await job.events.get()
             held = None
             if kind == "text":
                 # pieces that queued up while this stream waited its turn go out as one chunk
@@ -371,6 +374,7 @@ async def _sse(job: Job, deadline: float, cid: str, model: str, prompt_tokens: i
             break
         yield "data: [DONE]\n\n"
     finally:
+        timer.cancel()
         job.stop()  # client gone or stream over: the engine stops this job
 
 
