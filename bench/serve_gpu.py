@@ -308,8 +308,6 @@ def gpu_memory_mib() -> int | None:
 
 def phase_serve(model_dir: Path, out: Path | None, max_tokens: int, port: int, flags: tuple = (),
                 levels: tuple | None = None) -> None:
-    import httpx
-
     adapters = make_adapters(model_dir, Path("/tmp/glmtune_bench_adapters"), 4)
     cmd = [sys.executable, "-m", "glmtune", "serve", "--model", str(model_dir), "--port", str(port),
            "--max-queue", "512", "--timeout", "600", "--max-tokens", str(max_tokens), "--model-name", "glm4-9b",
@@ -321,15 +319,8 @@ def phase_serve(model_dir: Path, out: Path | None, max_tokens: int, port: int, f
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.perf_counter() - t0 > 400:
-                raise RuntimeError("server did not start: " + Path("/tmp/glmtune_serve.log").read_text()[-3000:])
-            time.sleep(1)
+        if not wait_healthy(url, server, 400):
+            raise RuntimeError("server did not start: " + Path("/tmp/glmtune_serve.log").read_text()[-3000:])
         emit(out, {"serve_startup_s": round(time.perf_counter() - t0, 1),
                    "server_log": Path("/tmp/glmtune_serve.log").read_text()[-1500:]})
         qs = prompts(200, seed=2)
@@ -348,6 +339,21 @@ def phase_serve(model_dir: Path, out: Path | None, max_tokens: int, port: int, f
     finally:
         stop_server(server)
         emit(out, {"server_log_tail": Path("/tmp/glmtune_serve.log").read_text()[-1500:]})
+
+
+def wait_healthy(url: str, server: subprocess.Popen, limit_s: float) -> bool:
+    """Poll ``url``/health until it answers 200 (True), or the server exits or ``limit_s`` pass (False)."""
+    import httpx
+
+    t0 = time.perf_counter()
+    while server.poll() is None and time.perf_counter() - t0 < limit_s:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
 
 
 def stop_server(server: subprocess.Popen) -> None:

@@ -33,60 +33,32 @@ TEXT = ("The river runs past the old mill and the children walk along its bank e
         "boats that carry grain and timber down to the harbour, where the market opens at seven. ")
 
 
-class SleepingRunner:
-    """ModelRunner's interface with no model: a decode step takes ``step_s`` of wall time (no GIL held)
-    and every row answers the next id of ``ids`` (offset by its slot) until its max_new."""
+def sleeping_runner(slots: int, length: int, step_s: float, ids: list[int]):
+    """engine_host's InstantRunner whose decode step takes ``step_s`` of wall time (no GIL held) and
+    whose rows answer the next id of ``ids`` (offset by their slot) until their max_new."""
+    from engine_host import InstantRunner
 
-    def __init__(self, slots: int, length: int, step_s: float, ids: list[int]):
-        import torch
+    class SleepingRunner(InstantRunner):
+        def _pending(self, slots, rows):
+            tokens, finished = [], []
+            for s in slots:
+                tokens.append(ids[(s * 7 + self.answered[s]) % len(ids)])
+                self.answered[s] += 1
+                finished.append(self.answered[s] >= self.max_new[s])
+            return self.Pending(self.torch.tensor(tokens), self.torch.tensor(finished), None, list(rows))
 
-        from glmtune.infer.engine.runner import Pending
+        def decode(self, n_rows, longest, *, sampling, adapters=True, rows):
+            time.sleep(step_s)
+            return super().decode(n_rows, longest, sampling=sampling, adapters=adapters, rows=rows)
 
-        from engine_host import FakeCache
-
-        self.Pending, self.torch, self.step_s, self.ids = Pending, torch, step_s, ids
-        self.cache = FakeCache(slots, length)
-        self.max_new, self.answered = [0] * slots, [0] * slots
-        self.use_graphs, self.graphs, self.graph_failure = False, {}, None
-        self.compiled, self.compile_failure = None, None
-
-    def set_row(self, slot, *, max_new, **_):
-        self.max_new[slot], self.answered[slot] = max_new, 0
-
-    def mark_seen(self, slot, ids):
-        pass
-
-    def move(self, src, dst, length):
-        self.max_new[dst], self.answered[dst] = self.max_new[src], self.answered[src]
-
-    def deactivate(self, slot):
-        pass
-
-    def capture_buckets(self, *_):
-        pass
-
-    def _pending(self, slots, rows):
-        tokens, finished = [], []
-        for s in slots:
-            tokens.append(self.ids[(s * 7 + self.answered[s]) % len(self.ids)])
-            self.answered[s] += 1
-            finished.append(self.answered[s] >= self.max_new[s])
-        return self.Pending(self.torch.tensor(tokens), self.torch.tensor(finished), None, list(rows))
-
-    def prefill(self, chunks, *, sampling, rows):
-        slots = [slot for slot, _, _, last in chunks if last]
-        return self._pending(slots, rows) if slots else None
-
-    def decode(self, n_rows, longest, *, sampling, adapters=True, rows):
-        time.sleep(self.step_s)
-        return self._pending(range(n_rows), rows)
+    return SleepingRunner(slots, length)
 
 
 def _child(conn, slots: int, step_s: float, ids: list[int]) -> None:
     from glmtune.infer.engine.scheduler import GenerationEngine
     from glmtune.infer.engine_process import ChildServer
 
-    engine = GenerationEngine(SleepingRunner(slots, 4096, step_s, ids), prefill_tokens=4096, prefix_slots=0,
+    engine = GenerationEngine(sleeping_runner(slots, 4096, step_s, ids), prefill_tokens=4096, prefix_slots=0,
                               stop_ids=[151329])
     conn.send(("ready",))
     ChildServer(conn, engine).run()
@@ -123,8 +95,6 @@ def process_cpu_s(pid: int) -> float:
 def main() -> None:
     import asyncio
 
-    import httpx
-
     import serve_gpu
     from glmtune.models.tiny import BUILTIN_GLM4_TOKENIZER, build_tiny_glm4
 
@@ -148,16 +118,8 @@ def main() -> None:
                                str(a.step_ms), "--model-dir", str(model_dir)], stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{a.port}"
     try:
-        t0 = time.time()
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.time() - t0 > 120:
-                raise SystemExit("the server did not start")
-            time.sleep(0.5)
+        if not serve_gpu.wait_healthy(url, server, 120):
+            raise SystemExit("the server did not start")
         asyncio.run(serve_gpu.load_level(f"{url}/v1", ["base"], serve_gpu.prompts(8, seed=2), 16))  # warm-up
         for _ in range(a.repeat):
             cpu0 = process_cpu_s(server.pid)
