@@ -80,7 +80,7 @@ def engine_attention_forward(module, query, key, value, attention_mask, dropout:
                            dtype=query.dtype, device=query.device), None
     if ctx.mode == "decode":
         return _decode(ctx, module, query, key, value, scaling), None
-    return _prefill(ctx, module.layer_idx, query, key, value, scaling), None
+    return _prefill(ctx, module, query, key, value, scaling), None
 
 
 def _decode(ctx: StepContext, module, query, key, value, scaling):
@@ -102,27 +102,27 @@ def _decode(ctx: StepContext, module, query, key, value, scaling):
     return out.reshape(batch, hq, 1, -1).transpose(1, 2)
 
 
-def slot_positions(ranges, device) -> tuple:
+def slot_positions(ranges) -> tuple:
     """(slot, position) of every cache position in ``ranges`` = [(slot, start, end), ...], in order,
-    as two (T,) tensors: the index of one scatter or gather per layer for all prompt chunks (a loop
-    over chunks would launch 2 copies per chunk per layer: ~4,000 for a 4,096-token prefill of 25
-    prompts on a 40-layer model)."""
+    as two (T,) CPU tensors: the index of one scatter or gather per layer for all prompt chunks (a
+    loop over chunks would launch 2 copies per chunk per layer: ~4,000 for a 4,096-token prefill of
+    25 prompts on a 40-layer model). The runner moves them to the device with its other inputs."""
     import torch
 
     slots = torch.cat([torch.full((end - start,), slot, dtype=torch.long) for slot, start, end in ranges])
     pos = torch.cat([torch.arange(start, end, dtype=torch.long) for _, start, end in ranges])
-    return slots.to(device), pos.to(device)
+    return slots, pos
 
 
-def prefill_indices(chunks: list[PrefillChunk], device) -> tuple:
+def prefill_indices(chunks: list[PrefillChunk]) -> tuple:
     """Where each packed prompt token's k/v is written: its chunk's slot, start + its offset in the chunk."""
-    return slot_positions([(c.slot, c.start, c.start + c.length) for c in chunks], device)
+    return slot_positions([(c.slot, c.start, c.start + c.length) for c in chunks])
 
 
-def _prefill(ctx: StepContext, layer: int, query, key, value, scaling):
+def _prefill(ctx: StepContext, module, query, key, value, scaling):
     import torch
 
-    k_cache, v_cache = ctx.cache.layer(layer)
+    k_cache, v_cache = getattr(module, CACHE_K), getattr(module, CACHE_V)  # as _decode: one compile, every layer
     # (T, Hkv, D) rows scattered to (slot, :, position)
     k_cache[ctx.token_slots, :, ctx.token_pos] = key[0].transpose(0, 1)
     v_cache[ctx.token_slots, :, ctx.token_pos] = value[0].transpose(0, 1)
@@ -146,10 +146,10 @@ def _prefill(ctx: StepContext, layer: int, query, key, value, scaling):
     return out
 
 
-def varlen_key_indices(chunks: list[PrefillChunk], device) -> tuple:
+def varlen_key_indices(chunks: list[PrefillChunk]) -> tuple:
     """The keys the packed chunks attend to: chunk i's slot's first start_i + length_i positions,
     concatenated in chunk order (FlashAttention's packed K/V layout)."""
-    return slot_positions([(c.slot, 0, c.start + c.length) for c in chunks], device)
+    return slot_positions([(c.slot, 0, c.start + c.length) for c in chunks])
 
 
 def _prefill_varlen(ctx: StepContext, k_cache, v_cache, query, scaling):

@@ -17,6 +17,13 @@ its own module, not by layer index), a minute at start instead of many. The comp
 for equality against the eager one; a compile failure is kept (``compile_failure``) and the step runs
 eagerly from then on.
 
+The prefill forward is neither captured nor compiled: its token count and layout change every
+time, and compiled through the decode step's function (dynamic shapes) on the H200 it kept compiling
+new variants under `glmtune serve` (6-16 s stalls, and ~80 ms decode steps after: bench/RESULTS.md,
+session 12). Its inputs (ids, positions, cache indices) are built on the host and go to the device
+in one non-blocking copy, so the host queues the forward while the device still runs the decode
+step before it.
+
 Device state, one row per slot: the last token, the position of the next write, whether the row is
 decoding, the decoding settings, the answer length and its cap, the adapter index, and (lazily)
 which tokens a row has seen (for the repetition penalty). A decode step reads and advances it
@@ -143,9 +150,26 @@ class ModelRunner:
             return self._prefill(chunks, sampling, rows)
 
     def _prefill(self, chunks, sampling: bool, rows: list) -> Pending | None:
+        logits, slots, ends_t = self._prefill_forward(chunks)
+        if slots is None:
+            return None
+        presence = self.presence[slots] if (sampling and self.presence is not None) else None
+        first = next_tokens(logits, self._rows(slots), presence, sampling=sampling)
+        self.tokens[slots] = first
+        self.pos[slots] = ends_t
+        self.answer_len[slots] = 1
+        if self.presence is not None:
+            self.presence[slots, first] = True
+        done = is_stop(first, self.stop_ids, self.answer_len[slots], self.max_new[slots])
+        self.active[slots] = ~done
+        return self._send(first, done, rows)
+
+    def _prefill_forward(self, chunks):
+        """The packed forward over ``chunks``: (logits of each finishing chunk's last position, the
+        finishing slots, their prompts' ends), the last two None when no chunk ends its prompt."""
         import torch
 
-        ids, positions, parts, offset, keep, finishing = [], [], [], 0, [], []
+        ids, positions, parts, offset, keep, finishing, ends = [], [], [], 0, [], [], []
         for slot, chunk, start, last in chunks:
             ids += chunk
             positions += range(start, start + len(chunk))
@@ -154,46 +178,56 @@ class ModelRunner:
             if last:
                 keep.append(offset - 1)
                 finishing.append(slot)
-        dev = self.device
-        token_slots, token_pos = prefill_indices(parts, dev)
-        ctx = StepContext(self.cache, "prefill", chunks=parts, varlen=self._varlen(parts), token_slots=token_slots,
-                          token_pos=token_pos)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
-        position_ids = torch.tensor([positions], dtype=torch.long, device=dev)
-        keep_t = torch.tensor(keep or [offset - 1], dtype=torch.long, device=dev)
+                ends.append(start + len(chunk))
+        token_slots, _ = prefill_indices(parts)
+        host = [torch.tensor(ids), torch.tensor(positions), token_slots, torch.tensor(keep or [offset - 1]),
+                torch.tensor(finishing), torch.tensor(ends)]
+        varlen = self._varlen_inputs(parts)
+        if varlen is not None:
+            host += varlen
+        dev = self._upload(host)
+        input_ids, position_ids, token_slots, keep_t, slots, ends_t = dev[:6]
+        ctx = StepContext(self.cache, "prefill", chunks=parts, token_slots=token_slots, token_pos=position_ids,
+                          varlen=None if varlen is None else self._varlen(parts, *dev[6:]))
         lora_ids = None
         if self.lora is not None:
             lora_ids = torch.cat([self.adapter[p.slot].expand(p.length) for p in parts])
         with engine_forward(self.model, ctx), self._lora(lora_ids):
-            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                                logits_to_keep=keep_t).logits[0]
+            logits = self._logits(input_ids[None], position_ids[None], keep_t)[0]
         if not finishing:
-            return None
-        slots = torch.tensor(finishing, dtype=torch.long, device=dev)
-        presence = self.presence[slots] if (sampling and self.presence is not None) else None
-        first = next_tokens(logits[: len(finishing)], self._rows(slots), presence, sampling=sampling)
-        ends = torch.tensor([start + len(chunk) for slot, chunk, start, last in chunks if last], device=dev)
-        self.tokens[slots] = first
-        self.pos[slots] = ends
-        self.answer_len[slots] = 1
-        if self.presence is not None:
-            self.presence[slots, first] = True
-        done = is_stop(first, self.stop_ids, self.answer_len[slots], self.max_new[slots])
-        self.active[slots] = ~done
-        return self._send(first, done, rows)
+            return logits, None, None
+        return logits[: len(finishing)], slots, ends_t
 
-    def _varlen(self, parts: list[PrefillChunk]) -> dict | None:
-        """FlashAttention inputs for the packed chunks on CUDA (None: SDPA chunk by chunk)."""
+    def _upload(self, host: list) -> list:
+        """CPU int64 vectors -> the same on the device, by one copy that does not wait for the device.
+
+        One ``torch.tensor(..., device=cuda)`` per input would each block the host until the step in
+        flight has run (a copy from pageable memory synchronises), so the host could not queue this
+        forward's kernels while the device still runs the previous decode step."""
+        import torch
+
+        flat = torch.cat([t.reshape(-1).to(torch.long) for t in host])
+        if str(self.device).startswith("cuda"):
+            flat = flat.pin_memory().to(self.device, non_blocking=True)  # the pinned block is held until copied
+        else:
+            flat = flat.to(self.device)
+        return list(torch.split(flat, [t.numel() for t in host]))
+
+    def _varlen_inputs(self, parts: list[PrefillChunk]) -> list | None:
+        """The host side of the FlashAttention inputs (None: CPU, or no varlen kernel: SDPA chunk by chunk)."""
         import torch
 
         if not str(self.device).startswith("cuda") or not _varlen_ok():
             return None
-        q_lens = [p.length for p in parts]
-        k_lens = [p.start + p.length for p in parts]
-        cum = lambda xs: torch.tensor([0] + list(_accumulate(xs)), dtype=torch.int32, device=self.device)  # noqa: E731
-        k_slots, k_pos = varlen_key_indices(parts, self.device)
-        return {"cu_q": cum(q_lens), "cu_k": cum(k_lens), "max_q": max(q_lens), "max_k": max(k_lens),
-                "k_slots": k_slots, "k_pos": k_pos}
+        k_slots, k_pos = varlen_key_indices(parts)
+        cum = lambda xs: torch.tensor([0] + list(_accumulate(xs)))  # noqa: E731
+        return [cum([p.length for p in parts]), cum([p.start + p.length for p in parts]), k_slots, k_pos]
+
+    def _varlen(self, parts: list[PrefillChunk], cu_q, cu_k, k_slots, k_pos) -> dict:
+        import torch
+
+        return {"cu_q": cu_q.to(torch.int32), "cu_k": cu_k.to(torch.int32), "max_q": max(p.length for p in parts),
+                "max_k": max(p.start + p.length for p in parts), "k_slots": k_slots, "k_pos": k_pos}
 
     # -- decode -----------------------------------------------------------------------------------
     def decode(self, n_rows: int, longest: int, *, sampling: bool, adapters: bool = True, rows: list) -> Pending:
@@ -228,7 +262,7 @@ class ModelRunner:
         mask = (torch.arange(width, device=self.device)[None, :] < seen[:, None])[:, None, None, :]
         ctx = StepContext(self.cache, "decode", write_pos=write, kv_mask=mask)
         with engine_forward(self.model, ctx), self._lora(self.adapter[:b] if adapters else None):
-            logits = self._forward(self.tokens[:b, None], write[:, None])
+            logits = self._forward(self.tokens[:b, None], write[:, None])[:, -1]
         presence = self.presence[:b] if (sampling and self.presence is not None) else None
         new = next_tokens(logits, self._rows(torch.arange(b, device=self.device)), presence, sampling=sampling)
         new = torch.where(act, new, self.tokens[:b])
@@ -243,19 +277,19 @@ class ModelRunner:
         self.out_tokens[:b] = new
         self.out_finished[:b] = done
 
-    def _decode_logits(self, input_ids, position_ids):
+    def _logits(self, input_ids, position_ids, keep):
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                          logits_to_keep=1).logits[:, -1]
+                          logits_to_keep=keep).logits
 
     def _forward(self, input_ids, position_ids):
-        """The decode forward's last logits: its layers compiled when asked (and they compile), else eager."""
+        """The decode forward's logits: its layers compiled when asked (and they compile), else eager."""
         if self.compiled is not None and self.compile_failure is None:
             try:
                 with _layers_through(self.layers, self.compiled):
-                    return self._decode_logits(input_ids, position_ids)
+                    return self._logits(input_ids, position_ids, 1)
             except Exception as e:  # noqa: BLE001 - any compile failure means: the eager forward
                 self.compile_failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        return self._decode_logits(input_ids, position_ids)
+        return self._logits(input_ids, position_ids, 1)
 
     def capture_buckets(self, max_rows: int, widths) -> None:
         """Capture the greedy decode steps (base rows only, and with adapters when some are loaded) of

@@ -21,7 +21,7 @@ def test_one_scatter_writes_what_the_per_chunk_copies_wrote():
     for c in CHUNKS:
         want[c.slot, :, c.start:c.start + c.length] = key[0, :, c.offset:c.offset + c.length]
     got = start.clone()
-    slots, pos = prefill_indices(CHUNKS, "cpu")
+    slots, pos = prefill_indices(CHUNKS)
     got[slots, :, pos] = key[0].transpose(0, 1)
     assert slots.tolist() == [3, 3, 3, 3, 0, 0, 0, 2] and pos.tolist() == [0, 1, 2, 3, 5, 6, 7, 0]
     assert torch.equal(got, want)
@@ -32,7 +32,7 @@ def test_one_gather_packs_the_keys_of_every_chunk_in_order():
     torch.manual_seed(1)
     cache = torch.randn(SLOTS, HEADS, LENGTH, DIM)
     want = torch.cat([cache[c.slot, :, :c.start + c.length].transpose(0, 1) for c in CHUNKS])
-    slots, pos = varlen_key_indices(CHUNKS, "cpu")
+    slots, pos = varlen_key_indices(CHUNKS)
     got = cache[slots, :, pos]
     assert got.shape == (4 + 8 + 1, HEADS, DIM)
     assert torch.equal(got, want)
