@@ -80,7 +80,7 @@ def engine_attention_forward(module, query, key, value, attention_mask, dropout:
                            dtype=query.dtype, device=query.device), None
     if ctx.mode == "decode":
         return _decode(ctx, module, query, key, value, scaling), None
-    return _prefill(ctx, module, query, key, value, scaling), None
+    return _prefill(ctx, module.layer_idx, query, key, value, scaling), None
 
 
 def _decode(ctx: StepContext, module, query, key, value, scaling):
@@ -119,10 +119,10 @@ def prefill_indices(chunks: list[PrefillChunk]) -> tuple:
     return slot_positions([(c.slot, c.start, c.start + c.length) for c in chunks])
 
 
-def _prefill(ctx: StepContext, module, query, key, value, scaling):
+def _prefill(ctx: StepContext, layer: int, query, key, value, scaling):
     import torch
 
-    k_cache, v_cache = getattr(module, CACHE_K), getattr(module, CACHE_V)  # as _decode: one compile, every layer
+    k_cache, v_cache = ctx.cache.layer(layer)
     # (T, Hkv, D) rows scattered to (slot, :, position)
     k_cache[ctx.token_slots, :, ctx.token_pos] = key[0].transpose(0, 1)
     v_cache[ctx.token_slots, :, ctx.token_pos] = value[0].transpose(0, 1)

@@ -262,7 +262,7 @@ class ModelRunner:
         mask = (torch.arange(width, device=self.device)[None, :] < seen[:, None])[:, None, None, :]
         ctx = StepContext(self.cache, "decode", write_pos=write, kv_mask=mask)
         with engine_forward(self.model, ctx), self._lora(self.adapter[:b] if adapters else None):
-            logits = self._forward(self.tokens[:b, None], write[:, None])[:, -1]
+            logits = self._forward(self.tokens[:b, None], write[:, None])
         presence = self.presence[:b] if (sampling and self.presence is not None) else None
         new = next_tokens(logits, self._rows(torch.arange(b, device=self.device)), presence, sampling=sampling)
         new = torch.where(act, new, self.tokens[:b])
@@ -282,14 +282,14 @@ class ModelRunner:
                           logits_to_keep=keep).logits
 
     def _forward(self, input_ids, position_ids):
-        """The decode forward's logits: its layers compiled when asked (and they compile), else eager."""
+        """The decode forward's last logits: its layers compiled when asked (and they compile), else eager."""
         if self.compiled is not None and self.compile_failure is None:
             try:
                 with _layers_through(self.layers, self.compiled):
-                    return self._logits(input_ids, position_ids, 1)
+                    return self._logits(input_ids, position_ids, 1)[:, -1]
             except Exception as e:  # noqa: BLE001 - any compile failure means: the eager forward
                 self.compile_failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        return self._logits(input_ids, position_ids, 1)
+        return self._logits(input_ids, position_ids, 1)[:, -1]
 
     def capture_buckets(self, max_rows: int, widths) -> None:
         """Capture the greedy decode steps (base rows only, and with adapters when some are loaded) of
