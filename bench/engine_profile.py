@@ -1,12 +1,17 @@
-"""Where the engine's time goes on one GPU (issue 24): prefill compiled vs eager, the prefill budget's
-effect on time to first token, the decode step's kernels, and the GEMMs of one layer alone.
+"""Where the engine's time goes on one GPU (issue 24): decode-graph replay with separate and fused
+q/k/v, prefill with and without its compiled regions, the prefill budget's effect on time to first
+token, the decode step's kernels, and the GEMMs of one layer alone.
 
-    python3 bench/engine_profile.py --out $OUT/engine_profile.jsonl
+    python3 bench/engine_profile.py --compare-unfused --out $OUT/engine_profile.jsonl
 
-Sections (all in one process, the model folder of bench/train_product.py, GLM-4-9B-0414 shape):
+Sections (all in one process, the model folder of bench/train_product.py, GLM-4-9B-0414 shape; the
+engine as `glmtune serve` builds it: fused projections, compiled decode, graphs, compiled regions):
+  replay    one decode-graph replay at 1 and 64 rows (with --compare-unfused: first on the model as
+            loaded, then fused).
   prefill   one prompt (~200 tokens) and 25 prompts (~4,000 tokens) with max_new_tokens=1 through the
-            engine: wall time = time to first token; one prefill forward's host time and wall time.
-  budget    64 requests x 128 tokens at prefill_tokens 4096 / 2048 / 1024: wall, tok/s, TTFT p50/p90.
+            engine: wall time = time to first token; one prefill forward's host time and wall time;
+            with the prefill's compiled regions, then without.
+  budget    64 requests x 128 tokens at prefill_tokens 4096 / 3072 / 2048: wall, tok/s, TTFT p50/p90.
   kernels   torch.profiler over 32 compiled decode steps (graphs off, so each kernel is seen) at 1 and
             64 rows: the top kernels by device time per step, and the step's total device time.
   gemms     each projection of one layer alone at 1 and 64 rows (CUDA events, 200 runs): ms and GB/s
@@ -74,28 +79,57 @@ def section_prefill(engine, ids, out):
     import torch
 
     runner = engine.runner
-    for n in (1, 25):
-        batches = [ids.fresh(n) for _ in range(3)]  # unseen prompts: no prefix-cache hit
-        rows = [timed_requests(engine, b, 1) for b in batches]
-        emit(out, {"section": "prefill", "requests": n, "prompt_tokens": sum(len(p) for p in batches[0]),
-                   "ttft_s": [r["wall_s"] for r in rows]})
-        chunks = [(slot, p, 0, True) for slot, p in enumerate(ids.fresh(n))]
-        with runner.lock, torch.inference_mode():
-            for _ in range(3):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                runner._prefill_forward(chunks)
-                host = time.perf_counter() - t0
-                torch.cuda.synchronize()
-                wall = time.perf_counter() - t0
-            emit(out, {"section": "prefill", "forward_of": n, "host_ms": round(host * 1000, 2),
-                       "wall_ms": round(wall * 1000, 2)})
+    regions = runner.regions
+    for compiled in (True, False) if regions is not None else (False,):
+        runner.regions = regions if compiled else None
+        for n in (1, 25):
+            batches = [ids.fresh(n) for _ in range(3)]  # unseen prompts: no prefix-cache hit
+            rows = [timed_requests(engine, b, 1) for b in batches]
+            emit(out, {"section": "prefill", "regions_compiled": compiled, "requests": n,
+                       "prompt_tokens": sum(len(p) for p in batches[0]), "ttft_s": [r["wall_s"] for r in rows]})
+            chunks = [(slot, p, 0, True) for slot, p in enumerate(ids.fresh(n))]
+            with runner.lock, torch.inference_mode():
+                for _ in range(3):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    runner._prefill_forward(chunks)
+                    host = time.perf_counter() - t0
+                    torch.cuda.synchronize()
+                    wall = time.perf_counter() - t0
+                emit(out, {"section": "prefill", "regions_compiled": compiled, "forward_of": n,
+                           "tokens": sum(len(c[1]) for c in chunks), "host_ms": round(host * 1000, 2),
+                           "wall_ms": round(wall * 1000, 2)})
+    runner.regions = regions
+    if regions is not None:
+        emit(out, {"section": "prefill", "regions_failure": regions.failure, "note": engine.graphs_note})
+
+
+def section_replay(engine, out, label: str):
+    """Wall time of one decode-graph replay (CUDA events over 200 replays) at 1 and 64 rows, width 256."""
+    import torch
+
+    runner = engine.runner
+    rows = {}
+    with runner.lock, torch.inference_mode():
+        for b in (1, 64):
+            key = (b, 256, False, False)
+            graph = runner.graphs.get(key) or runner._capture(key)
+            for _ in range(10):
+                graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(200):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            rows[f"replay_ms_{b}"] = round(start.elapsed_time(end) / 200, 4)
+    emit(out, {"section": "replay", "model": label, **rows, "note": engine.graphs_note})
 
 
 def section_budget(engine, ids, out, max_new):
     saved = engine.prefill_tokens
     try:
-        for budget in (4096, 2048, 1024):
+        for budget in (4096, 3072, 2048):
             engine.prefill_tokens = budget
             timed_requests(engine, ids.fresh(16), 8)  # warm this layout
             emit(out, {"section": "budget", "prefill_tokens": budget,
@@ -176,11 +210,13 @@ def main() -> None:
     p.add_argument("--model-dir", default="/tmp/glmtune_bench_glm4_9b")
     p.add_argument("--layers", type=int, default=40)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--sections", default="gemms,prefill,budget,kernels")
+    p.add_argument("--sections", default="replay,prefill,budget,kernels")
+    p.add_argument("--compare-unfused", action="store_true",
+                   help="first the replay section on the model as loaded (separate q/k/v), then fuse")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
-    from glmtune.infer.engine import EngineSettings, create_engine
+    from glmtune.infer.engine import EngineSettings, create_engine, fuse_projections
     from glmtune.models.loading import load_model
     from glmtune.models.tokenizer import load_tokenizer
     from glmtune.templates import get_template
@@ -194,12 +230,21 @@ def main() -> None:
     sections = args.sections.split(",")
     if "gemms" in sections:
         section_gemms(model, args.out)
+    if args.compare_unfused:
+        t0 = time.perf_counter()
+        engine, _, summary = create_engine(model, stop_ids=tpl.stop_token_ids(tok), settings=EngineSettings(compile=True))
+        emit(args.out, {"startup_s": round(time.perf_counter() - t0, 1), "engine": summary})
+        section_replay(engine, args.out, "separate q/k/v")
+        engine.close()
+        del engine
+    fuse_projections(model)  # as the serving back-end does
     t0 = time.perf_counter()
     engine, _, summary = create_engine(model, stop_ids=tpl.stop_token_ids(tok), settings=EngineSettings(compile=True))
     graphs = engine.warmup(widths=(256, 512))
     emit(args.out, {"startup_s": round(time.perf_counter() - t0, 1), "graphs": graphs, "engine": summary,
                     "note": engine.graphs_note, "compile_failure": engine.runner.compile_failure})
-    for name, fn in (("prefill", lambda: section_prefill(engine, ids, args.out)),
+    for name, fn in (("replay", lambda: section_replay(engine, args.out, "fused q/k/v")),
+                     ("prefill", lambda: section_prefill(engine, ids, args.out)),
                      ("budget", lambda: section_budget(engine, ids, args.out, args.max_tokens)),
                      ("kernels", lambda: section_kernels(engine, ids, args.out))):
         if name not in sections:

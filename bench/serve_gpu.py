@@ -66,13 +66,14 @@ def phase_check(model_dir: Path, out: Path | None) -> None:
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
 
-    from glmtune.infer.engine import EngineSettings, create_engine
+    from glmtune.infer.engine import EngineSettings, create_engine, fuse_projections
     from glmtune.infer.engine import runner as runner_mod
     from glmtune.models.loading import load_model
     from glmtune.models.tokenizer import load_tokenizer
     from glmtune.templates import get_template
 
     model = load_model(model_dir, dtype="bfloat16").to(dev).eval()
+    fuse_projections(model)  # as the serving back-end does (the eager references run the fused model too)
     tok, tpl = load_tokenizer(model_dir), get_template("glm4")
     stop = tpl.stop_token_ids(tok)
     ids = [tpl.encode_prompt(tok, [{"role": "user", "content": q}]) for q in prompts(8, seed=1)]

@@ -5,6 +5,7 @@ imported inside the command functions so `glmtune --help` stays fast.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -122,7 +123,11 @@ def exit_at_once_on_ctrl_c() -> None:
     try:
         signal.signal(signal.SIGINT, now)
     except ValueError:  # not the main thread: signals are not ours to handle
-        pass
+        return
+    # Late in shutdown Python puts SIG_DFL back in place of a Python handler, and a Ctrl-C then kills
+    # the process by SIGINT (status -2, not 130); it leaves an ignored signal ignored. atexit hooks run
+    # before that point (the last registered first), so from this one on a Ctrl-C is ignored.
+    atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

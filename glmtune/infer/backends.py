@@ -93,7 +93,7 @@ class HFBackend:
                  device: str | None = None, dtype: str = "auto", liger: str = "none", engine=None):
         import torch
 
-        from glmtune.infer.engine import MultiLoRA, UnsupportedAdapter, engine_support
+        from glmtune.infer.engine import MultiLoRA, UnsupportedAdapter, engine_support, fuse_projections
         from glmtune.models.loading import load_model
 
         self.tokenizer = tokenizer
@@ -113,8 +113,12 @@ class HFBackend:
             except UnsupportedAdapter as e:  # PEFT runs it, one adapter at a time, without the engine
                 self.engine_problem = f"an adapter the engine cannot batch ({e})"
                 model = _load_adapters(model, adapters)
+        self.engine_problem = self.engine_problem or engine_support(model)
+        if self.engine_problem is None and self.engine_settings.fuse_projections:
+            fuse_projections(model)  # this backend loaded the model: it is for inference only
+            if self.lora is not None:
+                self.lora.attach(model)
         self.model = model.eval()
-        self.engine_problem = self.engine_problem or engine_support(self.model)
         self._engine = None
         self._engine_summary = None
         self._lock = threading.Lock()

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 from glmtune.infer.engine.attention import StepContext, engine_forward, register_engine_attention
 from glmtune.infer.engine.cache import LayerShape, SlotCache, bytes_per_token
+from glmtune.infer.engine.fused import fuse_projections, fused_groups
 from glmtune.infer.engine.lora import MultiLoRA, UnsupportedAdapter
 from glmtune.infer.engine.runner import ModelRunner
 from glmtune.infer.engine.scheduler import GenerationEngine, Sequence
 
 __all__ = ["EngineSettings", "GenerationEngine", "MultiLoRA", "Sequence", "UnsupportedAdapter", "create_engine",
-           "engine_support"]
+           "engine_support", "fuse_projections"]
 
 
 @dataclass
@@ -32,7 +33,11 @@ class EngineSettings:
     cuda_graphs: bool | None = None     # capture decode steps (CUDA only): on
     compile: bool | None = False        # torch.compile the decode layers (~1 min at start): True | False |
                                         # None = on CUDA with graphs (`glmtune serve`'s default)
+    compile_prefill: bool | None = None  # the prefill's norms, MLP and rotary through torch.compile
+                                        # (glmtune.infer.engine.regions): None = as the decode step
     prefix_cache: bool = True           # reuse the keys of repeated prompt prefixes
+    fuse_projections: bool = True       # q/k/v (and gate/up) as one GEMM each, in models the backend loads
+                                        # itself (glmtune.infer.engine.fused)
 
 
 def engine_support(model, *, live_adapters: bool = False) -> str | None:
@@ -96,12 +101,16 @@ def create_engine(model, *, stop_ids: list[int], adapters: dict | None = None, l
         lora = MultiLoRA(model, adapters)
     graphs = cuda if settings.cuda_graphs is None else (settings.cuda_graphs and cuda)
     compiled = compile_choice(model, settings.compile, graphs)
-    runner = ModelRunner(model, cache, stop_ids=stop_ids, lora=lora, use_graphs=graphs, compile=compiled, lock=lock)
+    compile_prefill = compiled if settings.compile_prefill is None else compile_choice(model, settings.compile_prefill,
+                                                                                        graphs)
+    runner = ModelRunner(model, cache, stop_ids=stop_ids, lora=lora, use_graphs=graphs, compile=compiled,
+                         compile_prefill=compile_prefill, lock=lock)
     engine = GenerationEngine(runner, prefill_tokens=prefill, prefix_slots=prefix_slots, stop_ids=stop_ids)
     summary = (f"generation engine: {slots - prefix_slots} slots x {positions} positions "
                f"({slots * length * per_token / 2**30:.2f} GiB KV cache), prefill {prefill} tokens per forward, "
                f"{'CUDA graphs' if graphs else 'eager steps' + ('' if cuda else ' (CPU: no CUDA graphs)')}"
-               f"{', compiled decode' if compiled else ''}"
+               f"{', compiled decode' if compiled else ''}{', compiled prefill regions' if compile_prefill else ''}"
+               f"{f', {fused_groups(model)} fused projection groups' if fused_groups(model) else ''}"
                f"{', prefix reuse' if prefix_slots else ''}"
                f"{f', {len(lora.names)} adapter(s) batched' if lora else ''}")
     return engine, lora, summary

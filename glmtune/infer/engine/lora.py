@@ -115,8 +115,16 @@ class MultiLoRA:
                 owner=torch.cat([torch.full((a.shape[0],), i, dtype=torch.long) for i, a, _, _ in parts]).to(device),
                 scale=torch.cat([torch.full((a.shape[0],), s) for _, a, _, s in parts]).to(device, dtype),
                 adapters={i for i, *_ in parts})
-            self._hooks.append(module.register_forward_hook(self._hook(self.layers[module_name])))
         self.selection = None  # None | adapter index (every token) | (N,) per-token indices
+        self.attach(model)
+
+    def attach(self, model) -> None:
+        """Hook the adapted layers of ``model`` by name (again after its modules were swapped, e.g.
+        by :func:`glmtune.infer.engine.fused.fuse_projections`)."""
+        self.remove()
+        modules = dict(model.named_modules())
+        for module_name, layer in self.layers.items():
+            self._hooks.append(modules[module_name].register_forward_hook(self._hook(layer)))
 
     def index(self, adapter: str | None) -> int:
         return -1 if adapter is None else self.names.index(adapter)

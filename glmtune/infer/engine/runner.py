@@ -17,10 +17,11 @@ its own module, not by layer index), a minute at start instead of many. The comp
 for equality against the eager one; a compile failure is kept (``compile_failure``) and the step runs
 eagerly from then on.
 
-The prefill forward is neither captured nor compiled: its token count and layout change every
-time, and compiled through the decode step's function (dynamic shapes) on the H200 it kept compiling
-new variants under `glmtune serve` (6-16 s stalls, and ~80 ms decode steps after: bench/RESULTS.md,
-session 12). Its inputs (ids, positions, cache indices) are built on the host and go to the device
+The prefill forward is not captured and not compiled as a whole: its token count and layout change
+every time, and compiled through the decode step's function (dynamic shapes) on the H200 it kept
+compiling new variants under `glmtune serve` (6-16 s stalls, and ~80 ms decode steps after:
+bench/RESULTS.md, session 12). With ``compile_prefill`` its pointwise parts (norms, MLP, rotary) run
+through compiled regions of their own (:mod:`.regions`). Its inputs (ids, positions, cache indices) are built on the host and go to the device
 in one non-blocking copy, so the host queues the forward while the device still runs the decode
 step before it.
 
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 
 from glmtune.infer.engine.attention import (PrefillChunk, StepContext, engine_forward, prefill_indices,
                                             varlen_key_indices)
+from glmtune.infer.engine.regions import PrefillRegions, allow_recompiles
 from glmtune.infer.engine.sampling import SamplingRows, is_stop, next_tokens
 from glmtune.models.loading import find_decoder
 
@@ -72,7 +74,7 @@ class Pending:
 
 class ModelRunner:
     def __init__(self, model, cache, *, stop_ids: list[int], lora=None, use_graphs: bool = False,
-                 compile: bool = False, lock=None):
+                 compile: bool = False, compile_prefill: bool = False, lock=None):
         import contextlib
 
         import torch
@@ -97,10 +99,11 @@ class ModelRunner:
         self.graph_pool = None
         self.graph_failure: str | None = None
         self.compiled = torch.compile(_layer_forward, dynamic=True) if compile else None
-        if compile:
-            _allow_recompiles(32)
+        if compile:  # the compiled layer's variants: batch 1 / dynamic x with / without adapters x selection
+            allow_recompiles(32)
         self.layers = find_decoder(model).layers if compile else []
         self.compile_failure: str | None = None
+        self.regions = PrefillRegions(model) if compile_prefill else None
         self._host = [self._pinned(n) for _ in range(4)]  # <= 3 steps' results in flight
         self._flip = 0
 
@@ -193,10 +196,21 @@ class ModelRunner:
         if self.lora is not None:
             lora_ids = torch.cat([self.adapter[p.slot].expand(p.length) for p in parts])
         with engine_forward(self.model, ctx), self._lora(lora_ids):
-            logits = self._logits(input_ids[None], position_ids[None], keep_t)[0]
+            logits = self._prefill_logits(input_ids[None], position_ids[None], keep_t)[0]
         if not finishing:
             return logits, None, None
         return logits[: len(finishing)], slots, ends_t
+
+    def _prefill_logits(self, input_ids, position_ids, keep):
+        """The prefill forward, its pointwise regions compiled when asked (and they compile), else eager."""
+        regions = self.regions
+        if regions is not None and regions.active:
+            try:
+                with regions.on():
+                    return self._logits(input_ids, position_ids, keep)
+            except Exception as e:  # noqa: BLE001 - a compile failure means: eager (same cache writes again)
+                regions.failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return self._logits(input_ids, position_ids, keep)
 
     def _upload(self, host: list) -> list:
         """CPU int64 vectors -> the same on the device, by one copy that does not wait for the device.
@@ -365,18 +379,6 @@ class ModelRunner:
         if self.lora is None or selection is None:
             return contextlib.nullcontext()
         return self.lora.select(selection)
-
-
-def _allow_recompiles(n: int) -> None:
-    """Room for the compiled layer's variants (batch 1 / dynamic x with / without adapters x what
-    guards on the adapters' selection): dynamo's default of 8 ran out serving four adapters, and past
-    it a variant silently runs eagerly. The setting's name by what the installed torch has."""
-    import torch._dynamo.config as dynamo
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo, name):
-            setattr(dynamo, name, max(getattr(dynamo, name), n))
-            return
 
 
 def _layer_forward(layer, *args, **kwargs):

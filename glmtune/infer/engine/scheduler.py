@@ -128,6 +128,9 @@ class GenerationEngine:
             compiled = f"; torch.compile failed ({r.compile_failure}): the decode forward runs eagerly"
         elif r.compiled is not None:
             compiled = "; the decode forward is compiled"
+        if r.regions is not None:
+            compiled += (f"; prefill regions failed to compile ({r.regions.failure}): the prefill runs eagerly"
+                         if r.regions.failure else "; the prefill's norms, MLP and rotary are compiled")
         if not r.use_graphs:
             return "decode steps run eagerly" + compiled
         if r.graph_failure is not None:

@@ -29,8 +29,8 @@ def make_engine(tiny_model):
 
     made = []
 
-    def make(model=None, adapters=None, **settings):
-        engine, lora, _ = create_engine(model or tiny_model, stop_ids=STOP, adapters=adapters,
+    def make(model=None, adapters=None, lora=None, **settings):
+        engine, lora, _ = create_engine(model or tiny_model, stop_ids=STOP, adapters=adapters, lora=lora,
                                         settings=EngineSettings(**settings))
         made.append((engine, lora))
         return engine

@@ -68,13 +68,22 @@ def test_an_adapter_the_engine_cannot_batch_is_named(random_glm4_dir, tmp_path):
         read_adapter(folder)
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_mixed_adapters_and_a_joining_base_request_equal_peft(compile, make_engine, random_glm4_dir, adapters, prompts):
-    """torch.compile'd decode forward (what CUDA runs by default): base rows and adapter rows of one
-    batch, requests joining mid-flight, each answer equal to PEFT's, and the compiled path did run."""
+@pytest.mark.parametrize("compile,fuse", [(False, False), (False, True), (True, True)])
+def test_mixed_adapters_and_a_joining_base_request_equal_peft(compile, fuse, make_engine, random_glm4_dir, adapters,
+                                                              prompts):
+    """torch.compile'd decode forward over fused q/k/v (what CUDA runs by default): base rows and
+    adapter rows of one batch, requests joining mid-flight, each answer equal to PEFT's, and the
+    compiled path did run."""
+    from glmtune.infer.engine import MultiLoRA, fuse_projections
     from glmtune.models.loading import load_model
 
-    engine = make_engine(model=load_model(random_glm4_dir, dtype="float32").eval(), adapters=adapters, compile=compile)
+    model = load_model(random_glm4_dir, dtype="float32").eval()
+    lora = MultiLoRA(model, adapters)  # as the back-end does: adapters read, then layers fused, then hooked
+    if fuse:
+        lora.remove()
+        assert fuse_projections(model) == model.config.num_hidden_layers
+        lora.attach(model)
+    engine = make_engine(model=model, lora=lora, compile=compile)
     plan = [(prompts[0], 0), (prompts[1], -1), (prompts[2], 1), (prompts[4], -1)]
     seqs = [engine.submit(p, max_new_tokens=16, adapter=a) for p, a in plan[:3]]
     seqs[0].done.wait(300)
