@@ -33,8 +33,8 @@ class EngineSettings:
     cuda_graphs: bool | None = None     # capture decode steps (CUDA only): on
     compile: bool | None = False        # torch.compile the decode layers (~1 min at start): True | False |
                                         # None = on CUDA with graphs (`glmtune serve`'s default)
-    compile_prefill: bool | None = None  # the prefill's norms, MLP and rotary through torch.compile
-                                        # (glmtune.infer.engine.regions): None = as the decode step
+    compile_prefill: bool | None = False  # the prefill's norms, MLP and rotary through torch.compile
+                                        # (glmtune.infer.engine.regions); off: recompiles under serve
     prefix_cache: bool = True           # reuse the keys of repeated prompt prefixes
     fuse_projections: bool = True       # q/k/v (and gate/up) as one GEMM each, in models the backend loads
                                         # itself (glmtune.infer.engine.fused)
@@ -101,8 +101,8 @@ def create_engine(model, *, stop_ids: list[int], adapters: dict | None = None, l
         lora = MultiLoRA(model, adapters)
     graphs = cuda if settings.cuda_graphs is None else (settings.cuda_graphs and cuda)
     compiled = compile_choice(model, settings.compile, graphs)
-    compile_prefill = compiled if settings.compile_prefill is None else compile_choice(model, settings.compile_prefill,
-                                                                                        graphs)
+    # off unless asked: under `glmtune serve` on the H200 the regions kept compiling (bench/RESULTS.md, session 13)
+    compile_prefill = compile_choice(model, bool(settings.compile_prefill), graphs)
     runner = ModelRunner(model, cache, stop_ids=stop_ids, lora=lora, use_graphs=graphs, compile=compiled,
                          compile_prefill=compile_prefill, lock=lock)
     engine = GenerationEngine(runner, prefill_tokens=prefill, prefix_slots=prefix_slots, stop_ids=stop_ids)
