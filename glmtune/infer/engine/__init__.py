@@ -33,7 +33,7 @@ class EngineSettings:
     cuda_graphs: bool | None = None     # capture decode steps (CUDA only): on
     compile: bool | None = False        # torch.compile the decode layers (~1 min at start): True | False |
                                         # None = on CUDA with graphs (`glmtune serve`'s default)
-    compile_prefill: bool | None = False  # the prefill's norms, MLP and rotary through torch.compile
+    compile_prefill: bool = False       # the prefill's norms, MLP and rotary through torch.compile
                                         # (glmtune.infer.engine.regions); off: recompiles under serve
     prefix_cache: bool = True           # reuse the keys of repeated prompt prefixes
     fuse_projections: bool = True       # q/k/v (and gate/up) as one GEMM each, in models the backend loads
@@ -102,7 +102,8 @@ def create_engine(model, *, stop_ids: list[int], adapters: dict | None = None, l
     graphs = cuda if settings.cuda_graphs is None else (settings.cuda_graphs and cuda)
     compiled = compile_choice(model, settings.compile, graphs)
     # off unless asked: under `glmtune serve` on the H200 the regions kept compiling (bench/RESULTS.md, session 13)
-    compile_prefill = compile_choice(model, bool(settings.compile_prefill), graphs)
+    compile_prefill = compile_choice(model, settings.compile_prefill, graphs)
+    fused = fused_groups(model)
     runner = ModelRunner(model, cache, stop_ids=stop_ids, lora=lora, use_graphs=graphs, compile=compiled,
                          compile_prefill=compile_prefill, lock=lock)
     engine = GenerationEngine(runner, prefill_tokens=prefill, prefix_slots=prefix_slots, stop_ids=stop_ids)
@@ -110,7 +111,7 @@ def create_engine(model, *, stop_ids: list[int], adapters: dict | None = None, l
                f"({slots * length * per_token / 2**30:.2f} GiB KV cache), prefill {prefill} tokens per forward, "
                f"{'CUDA graphs' if graphs else 'eager steps' + ('' if cuda else ' (CPU: no CUDA graphs)')}"
                f"{', compiled decode' if compiled else ''}{', compiled prefill regions' if compile_prefill else ''}"
-               f"{f', {fused_groups(model)} fused projection groups' if fused_groups(model) else ''}"
+               f"{f', {fused} fused projection groups' if fused else ''}"
                f"{', prefix reuse' if prefix_slots else ''}"
                f"{f', {len(lora.names)} adapter(s) batched' if lora else ''}")
     return engine, lora, summary

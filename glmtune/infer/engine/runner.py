@@ -21,9 +21,9 @@ The prefill forward is not captured and not compiled as a whole: its token count
 every time, and compiled through the decode step's function (dynamic shapes) on the H200 it kept
 compiling new variants under `glmtune serve` (6-16 s stalls, and ~80 ms decode steps after:
 bench/RESULTS.md, session 12). With ``compile_prefill`` its pointwise parts (norms, MLP, rotary) run
-through compiled regions of their own (:mod:`.regions`). Its inputs (ids, positions, cache indices) are built on the host and go to the device
-in one non-blocking copy, so the host queues the forward while the device still runs the decode
-step before it.
+through compiled regions of their own (:mod:`.regions`). Its inputs (ids, positions, cache indices)
+are built on the host and go to the device in one non-blocking copy, so the host queues the forward
+while the device still runs the decode step before it.
 
 Device state, one row per slot: the last token, the position of the next write, whether the row is
 decoding, the decoding settings, the answer length and its cap, the adapter index, and (lazily)
