@@ -12,6 +12,8 @@ Phases (``--phases``, comma-separated, in this order):
   serve     `python -m glmtune serve --model DIR --adapter a0=.. a3=..`, then 1 / 16 / 64 concurrent
             streaming requests (prompts ~200 tokens, 128 new tokens, greedy), and 64 spread over the 4
             adapters: aggregate tok/s, TTFT p50/p90, peak GPU memory of the server (nvidia-smi).
+  prefill   prefill graphs in process: the graph-replayed padded prefill forward against the eager one
+            (logits, argmax; host / wall ms at 1 / 8 / 25 prompts), then 64 requests with them on and off.
   baseline  plain `model.generate` (eager, dynamic cache) at batch 1 and 64 on the same prompts.
   predict   `glmtune predict` over N prompts (64 new tokens) with the engine, and with --engine off on
             a slice of them; `glmtune eval classify --mode generate` over CMCC-34-shaped dialogues.
@@ -146,6 +148,76 @@ def phase_check(model_dir: Path, out: Path | None) -> None:
     engine.close()
     del model
     torch.cuda.empty_cache()
+
+
+# -- prefill graphs ---------------------------------------------------------------------------------
+def phase_prefill(model_dir: Path, out: Path | None, max_tokens: int) -> None:
+    """Prefill graphs in process: the padded forward replayed from its graph against the eager
+    forward (logits within bf16 tolerance, same argmax), each one's host and wall time at 1 / 8 / 25
+    prompts, then 64 requests end to end with prefill graphs on and off (decode graphs both times)."""
+    import torch
+
+    from glmtune.infer.engine import EngineSettings, create_engine, fuse_projections
+    from glmtune.models.loading import load_model
+    from glmtune.models.tokenizer import load_tokenizer
+    from glmtune.templates import get_template
+
+    model = load_model(model_dir, dtype="bfloat16").to("cuda").eval()
+    fuse_projections(model)
+    tok, tpl = load_tokenizer(model_dir), get_template("glm4")
+    stop = tpl.stop_token_ids(tok)
+    ids = [tpl.encode_prompt(tok, [{"role": "user", "content": q}]) for q in prompts(64, seed=5)]
+    engine, _, summary = create_engine(model, stop_ids=stop, settings=EngineSettings(max_slots=96, compile=False))
+    runner = engine.runner
+    graphs = runner.prefill_graphs
+    t0 = time.perf_counter()
+    engine.warmup(widths=(256, 512))
+    emit(out, {"phase": "prefill", "warmup_s": round(time.perf_counter() - t0, 1), "note": engine.graphs_note,
+               "engine": summary, "prefill_graphs": None if graphs is None else sorted(graphs.graphs)})
+    for n in (1, 8, 25):
+        chunks = [(slot, p, 0, True) for slot, p in enumerate(ids[:n])]
+        row = {"phase": "prefill", "prompts": n, "tokens": sum(len(c[1]) for c in chunks)}
+        kept = {}
+        with runner.lock, torch.inference_mode():
+            for mode in ("graph", "eager"):
+                runner.prefill_graphs = graphs if mode == "graph" else None
+                best = (1e9, 1e9)
+                for _ in range(4):
+                    sync()
+                    t1 = time.perf_counter()
+                    logits = runner._prefill_forward(chunks)[0]
+                    host = time.perf_counter() - t1
+                    sync()
+                    best = min(best, (time.perf_counter() - t1, host))
+                kept[mode] = logits.float().clone()
+                row[f"{mode}_wall_ms"], row[f"{mode}_host_ms"] = round(best[0] * 1000, 2), round(best[1] * 1000, 2)
+            runner.prefill_graphs = graphs
+        g, e = kept["graph"], kept["eager"]
+        row.update(max_abs_diff=(g - e).abs().max().item(), logit_scale=e.abs().max().item(),
+                   argmax_same=int((g.argmax(-1) == e.argmax(-1)).sum()))
+        emit(out, row)
+    for mode in ("graph", "eager", "graph"):
+        runner.prefill_graphs = graphs if mode == "graph" else None
+        emit(out, {"phase": "prefill", "engine_requests": 64, "prefill": mode, **engine_run(engine, ids, max_tokens)})
+    runner.prefill_graphs = graphs
+    engine.close()
+    del engine, runner, model
+    torch.cuda.empty_cache()
+
+
+def engine_run(engine, ids: list, max_tokens: int) -> dict:
+    """Every prompt submitted at once: aggregate tok/s and time to first token (p50 / p90)."""
+    first: dict = {}
+    t0 = time.perf_counter()
+    seqs = [engine.submit(p, max_new_tokens=max_tokens, on_update=lambda s: first.setdefault(id(s), time.perf_counter()))
+            for p in ids]
+    for s in seqs:
+        s.done.wait(300)
+    wall = time.perf_counter() - t0
+    ttfts = sorted(first.get(id(s), t0 + wall) - t0 for s in seqs)
+    total = sum(len(s.tokens) for s in seqs)
+    return {"wall_s": round(wall, 3), "tok_per_s": round(total / wall, 1), "ttft_p50_s": round(ttfts[len(ttfts) // 2], 3),
+            "ttft_p90_s": round(ttfts[int(len(ttfts) * 0.9)], 3)}
 
 
 # -- engine -----------------------------------------------------------------------------------------
@@ -328,7 +400,7 @@ def phase_serve(model_dir: Path, out: Path | None, max_tokens: int, port: int, f
         asyncio.run(load_level(f"{url}/v1", ["glm4-9b"], qs[:64], 16))           # warm-up (untimed)
         asyncio.run(load_level(f"{url}/v1", list(adapters), qs[64:128], 16))
         levels = levels or ((1, ["glm4-9b"]), (1, ["glm4-9b"]), (16, ["glm4-9b"]), (64, ["glm4-9b"]),
-                            (64, list(adapters)), (1, ["a0"]), (128, ["glm4-9b"]))
+                            (64, list(adapters)), (1, ["a0"]), (128, ["glm4-9b"]), (64, ["glm4-9b"], 4))
         for n, models, *procs in levels:
             if procs and procs[0] > 1:
                 row = spread_level(f"{url}/v1", models, 0, n, max_tokens, procs[0])
@@ -479,6 +551,8 @@ def main() -> None:
         try:
             if phase == "check":
                 phase_check(model_dir, args.out)
+            elif phase == "prefill":
+                phase_prefill(model_dir, args.out, args.max_tokens)
             elif phase == "engine":
                 phase_engine(model_dir, args.out, args.max_tokens,
                              tuple(m == "compiled" for m in args.engine_modes.split(",")))

@@ -12,6 +12,10 @@ does real work. Clients are bench/serve_gpu.py's (OpenAI client, streaming, in -
 
     python3 bench/serve_host.py [--streams 64] [--new 128] [--step-ms 7.35] [--procs 4] [--repeat 2]
 
+With ``SERVE_HOST_TRACE=FILE`` the engine's process writes to FILE (twice a second) when each request
+reached it and each engine turn's start, length and running requests: the arrival spread and the turn
+period under serve.
+
 Prints one JSON line per level: tok/s, TTFT, and the server process's CPU seconds and µs per streamed
 token (read from /proc: the figure that does not depend on how loaded the machine is).
 """
@@ -60,6 +64,27 @@ def _child(conn, slots: int, step_s: float, ids: list[int]) -> None:
 
     engine = GenerationEngine(sleeping_runner(slots, 4096, step_s, ids), prefill_tokens=4096, prefix_slots=0,
                               stop_ids=[151329])
+    trace = os.environ.get("SERVE_HOST_TRACE")
+    if trace:  # when each request arrived, and each engine turn (start, seconds, running), dumped twice a second
+        import threading
+
+        record, turn, submit = {"submits": [], "turns": []}, engine._turn, engine.submit
+
+        def timed_turn():
+            t0 = time.perf_counter()
+            turn()
+            record["turns"].append((round(t0, 5), round(time.perf_counter() - t0, 5), len(engine._running)))
+
+        def timed_submit(*a, **k):
+            record["submits"].append(round(time.perf_counter(), 5))
+            return submit(*a, **k)
+
+        def dump():
+            while True:
+                time.sleep(0.5)
+                Path(trace).write_text(json.dumps(record))
+        engine._turn, engine.submit = timed_turn, timed_submit
+        threading.Thread(target=dump, daemon=True).start()
     conn.send(("ready",))
     ChildServer(conn, engine).run()
     engine.close()

@@ -144,6 +144,10 @@ OTHER_OBJECTS_PRIVATE = {
     ("glmtune/cli/main.py", "os._exit"): "the standard library's way to end at once, skipping interpreter shutdown",
     ("glmtune/infer/engine/attention.py", "config._attn_implementation"):
         "transformers: switched for each engine forward and back (set_attn_implementation re-validates the model)",
+    ("glmtune/infer/engine/fused.py", "m._forward_hooks"):
+        "torch: a module's registered forward hooks have no public getter (a hooked Linear is not fused)",
+    ("glmtune/infer/engine/fused.py", "m._forward_pre_hooks"):
+        "torch: the same check for forward pre-hooks",
     ("glmtune/infer/predictor.py", "PreTrainedTokenizerFast._decode"):
         "transformers: whether a tokenizer class overrides the decode step the Rust fast path replaces",
     ("glmtune/infer/predictor.py", "type(tokenizer)._decode"):

@@ -158,9 +158,10 @@ class EngineRollouts:
         if self.engine is None:
             self.positions = max(self.positions, needed)
             # no prefix store: the copies of a prompt are admitted together, before any is prefilled,
-            # so it would hold slots and never hit; no compile: a one-off minute a short run never earns
+            # so it would hold slots and never hit; no compile: a one-off minute a short run never earns;
+            # no prefill graphs: a rollout's prompts come at once, in large prefills graphs earn little
             settings = EngineSettings(max_model_len=self.positions, max_slots=self.slots, prefix_cache=False,
-                                      compile=False)
+                                      compile=False, prefill_graphs=False)
             self.engine, _, summary = create_engine(live, stop_ids=list(stop_ids), settings=settings)
             self._modules = {m.layer_idx: m for m in live.modules() if hasattr(m, CACHE_K)}
             self.engine.runner.cache.detach()  # attached for each rollout only (module docstring)

@@ -35,6 +35,9 @@ class EngineSettings:
                                         # None = on CUDA with graphs (`glmtune serve`'s default)
     compile_prefill: bool = False       # the prefill's norms, MLP and rotary through torch.compile
                                         # (glmtune.infer.engine.regions); off: recompiles under serve
+    prefill_graphs: bool | None = None  # prefill forwards padded to token buckets, replayed from CUDA graphs
+                                        # (glmtune.infer.engine.prefill_graphs): None = with CUDA graphs and
+                                        # FlashAttention varlen; True on a CPU runs the padded forward eagerly
     prefix_cache: bool = True           # reuse the keys of repeated prompt prefixes
     fuse_projections: bool = True       # q/k/v (and gate/up) as one GEMM each, in models the backend loads
                                         # itself (glmtune.infer.engine.fused)
@@ -104,17 +107,30 @@ def create_engine(model, *, stop_ids: list[int], adapters: dict | None = None, l
     # off unless asked: under `glmtune serve` on the H200 the regions kept compiling (bench/RESULTS.md, session 13)
     compile_prefill = compile_choice(model, settings.compile_prefill, graphs)
     fused = fused_groups(model)
+    padded = prefill_graphs_choice(settings.prefill_graphs, graphs, cuda)
     runner = ModelRunner(model, cache, stop_ids=stop_ids, lora=lora, use_graphs=graphs, compile=compiled,
-                         compile_prefill=compile_prefill, lock=lock)
+                         compile_prefill=compile_prefill, prefill_graphs=padded, prefill_tokens=prefill, lock=lock)
     engine = GenerationEngine(runner, prefill_tokens=prefill, prefix_slots=prefix_slots, stop_ids=stop_ids)
     summary = (f"generation engine: {slots - prefix_slots} slots x {positions} positions "
                f"({slots * length * per_token / 2**30:.2f} GiB KV cache), prefill {prefill} tokens per forward, "
                f"{'CUDA graphs' if graphs else 'eager steps' + ('' if cuda else ' (CPU: no CUDA graphs)')}"
                f"{', compiled decode' if compiled else ''}{', compiled prefill regions' if compile_prefill else ''}"
+               f"{(', prefill graphs' if graphs else ', padded prefill') if padded else ''}"
                f"{f', {fused} fused projection groups' if fused else ''}"
                f"{', prefix reuse' if prefix_slots else ''}"
                f"{f', {len(lora.names)} adapter(s) batched' if lora else ''}")
     return engine, lora, summary
+
+
+def prefill_graphs_choice(asked: bool | None, graphs: bool, cuda: bool) -> bool:
+    """Whether prefill forwards are padded to token buckets: on CUDA with decode graphs and the
+    FlashAttention varlen kernel (the padding's layout is that kernel's), unless turned off; on a CPU
+    only when asked (the padded forward runs eagerly there: what the tests compare)."""
+    if not cuda:
+        return bool(asked)
+    from glmtune.models.speed import varlen_available
+
+    return (asked is not False) and graphs and varlen_available()
 
 
 def compile_choice(model, asked: bool | None, graphs: bool) -> bool:

@@ -160,9 +160,30 @@ def _prefill_varlen(ctx: StepContext, k_cache, v_cache, query, scaling):
 
     v = ctx.varlen
     keys, values = k_cache[v["k_slots"], :, v["k_pos"]], v_cache[v["k_slots"], :, v["k_pos"]]
+    if query.device.type != "cuda":
+        return _varlen_by_sequence(query, keys, values, v["cu_q"].tolist(), v["cu_k"].tolist(), scaling)
     out = varlen_gqa_attention(query[0].transpose(0, 1), keys, values, v["cu_q"], v["cu_k"], v["max_q"],
                                v["max_k"], scale=scaling)
     return out.unsqueeze(0)
+
+
+def _varlen_by_sequence(query, keys, values, cu_q: list[int], cu_k: list[int], scaling):
+    """What the varlen kernel computes, by SDPA one packed sequence at a time (a CPU: the padded
+    prefill forward of :mod:`.prefill_graphs` in tests). q (1, Hq, T, D), k/v (T_k, Hkv, D)."""
+    import torch
+
+    out = query.new_zeros(1, query.shape[2], query.shape[1], values.shape[-1])
+    gqa = query.shape[1] != keys.shape[1]
+    for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):
+        if q1 == q0:
+            continue
+        n, m = q1 - q0, k1 - k0  # bottom-right causal: query i sits at key position m - n + i
+        mask = torch.arange(m, device=query.device)[None, :] <= torch.arange(m - n, m, device=query.device)[:, None]
+        att = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, q0:q1], keys[k0:k1].transpose(0, 1)[None], values[k0:k1].transpose(0, 1)[None],
+            attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        out[0, q0:q1] = att[0].transpose(0, 1)
+    return out
 
 
 def register_engine_attention() -> str:

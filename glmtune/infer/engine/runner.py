@@ -17,11 +17,13 @@ its own module, not by layer index), a minute at start instead of many. The comp
 for equality against the eager one; a compile failure is kept (``compile_failure``) and the step runs
 eagerly from then on.
 
-The prefill forward is not captured and not compiled as a whole: its token count and layout change
-every time, and compiled through the decode step's function (dynamic shapes) on the H200 it kept
-compiling new variants under `glmtune serve` (6-16 s stalls, and ~80 ms decode steps after:
-bench/RESULTS.md, session 12). With ``compile_prefill`` its pointwise parts (norms, MLP, rotary) run
-through compiled regions of their own (:mod:`.regions`). Its inputs (ids, positions, cache indices)
+The prefill forward is not compiled as a whole: its token count and layout change every time, and
+compiled through the decode step's function (dynamic shapes) on the H200 it kept compiling new
+variants under `glmtune serve` (6-16 s stalls, and ~80 ms decode steps after: bench/RESULTS.md,
+session 12). With decode graphs on CUDA it is instead padded to a bucket of tokens and replayed from
+a CUDA graph of its own (:mod:`.prefill_graphs`; a forward that fits no bucket runs eagerly). With
+``compile_prefill`` the eager forward's pointwise parts (norms, MLP, rotary) run through compiled
+regions (:mod:`.regions`). Its inputs (ids, positions, cache indices)
 are built on the host and go to the device in one non-blocking copy, so the host queues the forward
 while the device still runs the decode step before it.
 
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 
 from glmtune.infer.engine.attention import (PrefillChunk, StepContext, engine_forward, prefill_indices,
                                             varlen_key_indices)
+from glmtune.infer.engine.prefill_graphs import PrefillGraphs
 from glmtune.infer.engine.regions import PrefillRegions, allow_recompiles
 from glmtune.infer.engine.sampling import SamplingRows, is_stop, next_tokens
 from glmtune.models.loading import find_decoder
@@ -74,7 +77,8 @@ class Pending:
 
 class ModelRunner:
     def __init__(self, model, cache, *, stop_ids: list[int], lora=None, use_graphs: bool = False,
-                 compile: bool = False, compile_prefill: bool = False, lock=None):
+                 compile: bool = False, compile_prefill: bool = False, prefill_graphs: bool = False,
+                 prefill_tokens: int = 4096, lock=None):
         import contextlib
 
         import torch
@@ -104,6 +108,10 @@ class ModelRunner:
         self.layers = find_decoder(model).layers if compile else []
         self.compile_failure: str | None = None
         self.regions = PrefillRegions(model) if compile_prefill else None
+        # prefill forwards padded to token buckets: replayed from CUDA graphs (with decode graphs), or
+        # eagerly (a CPU in tests); forwards they do not fit run as below
+        self.prefill_graphs = PrefillGraphs(self._padded_forward, self.device, scratch=self.scratch,
+                                            max_tokens=prefill_tokens, graphs=use_graphs) if prefill_graphs else None
         self._host = [self._pinned(n) for _ in range(4)]  # <= 3 steps' results in flight
         self._flip = 0
 
@@ -182,6 +190,9 @@ class ModelRunner:
                 keep.append(offset - 1)
                 finishing.append(slot)
                 ends.append(start + len(chunk))
+        fixed = self._fixed_prefill(parts, ids, keep, finishing, ends)
+        if fixed is not None:
+            return fixed
         token_slots, _ = prefill_indices(parts)
         host = [torch.tensor(ids), torch.tensor(positions), token_slots, torch.tensor(keep or [offset - 1]),
                 torch.tensor(finishing), torch.tensor(ends)]
@@ -200,6 +211,38 @@ class ModelRunner:
         if not finishing:
             return logits, None, None
         return logits[: len(finishing)], slots, ends_t
+
+    def _fixed_prefill(self, parts, ids, keep, finishing, ends):
+        """``_prefill_forward``'s result through a padded forward of a captured bucket (None: the
+        chunks fit none, or its capture failed)."""
+        import torch
+
+        graphs = self.prefill_graphs
+        key = graphs.choose(parts, self.lora is not None) if graphs is not None else None
+        if key is None:
+            return None
+        flat, slots, ends_t = self._upload([graphs.layout(key, parts, ids, keep), torch.tensor(finishing),
+                                            torch.tensor(ends)])
+        logits = graphs.run(key, flat)
+        if logits is None:
+            return None
+        if not finishing:
+            return logits, None, None
+        return logits[: len(finishing)], slots, ends_t
+
+    def _padded_forward(self, views: dict, tokens: int, keys: int, adapters: bool):
+        """The forward a prefill graph captures: inputs from the static views of
+        :mod:`.prefill_graphs`, the logits of its ``keep`` positions out."""
+        import torch
+
+        varlen = {"cu_q": views["cu_q"].to(torch.int32), "cu_k": views["cu_k"].to(torch.int32), "max_q": tokens,
+                  "max_k": keys, "k_slots": views["key_slots"], "k_pos": views["key_pos"]}
+        ctx = StepContext(self.cache, "prefill", token_slots=views["write_slots"], token_pos=views["write_pos"],
+                          varlen=varlen)
+        # the padding's tokens run slot 0's adapter: their rows are never read
+        selection = self.adapter[views["write_slots"]] if adapters else None
+        with engine_forward(self.model, ctx), self._lora(selection):
+            return self._logits(views["ids"][None], views["positions"][None], views["keep"])[0]
 
     def _prefill_logits(self, input_ids, position_ids, keep):
         """The prefill forward, its pointwise regions compiled when asked (and they compile), else eager."""
@@ -321,6 +364,8 @@ class ModelRunner:
                             self._capture(key)
                 if b >= max_rows:
                     break
+            if self.prefill_graphs is not None:
+                self.prefill_graphs.capture_all(self.lora is not None)
 
     def _capture(self, key: tuple):
         """Capture the decode step for ``key`` = (rows, width, sampling) as a CUDA graph; a failure

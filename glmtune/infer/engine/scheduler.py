@@ -131,6 +131,10 @@ class GenerationEngine:
         if r.regions is not None:
             compiled += (f"; prefill regions failed to compile ({r.regions.failure}): the prefill runs eagerly"
                          if r.regions.failure else "; the prefill's norms, MLP and rotary are compiled")
+        g = r.prefill_graphs
+        if g is not None and r.use_graphs:
+            compiled += (f"; prefill graph capture failed ({g.failure}): the prefill runs eagerly" if g.failure
+                         else f"; {len(g.graphs)} prefill graphs captured")
         if not r.use_graphs:
             return "decode steps run eagerly" + compiled
         if r.graph_failure is not None:

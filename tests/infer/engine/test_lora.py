@@ -68,12 +68,13 @@ def test_an_adapter_the_engine_cannot_batch_is_named(random_glm4_dir, tmp_path):
         read_adapter(folder)
 
 
-@pytest.mark.parametrize("compile,fuse", [(False, False), (False, True), (True, True)])
-def test_mixed_adapters_and_a_joining_base_request_equal_peft(compile, fuse, make_engine, random_glm4_dir, adapters,
-                                                              prompts):
-    """torch.compile'd decode forward over fused q/k/v (what CUDA runs by default): base rows and
-    adapter rows of one batch, requests joining mid-flight, each answer equal to PEFT's, and the
-    compiled path did run."""
+@pytest.mark.parametrize("compile,fuse,padded", [(False, False, False), (False, True, False), (True, True, False),
+                                                 (False, True, True)])
+def test_mixed_adapters_and_a_joining_base_request_equal_peft(compile, fuse, padded, make_engine, random_glm4_dir,
+                                                              adapters, prompts):
+    """torch.compile'd decode forward over fused q/k/v (what CUDA runs by default), or the padded
+    prefill forward prefill graphs capture: base rows and adapter rows of one batch, requests joining
+    mid-flight, each answer equal to PEFT's, and the compiled / padded path did run."""
     from glmtune.infer.engine import MultiLoRA, fuse_projections
     from glmtune.models.loading import load_model
 
@@ -83,7 +84,12 @@ def test_mixed_adapters_and_a_joining_base_request_equal_peft(compile, fuse, mak
         lora.remove()
         assert fuse_projections(model) == model.config.num_hidden_layers
         lora.attach(model)
-    engine = make_engine(model=model, lora=lora, compile=compile)
+    engine = make_engine(model=model, lora=lora, compile=compile, prefill_graphs=padded)
+    padded_calls = []
+    if padded:
+        graphs = engine.runner.prefill_graphs
+        body = graphs.body
+        graphs.body = lambda views, *a: padded_calls.append(a) or body(views, *a)
     plan = [(prompts[0], 0), (prompts[1], -1), (prompts[2], 1), (prompts[4], -1)]
     seqs = [engine.submit(p, max_new_tokens=16, adapter=a) for p, a in plan[:3]]
     seqs[0].done.wait(300)
@@ -92,6 +98,7 @@ def test_mixed_adapters_and_a_joining_base_request_equal_peft(compile, fuse, mak
         assert s.done.wait(300)
     names = [None, "alpha", "beta"]
     assert [s.tokens for s in seqs] == [peft_answer(random_glm4_dir, adapters, names[a + 1], p) for p, a in plan]
+    assert bool(padded_calls) == padded and all(adapters_on for *_, adapters_on in padded_calls)
     if compile:
         assert engine.runner.compile_failure is None
         assert "the decode forward is compiled" in engine.graphs_note

@@ -2,9 +2,7 @@
 chunked, joining and prefix-reusing prefills, and new prompt layouts do not make new compiles."""
 from __future__ import annotations
 
-import time
-
-from engine_refs import reference
+from engine_refs import joining_answers, reference
 
 
 def _variants(fn) -> int:
@@ -22,12 +20,7 @@ def test_compiled_prefill_regions_equal_generate_and_compile_few_variants(make_e
     assert len(regions.modules) == 5 * layers  # four norms and the MLP of each GLM-4 layer
     assert len(regions.rotary) == 1
     def run(batch):
-        seqs = []
-        for p in batch:
-            seqs.append(engine.submit(p, max_new_tokens=12))
-            time.sleep(0.03)
-        for s in seqs:
-            assert s.done.wait(300)
+        seqs = joining_answers(engine, batch, max_new_tokens=12)
         assert [s.tokens for s in seqs] == [reference(tiny_model, p, max_new_tokens=12) for p in batch]
 
     # the first compile at 64 tokens, as many as the tiny model is wide, and one of one token: the two

@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from engine_refs import STOP, reference
+from engine_refs import STOP, joining_answers, reference
 
 from glmtune.errors import InputError
 
@@ -29,12 +29,7 @@ def test_greedy_batch_equals_generate(make_engine, tiny_model, prompts):
 def test_requests_joining_mid_flight_and_chunked_prefill(make_engine, tiny_model, prompts):
     # 64-token prefill forwards: the 270-token prompt takes five turns, decoding the others between them
     engine = make_engine(prefill_tokens=64, max_slots=4)
-    seqs = []
-    for p in prompts:
-        seqs.append(engine.submit(p, max_new_tokens=16))
-        time.sleep(0.03)
-    for s in seqs:
-        assert s.done.wait(120)
+    seqs = joining_answers(engine, prompts, wait_s=120)
     assert [s.tokens for s in seqs] == [reference(tiny_model, p) for p in prompts]
     assert engine.steps > 16  # more requests than slots: later ones waited, then decoded
 
