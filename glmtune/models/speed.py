@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from typing import Sequence
 
 VARLEN_IMPL = "glmtune_varlen"
@@ -88,6 +89,23 @@ def varlen_gqa_attention(q, k, v, cu_q, cu_k, max_q: int, max_k: int, *, scale: 
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **opts)
+
+
+def padded_offsets(seq_lens: Sequence[int], tokens: int, max_segments: int) -> list[int]:
+    """Cumulative offsets (max_segments + 1 entries) for a row of `tokens` tokens holding `seq_lens`:
+    FlashAttention varlen boundaries of a fixed length (a CUDA graph's input, in training and prefill).
+
+    The tail after the sequences (padding) is one more segment; entries after it repeat `tokens`."""
+    used = sum(seq_lens)
+    if used > tokens:
+        raise ValueError(f"sequences of {used} tokens do not fit a row of {tokens}")
+    n_segments = len(seq_lens) + (used < tokens)
+    if n_segments > max_segments:
+        raise ValueError(f"{n_segments} segments exceed max_segments={max_segments}")
+    offsets = list(itertools.accumulate((int(n) for n in seq_lens), initial=0))
+    if used < tokens:
+        offsets.append(tokens)
+    return offsets + [tokens] * (max_segments + 1 - len(offsets))
 
 
 def varlen_support() -> str | None:

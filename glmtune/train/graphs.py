@@ -20,29 +20,13 @@ recomputation is part of the backward graph.
 """
 from __future__ import annotations
 
-from itertools import accumulate
 from typing import Sequence
 
 import torch
 
+from glmtune.models.speed import padded_offsets
 from glmtune.templates import IGNORE_INDEX
 from glmtune.train.data import token_loss_sum
-
-
-def padded_offsets(seq_lens: Sequence[int], tokens: int, max_segments: int) -> list[int]:
-    """Cumulative offsets (max_segments + 1 entries) for a row of `tokens` tokens holding `seq_lens`.
-
-    The tail after the sequences (padding) is one more segment; entries after it repeat `tokens`."""
-    used = sum(seq_lens)
-    if used > tokens:
-        raise ValueError(f"sequences of {used} tokens do not fit a row of {tokens}")
-    n_segments = len(seq_lens) + (used < tokens)
-    if n_segments > max_segments:
-        raise ValueError(f"{n_segments} segments exceed max_segments={max_segments}")
-    offsets = list(accumulate((int(n) for n in seq_lens), initial=0))
-    if used < tokens:
-        offsets.append(tokens)
-    return offsets + [tokens] * (max_segments + 1 - len(offsets))
 
 
 def fixed_row(seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None, tokens: int, pad_id: int):

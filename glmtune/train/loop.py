@@ -214,7 +214,8 @@ def graphed_rows(graphed, micro_batches, pad_id: int):
     """The step's conversations packed best-fit into fixed rows, built on the host in one go:
     (ids, labels, positions) as one (3, rows, tokens) tensor, the rows' attention offsets, real tokens."""
     from glmtune.train.data import pack_rows_best_fit
-    from glmtune.train.graphs import fixed_row, padded_offsets
+    from glmtune.models.speed import padded_offsets
+    from glmtune.train.graphs import fixed_row
 
     rows, offsets, tokens = [], [], 0
     for examples in micro_batches:

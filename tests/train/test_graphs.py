@@ -7,17 +7,8 @@ import pytest
 import torch
 
 from glmtune.templates import IGNORE_INDEX
-from glmtune.train.graphs import GraphedDecoder, fixed_row, padded_offsets
+from glmtune.train.graphs import GraphedDecoder, fixed_row
 from glmtune.train.data import pack_rows_best_fit
-
-
-def test_padded_offsets():
-    assert padded_offsets([3, 2], 8, 4) == [0, 3, 5, 8, 8]       # tail padding is a segment
-    assert padded_offsets([3, 5], 8, 3) == [0, 3, 8, 8]          # exact fit: no padding segment
-    with pytest.raises(ValueError, match="do not fit a row of 8"):
-        padded_offsets([5, 4], 8, 4)
-    with pytest.raises(ValueError, match="exceed max_segments=2"):
-        padded_offsets([1, 1], 8, 2)
 
 
 def test_fixed_row():

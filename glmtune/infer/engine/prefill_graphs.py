@@ -23,6 +23,7 @@ tests compare with ``generate``).
 from __future__ import annotations
 
 from glmtune.infer.engine.attention import PrefillChunk, slot_positions, varlen_key_indices
+from glmtune.models.speed import padded_offsets
 
 PREFILL_BUCKETS = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 MAX_CHUNKS = 64
@@ -63,16 +64,9 @@ def padded_layout(parts: list[PrefillChunk], ids: list[int], keep: list[int], *,
     write_slots, write_pos = slot_positions([(p.slot, p.start, p.start + p.length) for p in parts]) if parts \
         else (empty, empty)
     key_slots, key_pos = varlen_key_indices(parts) if parts else (empty, empty)
-    cu_q, cu_k, q, k = [0], [0], 0, 0
-    for p in parts:
-        q, k = q + p.length, k + p.start + p.length
-        cu_q.append(q)
-        cu_k.append(k)
-    if pad:  # the padding's own sequence: `pad` queries over `pad` keys, all at slot 0's scratch
-        cu_q.append(q + pad)
-        cu_k.append(k + pad)
-    cu_q += [cu_q[-1]] * (max_chunks + 2 - len(cu_q))
-    cu_k += [cu_k[-1]] * (max_chunks + 2 - len(cu_k))
+    # the padding is one more sequence (`pad` queries over `pad` keys, all at slot 0's scratch)
+    cu_q = padded_offsets([p.length for p in parts], tokens, max_chunks + 1)
+    cu_k = padded_offsets([p.start + p.length for p in parts], needs(parts)[1] + pad, max_chunks + 1)
 
     def padded(values, n: int, fill: int):
         t = torch.as_tensor(values, dtype=torch.long)

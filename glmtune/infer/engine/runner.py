@@ -208,9 +208,7 @@ class ModelRunner:
             lora_ids = torch.cat([self.adapter[p.slot].expand(p.length) for p in parts])
         with engine_forward(self.model, ctx), self._lora(lora_ids):
             logits = self._prefill_logits(input_ids[None], position_ids[None], keep_t)[0]
-        if not finishing:
-            return logits, None, None
-        return logits[: len(finishing)], slots, ends_t
+        return _finishing(logits, finishing, slots, ends_t)
 
     def _fixed_prefill(self, parts, ids, keep, finishing, ends):
         """``_prefill_forward``'s result through a padded forward of a captured bucket (None: the
@@ -224,11 +222,7 @@ class ModelRunner:
         flat, slots, ends_t = self._upload([graphs.layout(key, parts, ids, keep), torch.tensor(finishing),
                                             torch.tensor(ends)])
         logits = graphs.run(key, flat)
-        if logits is None:
-            return None
-        if not finishing:
-            return logits, None, None
-        return logits[: len(finishing)], slots, ends_t
+        return None if logits is None else _finishing(logits, finishing, slots, ends_t)
 
     def _padded_forward(self, views: dict, tokens: int, keys: int, adapters: bool):
         """The forward a prefill graph captures: inputs from the static views of
@@ -424,6 +418,14 @@ class ModelRunner:
         if self.lora is None or selection is None:
             return contextlib.nullcontext()
         return self.lora.select(selection)
+
+
+def _finishing(logits, finishing: list, slots, ends_t) -> tuple:
+    """A prefill forward's result: the kept logits of the chunks that end their prompts, their slots and
+    prompt ends (the last two None when no chunk ends its prompt)."""
+    if not finishing:
+        return logits, None, None
+    return logits[: len(finishing)], slots, ends_t
 
 
 def _layer_forward(layer, *args, **kwargs):
