@@ -107,6 +107,7 @@ def section_prefill(engine, ids, out):
 def section_replay(engine, out, label: str):
     """Wall time of one decode-graph replay (CUDA events over 200 replays) at 1 and 64 rows, width 256."""
     import torch
+    from serve_gpu import replay_ms
 
     runner = engine.runner
     rows = {}
@@ -114,15 +115,7 @@ def section_replay(engine, out, label: str):
         for b in (1, 64):
             key = (b, 256, False, False)
             graph = runner.graphs.get(key) or runner._capture(key)
-            for _ in range(10):
-                graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(200):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            rows[f"replay_ms_{b}"] = round(start.elapsed_time(end) / 200, 4)
+            rows[f"replay_ms_{b}"] = round(replay_ms(graph, runs=200, warm=10), 4)
     emit(out, {"section": "replay", "model": label, **rows, "note": engine.graphs_note})
 
 

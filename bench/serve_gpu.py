@@ -220,6 +220,22 @@ def engine_run(engine, ids: list, max_tokens: int) -> dict:
             "ttft_p90_s": round(ttfts[int(len(ttfts) * 0.9)], 3)}
 
 
+def replay_ms(graph, runs: int, warm: int) -> float:
+    """Device time of one replay of a captured CUDA graph (CUDA events over ``runs`` replays)."""
+    import torch
+
+    for _ in range(warm):
+        graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(runs):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / runs
+
+
 # -- engine -----------------------------------------------------------------------------------------
 def phase_engine(model_dir: Path, out: Path | None, max_tokens: int, modes: tuple = (False, True)) -> None:
     import torch
@@ -244,15 +260,7 @@ def phase_engine(model_dir: Path, out: Path | None, max_tokens: int, modes: tupl
             graph = runner.graphs.get((b, 256, False, False))
             if graph is None:
                 continue
-            graph.replay()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(50):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            replay[b] = round(start.elapsed_time(end) / 50, 3)
+            replay[b] = round(replay_ms(graph, runs=50, warm=1), 3)
         emit(out, {"phase": "engine", "compiled": compiled, "startup_s": round(startup, 1), "graphs": graphs,
                    "graph_replay_ms": replay, "note": engine.graphs_note, "engine": summary})
         for n in (1, 64, 128):
