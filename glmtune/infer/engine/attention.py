@@ -120,8 +120,6 @@ def prefill_indices(chunks: list[PrefillChunk]) -> tuple:
 
 
 def _prefill(ctx: StepContext, layer: int, query, key, value, scaling):
-    import torch
-
     k_cache, v_cache = ctx.cache.layer(layer)
     # (T, Hkv, D) rows scattered to (slot, :, position)
     k_cache[ctx.token_slots, :, ctx.token_pos] = key[0].transpose(0, 1)
@@ -129,21 +127,29 @@ def _prefill(ctx: StepContext, layer: int, query, key, value, scaling):
     if ctx.varlen is not None:
         return _prefill_varlen(ctx, k_cache, v_cache, query, scaling)
     out = query.new_empty(1, query.shape[2], query.shape[1], value.shape[-1])
-    gqa = query.shape[1] != key.shape[1]
     for c in ctx.chunks:
-        q = query[:, :, c.offset:c.offset + c.length]
         end = c.start + c.length
-        keys, values = k_cache[c.slot:c.slot + 1, :, :end], v_cache[c.slot:c.slot + 1, :, :end]
-        if c.start == 0:
-            att = torch.nn.functional.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scaling,
-                                                                   enable_gqa=gqa)
-        else:  # query i sits at position start + i and sees positions 0 .. start + i
-            mask = (torch.arange(end, device=q.device)[None, :]
-                    <= torch.arange(c.start, end, device=q.device)[:, None])
-            att = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling,
-                                                                   enable_gqa=gqa)
-        out[0, c.offset:c.offset + c.length] = att[0].transpose(0, 1)
+        out[0, c.offset:c.offset + c.length] = _bottom_right_causal(
+            query[:, :, c.offset:c.offset + c.length], k_cache[c.slot:c.slot + 1, :, :end],
+            v_cache[c.slot:c.slot + 1, :, :end], scaling)
     return out
+
+
+def _bottom_right_causal(q, keys, values, scaling):
+    """SDPA of one sequence's n queries over its m >= n keys, query i at key position m - n + i
+    (FlashAttention's causal alignment): q (1, Hq, n, D), k/v (1, Hkv, m, D) -> (n, Hq, Dv)."""
+    import torch
+
+    n, m = q.shape[2], keys.shape[2]
+    gqa = q.shape[1] != keys.shape[1]
+    if n == m:
+        att = torch.nn.functional.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scaling,
+                                                               enable_gqa=gqa)
+    else:
+        mask = torch.arange(m, device=q.device)[None, :] <= torch.arange(m - n, m, device=q.device)[:, None]
+        att = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling,
+                                                               enable_gqa=gqa)
+    return att[0].transpose(0, 1)
 
 
 def varlen_key_indices(chunks: list[PrefillChunk]) -> tuple:
@@ -168,21 +174,13 @@ def _prefill_varlen(ctx: StepContext, k_cache, v_cache, query, scaling):
 
 
 def _varlen_by_sequence(query, keys, values, cu_q: list[int], cu_k: list[int], scaling):
-    """What the varlen kernel computes, by SDPA one packed sequence at a time (a CPU: the padded
-    prefill forward of :mod:`.prefill_graphs` in tests). q (1, Hq, T, D), k/v (T_k, Hkv, D)."""
-    import torch
-
+    """What the varlen kernel computes, one packed sequence at a time (a CPU: the padded prefill
+    forward of :mod:`.prefill_graphs` in tests). q (1, Hq, T, D), k/v (T_k, Hkv, D)."""
     out = query.new_zeros(1, query.shape[2], query.shape[1], values.shape[-1])
-    gqa = query.shape[1] != keys.shape[1]
     for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):
-        if q1 == q0:
-            continue
-        n, m = q1 - q0, k1 - k0  # bottom-right causal: query i sits at key position m - n + i
-        mask = torch.arange(m, device=query.device)[None, :] <= torch.arange(m - n, m, device=query.device)[:, None]
-        att = torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, q0:q1], keys[k0:k1].transpose(0, 1)[None], values[k0:k1].transpose(0, 1)[None],
-            attn_mask=mask, scale=scaling, enable_gqa=gqa)
-        out[0, q0:q1] = att[0].transpose(0, 1)
+        if q1 > q0:
+            out[0, q0:q1] = _bottom_right_causal(query[:, :, q0:q1], keys[k0:k1].transpose(0, 1)[None],
+                                                 values[k0:k1].transpose(0, 1)[None], scaling)
     return out
 
 

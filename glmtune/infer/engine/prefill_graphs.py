@@ -59,14 +59,15 @@ def padded_layout(parts: list[PrefillChunk], ids: list[int], keep: list[int], *,
 
     if not fits(parts, tokens, keys, max_chunks):
         raise ValueError(f"{len(parts)} chunks of {needs(parts)} (tokens, keys) do not fit ({tokens}, {keys})")
-    pad = tokens - needs(parts)[0]
+    real, real_keys = needs(parts)
+    pad = tokens - real
     empty = torch.zeros(0, dtype=torch.long)
     write_slots, write_pos = slot_positions([(p.slot, p.start, p.start + p.length) for p in parts]) if parts \
         else (empty, empty)
     key_slots, key_pos = varlen_key_indices(parts) if parts else (empty, empty)
     # the padding is one more sequence (`pad` queries over `pad` keys, all at slot 0's scratch)
     cu_q = padded_offsets([p.length for p in parts], tokens, max_chunks + 1)
-    cu_k = padded_offsets([p.start + p.length for p in parts], needs(parts)[1] + pad, max_chunks + 1)
+    cu_k = padded_offsets([p.start + p.length for p in parts], real_keys + pad, max_chunks + 1)
 
     def padded(values, n: int, fill: int):
         t = torch.as_tensor(values, dtype=torch.long)

@@ -180,10 +180,9 @@ class ModelRunner:
         finishing slots, their prompts' ends), the last two None when no chunk ends its prompt."""
         import torch
 
-        ids, positions, parts, offset, keep, finishing, ends = [], [], [], 0, [], [], []
+        ids, parts, offset, keep, finishing, ends = [], [], 0, [], [], []
         for slot, chunk, start, last in chunks:
             ids += chunk
-            positions += range(start, start + len(chunk))
             parts.append(PrefillChunk(slot, start, len(chunk), offset))
             offset += len(chunk)
             if last:
@@ -193,8 +192,8 @@ class ModelRunner:
         fixed = self._fixed_prefill(parts, ids, keep, finishing, ends)
         if fixed is not None:
             return fixed
-        token_slots, _ = prefill_indices(parts)
-        host = [torch.tensor(ids), torch.tensor(positions), token_slots, torch.tensor(keep or [offset - 1]),
+        token_slots, positions = prefill_indices(parts)  # a token's position is where it is written
+        host = [torch.tensor(ids), positions, token_slots, torch.tensor(keep or [offset - 1]),
                 torch.tensor(finishing), torch.tensor(ends)]
         varlen = self._varlen_inputs(parts)
         if varlen is not None:
