@@ -91,19 +91,23 @@ def freeze_routers(model, *, train: bool) -> int:
 # --------------------------------------------------------------------------------------------------
 # the router's balance statistic
 
-def balance_loss(router_logits, top_k_index, num_experts: int):
+def balance_loss(router_logits, top_k_index, num_experts: int, token_mask=None):
     """DeepSeek-V3's complementary balance loss without its alpha (Liu et al. 2024, eqs. 17-19), over
     the tokens given: ``sum_i f_i P_i`` with ``f_i = E / (K T) * #(tokens routing to i)`` and ``P_i``
     the mean over tokens of the normalised sigmoid score ``s_i / sum_j s_j``. 1.0 = perfectly even
-    load; E / K (all tokens on the same K experts) at worst. router_logits (T, E), top_k_index (T, K)."""
+    load; E / K (all tokens on the same K experts) at worst. router_logits (T, E), top_k_index (T, K);
+    ``token_mask`` (T,) bool: only its True tokens count (a fixed-size row's padding is routed too)."""
     import torch
 
     scores = router_logits.float().sigmoid()
-    probs = (scores / scores.sum(-1, keepdim=True)).mean(0)                            # (E,)
     tokens, k = top_k_index.shape
+    weight = (torch.ones(tokens, device=scores.device) if token_mask is None
+              else token_mask.to(device=scores.device, dtype=torch.float32))
+    n = weight.sum().clamp(min=1.0)
+    probs = ((scores / scores.sum(-1, keepdim=True)) * weight[:, None]).sum(0) / n          # (E,)
     counts = torch.zeros(num_experts, device=probs.device, dtype=torch.float32)
-    counts.scatter_add_(0, top_k_index.reshape(-1), torch.ones(tokens * k, device=probs.device))
-    frac = counts * num_experts / max(tokens * k, 1)                                     # (E,)
+    counts.scatter_add_(0, top_k_index.reshape(-1), weight.repeat_interleave(k))
+    frac = counts * num_experts / (n * k)                                                  # (E,)
     return (frac * probs).sum()
 
 
@@ -112,16 +116,20 @@ class RouterBalance:
     forward, averaged over MoE layers and micro-batches until read. Logged, not added to the loss:
     GLM-4.5+ balance their experts with the aux-loss-free bias, and the router is frozen by default.
 
-    Values stay on the device until `read()` (once per logging window). A block recomputed under
-    gradient checkpointing reports the same value again, which leaves the mean unchanged; eval
-    forwards (module.eval()) are not counted."""
+    The sum and the count are device tensors updated in place, read once per logging window: so the
+    hook's work is ordinary kernels, and a CUDA-graphed block (speed.cuda_graphs), whose Python hooks
+    never run on replay, still adds its value at every replay (the capture recorded the in-place
+    adds). A block recomputed under gradient checkpointing reports the same value again, which leaves
+    the mean unchanged; eval forwards (module.eval()) are not counted."""
 
     def __init__(self, model):
         import torch
 
-        self.total = None
-        self.count = 0
-        # run eagerly under torch.compile: traced, the host-side count would be a guard that
+        self.total = self.count = None  # (sum, calls) on the device, made at the first training forward
+        # (T,) bool of the real tokens of a CUDA-graphed row (its owner refills it before each replay);
+        # used for forwards of exactly T tokens
+        self.token_mask = None
+        # run eagerly under torch.compile: traced, the host-side state would be a guard that
         # recompiles the block on every call
         hook = torch.compiler.disable(self._hook)
         self._hooks = [getattr(b, ROUTER).register_forward_hook(hook) for b in moe_blocks(model)]
@@ -133,17 +141,28 @@ class RouterBalance:
 
         router_logits, _, top_k_index = output
         with torch.no_grad():
-            value = balance_loss(router_logits, top_k_index, router_logits.shape[-1])
-        self.total = value if self.total is None else self.total + value
-        self.count += 1
+            mask = self.token_mask
+            if mask is not None and mask.shape[0] != router_logits.shape[0]:
+                mask = None
+            value = balance_loss(router_logits, top_k_index, router_logits.shape[-1], mask)
+            if self.total is None:
+                self.total, self.count = torch.zeros_like(value), torch.zeros_like(value)
+            self.total.add_(value)
+            self.count.add_(1)
 
     def read(self) -> float | None:
         """The mean since the last read (None when no router ran in training mode), and reset."""
-        if not self.count:
+        if self.total is None:
             return None
-        value = float(self.total) / self.count
-        self.total, self.count = None, 0
-        return value
+        total, count = float(self.total), float(self.count)
+        self.reset()
+        return total / count if count else None
+
+    def reset(self) -> None:
+        """Forget what was counted so far (in place: a captured graph keeps adding to the same tensors)."""
+        if self.total is not None:
+            self.total.zero_()
+            self.count.zero_()
 
     def remove(self) -> None:
         for h in self._hooks:

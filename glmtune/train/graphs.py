@@ -84,11 +84,19 @@ class GraphedDecoder:
     """
 
     def __init__(self, model, *, tokens: int, max_segments: int = 64, graph: bool = True, varlen: bool = True,
-                 loss_chunk: int = 256, warmup: int = 3):
+                 loss_chunk: int = 256, warmup: int = 3, token_mask: torch.Tensor | None = None):
         self.model, self.inner = inner_model(model)
         self.tokens, self.max_segments, self.loss_chunk = tokens, max_segments, loss_chunk
         embed = self.inner.embed_tokens.weight
         self.device, self.dtype = embed.device, embed.dtype
+        # (tokens,) bool, True for each row's real tokens: refilled before every forward, for readers
+        # inside the blocks that must leave padding out (a MoE router's balance statistic); a caller's
+        # buffer when the reader already holds it (it has to before capture), else one of its own
+        self.token_mask = token_mask if token_mask is not None else \
+            torch.ones(tokens, dtype=torch.bool, device=self.device)
+        if self.token_mask.shape != (tokens,) or self.token_mask.dtype != torch.bool:
+            raise ValueError(f"token_mask must be a ({tokens},) bool tensor, got {tuple(self.token_mask.shape)} "
+                             f"{self.token_mask.dtype}")
         self.offsets = torch.zeros(max_segments + 1, dtype=torch.int32, device=self.device) if varlen else None
         self.mask = None if varlen else torch.zeros(1, 1, tokens, tokens, dtype=self.dtype, device=self.device)
         self.stack = _DecoderStack(self.inner.layers, self.offsets, tokens, self.mask)
@@ -145,11 +153,17 @@ class GraphedDecoder:
             for p in missing:
                 p.grad = torch.zeros_like(p)
 
-    def set_row(self, seq_lens: Sequence[int] | None = None, offsets: torch.Tensor | None = None) -> None:
+    def set_row(self, seq_lens: Sequence[int] | None = None, offsets: torch.Tensor | None = None,
+                real: torch.Tensor | None = None) -> None:
         """Point the attention at this row's sequence boundaries (before its forward): the sequence
-        lengths, or their padded_offsets already on the device (a device-to-device copy, no host wait)."""
+        lengths, or their padded_offsets and the (tokens,) real-token flags already on the device
+        (device-to-device copies, no host wait)."""
         if offsets is None:
             offsets = torch.tensor(padded_offsets(seq_lens, self.tokens, self.max_segments), dtype=torch.int32)
+            used = sum(seq_lens)
+            real = torch.tensor([True] * used + [False] * (self.tokens - used))
+        if real is not None:
+            self.token_mask.copy_(real, non_blocking=True)
         if self.offsets is not None:
             self.offsets.copy_(offsets, non_blocking=True)
         else:
@@ -177,12 +191,12 @@ class GraphedDecoder:
                 dist.all_reduce(p.grad)
 
     def loss_sum(self, input_ids, labels, position_ids, seq_lens: Sequence[int] | None = None, *,
-                 offsets: torch.Tensor | None = None):
+                 offsets: torch.Tensor | None = None, real: torch.Tensor | None = None):
         """(sum of next-token losses, number of targets) for one fixed-size row (1, tokens); the row's
-        sequences given by their lengths or by their padded offsets (on the device)."""
+        sequences given by their lengths or by their padded offsets and real-token flags (on the device)."""
         if input_ids.shape != (1, self.tokens):
             raise ValueError(f"rows must be (1, {self.tokens}), got {tuple(input_ids.shape)}")
-        self.set_row(seq_lens, offsets)
+        self.set_row(seq_lens, offsets, real)
         self._ensure_grads()
         hidden = self.inner.embed_tokens(input_ids)
         cos, sin = self.inner.rotary_emb(hidden, position_ids)

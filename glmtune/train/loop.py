@@ -212,7 +212,8 @@ def _eager_step(model, micro_batches, accelerator, plan: SpeedPlan, cfg: TrainCo
 
 def graphed_rows(graphed, micro_batches, pad_id: int):
     """The step's conversations packed best-fit into fixed rows, built on the host in one go:
-    (ids, labels, positions) as one (3, rows, tokens) tensor, the rows' attention offsets, real tokens."""
+    (ids, labels, positions, real-token flags) as one (4, rows, tokens) tensor, the rows' attention
+    offsets, real tokens."""
     from glmtune.train.data import pack_rows_best_fit
     from glmtune.models.speed import padded_offsets
     from glmtune.train.graphs import fixed_row
@@ -221,11 +222,13 @@ def graphed_rows(graphed, micro_batches, pad_id: int):
     for examples in micro_batches:
         for row in pack_rows_best_fit([len(e) for e in examples], graphed.tokens, lookahead=len(examples)):
             exs = [examples[i] for i in row]
-            rows.append(fixed_row([e.input_ids for e in exs], [e.labels for e in exs], graphed.tokens, pad_id))
+            used = sum(len(e) for e in exs)
+            ids, labels, pos = fixed_row([e.input_ids for e in exs], [e.labels for e in exs], graphed.tokens, pad_id)
+            rows.append((ids, labels, pos, [1] * used + [0] * (graphed.tokens - used)))
             offsets.append(padded_offsets([len(e) for e in exs], graphed.tokens, graphed.max_segments))
-            tokens += sum(len(e) for e in exs)
-    ids_labels_pos = torch.tensor(rows, dtype=torch.long).transpose(0, 1)  # (3, rows, tokens)
-    return ids_labels_pos, torch.tensor(offsets, dtype=torch.int32), tokens
+            tokens += used
+    rows_tensor = torch.tensor(rows, dtype=torch.long).transpose(0, 1)  # (4, rows, tokens)
+    return rows_tensor, torch.tensor(offsets, dtype=torch.int32), tokens
 
 
 def _graphed_step(graphed, micro_batches, accelerator, pad_id: int) -> StepResult:
@@ -240,11 +243,11 @@ def _graphed_step(graphed, micro_batches, accelerator, pad_id: int) -> StepResul
     n_local = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for mb in micro_batches for e in mb)
     n_global = global_count(accelerator, n_local)
     host_rows, host_offsets, tokens = graphed_rows(graphed, micro_batches, pad_id)
-    ids, labels, pos = to_device(host_rows, dev)
+    ids, labels, pos, real = to_device(host_rows, dev)
     offsets = to_device(host_offsets, dev)
     loss_total = torch.zeros((), device=dev, dtype=torch.float64)
     for r in range(ids.shape[0]):
-        s, _ = graphed.loss_sum(ids[r:r + 1], labels[r:r + 1], pos[r:r + 1], offsets=offsets[r])
+        s, _ = graphed.loss_sum(ids[r:r + 1], labels[r:r + 1], pos[r:r + 1], offsets=offsets[r], real=real[r] > 0)
         accelerator.backward(s / at_least_one(n_global))
         loss_total += s.detach().double()
     if accelerator.num_processes > 1:
@@ -393,7 +396,7 @@ def setup(cfg: TrainConfig, accelerator, levers: SpeedLevers, console, *, resume
     # train mode before any capture: a graph records what runs while it is captured, and transformers
     # checkpoints a block only in training mode (captured in eval mode, checkpointing never ran)
     run.model.train()
-    run.graphed = levers.graphed_decoder(accelerator.unwrap_model(run.model), [len(e) for e in train_ex])
+    run.graphed = graphed_decoder(run, accelerator.unwrap_model(run.model))
     # output.dir is created only now that data, tokenizer and model have loaded: a run that fails on its
     # inputs leaves no folder behind for the corrected rerun to refuse as "not empty"
     if accelerator.is_main_process:
@@ -410,6 +413,21 @@ def setup(cfg: TrainConfig, accelerator, levers: SpeedLevers, console, *, resume
     run.monitor = Monitor(out, enabled=run.main, resume_step=run.step, tensorboard=cfg.output.tensorboard,
                           plot=cfg.output.plot)
     return run
+
+
+def graphed_decoder(run, model):
+    """levers.graphed_decoder, with a MoE router's balance hooks reading the graphed rows' real-token
+    mask (they must hold it before capture: the graph replays what they read then)."""
+    mask = None
+    if run.router is not None and run.levers.plan.graphs:
+        mask = torch.ones(run.levers.plan.graph_tokens, dtype=torch.bool, device=run.accelerator.device)
+        run.router.token_mask = mask
+    graphed = run.levers.graphed_decoder(model, [len(e) for e in run.train_ex], token_mask=mask)
+    if run.router is not None:
+        run.router.reset()  # the capture's warm-up forwards ran the routers on placeholder rows
+        if graphed is None:
+            run.router.token_mask = None
+    return graphed
 
 
 def router_balance(model):

@@ -69,6 +69,13 @@ def test_balance_loss_hand_values():
     # 3 tokens, E = 3, K = 2, equal scores: P_i = 1/3, f = E/(K T) * counts = 3/6 * (3, 2, 1)
     flat = balance_loss(torch.zeros(3, 3), torch.tensor([[0, 1], [0, 1], [0, 2]]), 3)
     assert abs(float(flat) - (0.5 * (3 + 2 + 1) / 3)) < 1e-6
+    # a token mask counts only its True tokens (a graphed row's padding is routed too)
+    g = torch.Generator().manual_seed(0)
+    logits, idx = torch.randn(6, 4, generator=g), torch.randint(0, 4, (6, 2), generator=g)
+    keep = torch.tensor([True, False, True, True, False, True])
+    masked = balance_loss(logits, idx, 4, keep)
+    assert abs(float(masked) - float(balance_loss(logits[keep], idx[keep], 4))) < 1e-6
+    assert abs(float(masked) - float(balance_loss(logits, idx, 4))) > 1e-3
 
 
 def test_router_balance_hooks_count_training_forwards_only():
@@ -78,9 +85,16 @@ def test_router_balance_hooks_count_training_forwards_only():
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
     model.train()
     model(input_ids=ids)
-    assert balance.count == 2  # two MoE layers
+    assert int(balance.count) == 2  # two MoE layers
+    total = balance.total
     value = balance.read()
-    assert 1.0 <= value <= 8 / 2 and balance.count == 0 and balance.read() is None
+    assert 1.0 <= value <= 8 / 2 and int(balance.count) == 0 and balance.read() is None
+    # the same tensors are added to in place from then on (what a captured CUDA graph replays)
+    model(input_ids=ids)
+    assert balance.total is total and abs(balance.read() - value) < 1e-6
+    model(input_ids=ids)
+    balance.reset()
+    assert balance.read() is None
     model.eval()
     with torch.no_grad():
         model(input_ids=ids)

@@ -34,13 +34,22 @@ def test_best_fit_rows_are_full_and_cover_the_stream():
         list(pack_rows_best_fit([2, 9], 8))
 
 
-def test_stack_loss_equals_each_sequence_alone():
-    from transformers import Glm4Config, Glm4ForCausalLM
+def _tiny(arch: str):
+    from transformers import Glm4Config, Glm4ForCausalLM, Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM
 
     torch.manual_seed(0)
-    model = Glm4ForCausalLM(Glm4Config(hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                                       num_key_value_heads=2, head_dim=16, num_hidden_layers=2, vocab_size=128,
-                                       partial_rotary_factor=0.5, attention_bias=True, pad_token_id=0))
+    if arch == "glm4_moe_lite":  # MLA attention, routed experts (tokens of a row routed independently)
+        from glmtune.models.tiny import TINY_GLM4_MOE_LITE
+        return Glm4MoeLiteForCausalLM(Glm4MoeLiteConfig(**{**TINY_GLM4_MOE_LITE, "vocab_size": 128, "pad_token_id": 0,
+                                                           "eos_token_id": 1}))
+    return Glm4ForCausalLM(Glm4Config(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, num_hidden_layers=2, vocab_size=128,
+                                      partial_rotary_factor=0.5, attention_bias=True, pad_token_id=0))
+
+
+@pytest.mark.parametrize("arch", ["glm4", "glm4_moe_lite"])
+def test_stack_loss_equals_each_sequence_alone(arch):
+    model = _tiny(arch)
     model.config._attn_implementation = "sdpa"
     seqs = [torch.randint(1, 128, (n,)).tolist() for n in (7, 11, 5)]
     ref_sum, ref_n = 0.0, 0
@@ -56,6 +65,7 @@ def test_stack_loss_equals_each_sequence_alone():
     ids, labels, pos = fixed_row(seqs, None, 32, pad_id=0)
     loss, n = dec.loss_sum(torch.tensor([ids]), torch.tensor([labels]), torch.tensor([pos]), [len(s) for s in seqs])
     assert int(n) == ref_n
+    assert dec.token_mask.tolist() == [True] * sum(map(len, seqs)) + [False] * (32 - sum(map(len, seqs)))
     assert abs(float(loss) - float(ref_sum)) < 1e-4 * float(ref_sum)
     loss.backward()
     for name, g in ref_grads.items():

@@ -149,14 +149,19 @@ def test_speed_plan_for_moe(moe_cfg):
     cfg = moe_cfg("glm4_moe")
     plan = resolve_speed(cfg, cuda=True, varlen_problem=None, liger_problem=None)
     assert plan.expert_lora and plan.packing and plan.varlen is False  # fp32 here: no FlashAttention
-    assert any("mixture-of-experts model: capture of routed experts is opt-in" in n for n in plan.notes)
-    assert not plan.graphs
+    assert not plan.graphs  # fp32: no FlashAttention varlen, so no graphs
+    bf16 = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "bf16"})})
+    graphed = resolve_speed(bf16, cuda=True, varlen_problem=None, liger_problem=None)
+    assert graphed.graphs and graphed.graph_tokens == 2048 and graphed.expert_lora
     sharded = resolve_speed(cfg, cuda=True, varlen_problem=None, liger_problem=None, processes=2,
                             distributed="FSDP")
     assert not sharded.expert_lora and any("speed.expert_lora auto -> off" in n for n in sharded.notes)
     qlora = cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": "qlora"})})
     qlora = resolve_speed(qlora, cuda=True, varlen_problem=None, liger_problem=None)
     assert any("only the attention linears are 4-bit" in n for n in qlora.notes)
+    bf16_qlora = bf16.model_copy(update={"method": cfg.method.model_copy(update={"name": "qlora"})})
+    plan = resolve_speed(bf16_qlora, cuda=True, varlen_problem=None, liger_problem=None)
+    assert not plan.graphs and any("mixture-of-experts QLoRA: capture is opt-in" in n for n in plan.notes)
     dense = cfg.model_copy(update={"speed": cfg.speed.model_copy(update={"expert_lora": True})})
     with pytest.raises(ConfigError, match="speed.expert_lora=true runs LoRA on routed experts; this model has none"):
         resolve_speed(dense, cuda=False, moe=False)
