@@ -191,8 +191,10 @@ class StepResult:
 
 
 def _eager_step(model, micro_batches, accelerator, plan: SpeedPlan, cfg: TrainConfig, *, pad_id: int,
-                block_mask: bool, dtype) -> StepResult:
-    """One optimizer step's forward/backward, micro-batch by micro-batch (collated, packed or padded)."""
+                block_mask: bool, dtype, router=None) -> StepResult:
+    """One optimizer step's forward/backward, micro-batch by micro-batch (collated, packed or padded).
+    ``router`` (a MoE model's RouterBalance) is shown each padded batch's real tokens: padding is routed
+    too, and its statistic leaves it out (packed rows have no padding)."""
     world = accelerator.num_processes
     batches = [collate(mb, packing=plan.packing, pad_id=pad_id, block_mask=block_mask, varlen=plan.varlen)
                for mb in micro_batches]
@@ -201,6 +203,8 @@ def _eager_step(model, micro_batches, accelerator, plan: SpeedPlan, cfg: TrainCo
     loss_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     for j, batch in enumerate(batches):
         batch = _to(batch, accelerator.device, dtype)
+        if router is not None and not plan.packing:
+            router.token_mask = batch["attention_mask"].reshape(-1).bool()
         sync = accelerator.no_sync(model) if j < len(batches) - 1 else contextlib.nullcontext()
         with sync, _saved_tensors_place(cfg.speed.offload_activations):
             s, _ = forward_loss_sum(model, batch, fused=plan.fused_loss)
@@ -477,7 +481,7 @@ def train_loop(run: Run) -> None:
                 result = _graphed_step(run.graphed, micro, accelerator, run.pad_id)
             else:
                 result = _eager_step(model, micro, accelerator, run.plan, cfg, pad_id=run.pad_id,
-                                     block_mask=run.plan.block_mask, dtype=run.model_dtype)
+                                     block_mask=run.plan.block_mask, dtype=run.model_dtype, router=run.router)
             # 3. clip, step, schedule
             grad_norm = (accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
                          if cfg.train.max_grad_norm > 0 else None)

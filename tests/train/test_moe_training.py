@@ -106,6 +106,15 @@ def test_expert_lora_lever_is_exact_in_training(moe_cfg):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=5e-5, msg=k)
 
 
+def test_router_balance_leaves_padding_out(moe_cfg):
+    """Padded batches route their padding too; the logged balance counts the real tokens only, so it
+    equals the packed run's over the same conversations (first step: same weights, same tokens)."""
+    packed = run_training(moe_cfg("glm4_moe", "packed", **{"train.max_steps": 1}))
+    padded = run_training(moe_cfg("glm4_moe", "padded", **{"train.max_steps": 1, "data.packing": False}))
+    a, b = (next(m["router_aux_loss"] for m in r.metrics if "loss" in m) for r in (packed, padded))
+    assert abs(a - b) < 5e-4, (a, b)  # padding counted: 0.0041 apart
+
+
 def test_train_router_trains_it_in_full_and_saves_it(moe_cfg, moe_dirs):
     res = run_training(moe_cfg("glm4_moe", **{"method.train_router": True, "train.max_steps": 2}))
     adapter = load_file(res.adapter_path / "adapter_model.safetensors")
