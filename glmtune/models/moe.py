@@ -126,8 +126,8 @@ class RouterBalance:
         import torch
 
         self.total = self.count = None  # (sum, calls) on the device, made at the first training forward
-        # (T,) bool of the real tokens of a CUDA-graphed row (its owner refills it before each replay);
-        # used for forwards of exactly T tokens
+        # (T,) bool, the real tokens of the forward (a CUDA-graphed row, refilled by its owner before each
+        # replay; a padded batch's attention mask); used for forwards of exactly T tokens
         self.token_mask = None
         # run eagerly under torch.compile: traced, the host-side state would be a guard that
         # recompiles the block on every call
@@ -152,9 +152,11 @@ class RouterBalance:
 
     def read(self) -> float | None:
         """The mean since the last read (None when no router ran in training mode), and reset."""
+        import torch
+
         if self.total is None:
             return None
-        total, count = float(self.total), float(self.count)
+        total, count = torch.stack([self.total, self.count]).tolist()  # one wait for the device, not two
         self.reset()
         return total / count if count else None
 

@@ -160,8 +160,7 @@ class GraphedDecoder:
         (device-to-device copies, no host wait)."""
         if offsets is None:
             offsets = torch.tensor(padded_offsets(seq_lens, self.tokens, self.max_segments), dtype=torch.int32)
-            used = sum(seq_lens)
-            real = torch.tensor([True] * used + [False] * (self.tokens - used))
+            real = torch.arange(self.tokens) < sum(seq_lens)
         if real is not None:
             self.token_mask.copy_(real, non_blocking=True)
         if self.offsets is not None:
