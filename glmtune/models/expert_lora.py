@@ -63,16 +63,27 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return torch.cat(out) if out else x.new_zeros(0, w.shape[-1])
 
 
-def _factors(wrapper, dtype):
-    """(A^T (E, in, r), B^T (E, r, out), scaling) of a ParamWrapper's one active adapter, in PEFT's
-    layout (lora_A: (E*r, in) expert-major rows; lora_B: (out, r*E) with the expert index fastest)."""
+def _lora_weights(wrapper):
+    """(lora_A (E*r, in), lora_B (out, r*E), scaling) of a ParamWrapper's one active adapter, as PEFT
+    keeps them (lora_A's rows expert-major, lora_B's columns with the expert index fastest)."""
     name = wrapper.active_adapters[0]
-    a, b = wrapper.lora_A[name].weight, wrapper.lora_B[name].weight
-    e = wrapper.num_experts
-    a3 = a.reshape(e, -1, a.shape[-1])                   # (E, r, in)
-    b3 = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)   # (E, out, r)
-    return a3.transpose(1, 2).to(dtype).contiguous(), b3.transpose(1, 2).to(dtype).contiguous(), \
-        float(wrapper.scaling[name])
+    return wrapper.lora_A[name].weight, wrapper.lora_B[name].weight, float(wrapper.scaling[name])
+
+
+def expert_factors(lora_a, lora_b, experts: int, dtype):
+    """PEFT's layout -> (A^T (E, in, r), B^T (E, r, out)) for the grouped GEMMs, in ``dtype`` (the
+    weight's, as PEFT's own fold casts them). Copies: callers that keep them for backward should not
+    (17.6 MB per GLM-4.7-Flash layer at r16; ExpertsLoraFunction rebuilds them instead)."""
+    a3 = lora_a.reshape(experts, -1, lora_a.shape[-1])                     # (E, r, in)
+    b3 = lora_b.reshape(lora_b.shape[0], -1, experts).permute(2, 0, 1)     # (E, out, r)
+    return a3.transpose(1, 2).to(dtype).contiguous(), b3.transpose(1, 2).to(dtype).contiguous()
+
+
+def _peft_grads(grad_a_t, grad_b_t, lora_a, lora_b):
+    """Gradients in expert_factors' layout -> PEFT's (the inverse of its reshapes)."""
+    grad_a = None if grad_a_t is None else grad_a_t.transpose(1, 2).reshape(lora_a.shape).to(lora_a.dtype)
+    grad_b = None if grad_b_t is None else grad_b_t.permute(2, 1, 0).reshape(lora_b.shape).to(lora_b.dtype)
+    return grad_a, grad_b
 
 
 def _usable(wrapper) -> bool:
@@ -102,9 +113,8 @@ def _supported(experts) -> bool:
             and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj"))
 
 
-def _project(x, weight, transposed: bool, offs, lora):
-    """Grouped x @ W_e^T (+ the LoRA term) for rows sorted by expert."""
-    w = weight if transposed else weight.transpose(1, 2)   # (E, in, out)
+def _project(x, w, offs, lora):
+    """Grouped x @ W_e (+ the LoRA term) for rows sorted by expert; w (E, in, out)."""
     y = grouped_mm(x, w, offs)
     if lora is not None:
         a_t, b_t, s = lora
@@ -114,40 +124,184 @@ def _project(x, weight, transposed: bool, offs, lora):
 
 def experts_lora_forward(experts, hidden_states, top_k_index, top_k_weights, loras: dict):
     """The routed experts' output with LoRA on their fused weights. hidden_states (T, hidden),
-    top_k_index / top_k_weights (T, K); ``loras``: {"gate_up_proj" | "down_proj": (A^T, B^T, s)}."""
+    top_k_index / top_k_weights (T, K); ``loras``: {"gate_up_proj" | "down_proj": (lora_A, lora_B, s)}
+    in PEFT's layout (:func:`_lora_weights`).
+    SiLU-gated experts (GLM's) run :class:`ExpertsLoraFunction`; other gates the same maths through
+    autograd."""
     weight_dtype = experts.gate_up_proj.dtype
+    transposed = getattr(experts, "is_transposed", False)
+    w_gu, w_d = experts.gate_up_proj, experts.down_proj
+    if not transposed:
+        w_gu, w_d = w_gu.transpose(1, 2), w_d.transpose(1, 2)                 # (E, in, out) views
+    if _is_silu(getattr(experts, "act_fn", None)) and hidden_states.dtype == weight_dtype:
+        gu, d = loras.get("gate_up_proj"), loras.get("down_proj")
+        return ExpertsLoraFunction.apply(
+            hidden_states, top_k_index, top_k_weights, w_gu, w_d,
+            *(gu[:2] if gu else (None, None)), *(d[:2] if d else (None, None)),
+            gu[2] if gu else 0.0, d[2] if d else 0.0)
+    e = experts.num_experts
+    loras = {name: (*expert_factors(a, b, e, weight_dtype), sc) for name, (a, b, sc) in loras.items()}
     tokens, k = top_k_index.shape
-    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    perm, offs = _route(top_k_index, experts.num_experts)
     x = hidden_states[perm // k].to(weight_dtype)                                          # (S, hidden)
+    h = _project(x, w_gu, offs, loras.get("gate_up_proj"))                                 # (S, 2I)
+    h = _gate(experts, h)                                                                 # (S, I)
+    y = _project(h, w_d, offs, loras.get("down_proj"))                                     # (S, hidden)
+    return _combine(y, top_k_weights.reshape(-1)[perm], perm, tokens, k).to(hidden_states.dtype)
+
+
+def _route(top_k_index, num_experts: int):
+    """(perm, offs): the (token, slot) pairs sorted by expert, and the experts' cumulative row counts."""
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
     # histc, not bincount: its output size does not depend on the data (no host sync, graph-safe);
     # CPU histc takes floats only
     ids = expert_ids.float() if expert_ids.device.type == "cpu" else expert_ids.int()
-    counts = torch.histc(ids, bins=experts.num_experts, min=0, max=experts.num_experts - 1)
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    transposed = getattr(experts, "is_transposed", False)
-    h = _project(x, experts.gate_up_proj, transposed, offs, loras.get("gate_up_proj"))      # (S, 2I)
-    h = _gate(experts, h)                                                                 # (S, I)
-    y = _project(h, experts.down_proj, transposed, offs, loras.get("down_proj"))            # (S, hidden)
-    # the fp32 routing weights promote the product to fp32: the K slots of a token are summed in
-    # fp32 (deterministically, no atomics), as transformers' grouped forward does
-    y = y * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+    counts = torch.histc(ids, bins=num_experts, min=0, max=num_experts - 1)
+    return perm, torch.cumsum(counts, 0, dtype=torch.int32)
+
+
+def _combine(y, weights, perm, tokens: int, k: int):
+    """Rows (S, hidden) in expert order, times their routing weights, summed per token -> (T, hidden).
+    The fp32 routing weights promote the product to fp32: a token's K slots are summed in fp32
+    (deterministically, no atomics), as transformers' grouped forward does."""
+    y = y * weights.unsqueeze(-1)
     out = torch.empty_like(y)
     out[perm] = y                                            # back to (token, slot) order
-    return out.view(tokens, k, -1).sum(1).to(hidden_states.dtype)
+    return out.view(tokens, k, -1).sum(1)
 
 
 def _gate(experts, h):
-    """SwiGLU on the concatenated [gate; up] rows (transformers' default experts gating)."""
+    """The experts' gating on the concatenated [gate; up] rows (transformers' default: SwiGLU)."""
     gate, up = h.chunk(2, dim=-1)
     return experts.act_fn(gate) * up
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def grouped_wgrad(x: torch.Tensor, g: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Per group x_g^T g_g: x (S, K), g (S, N) sorted by group -> (G, K, N) (zeros for an empty group);
+    what autograd computes for grouped_mm's weight operand."""
+    fn = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    xt = x.t()
+    if fn is not None and _kernel_ok(xt, g):
+        return fn(xt, g, offs=offs)
+    out, start = x.new_zeros(offs.numel(), x.shape[1], g.shape[1]), 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            out[e] = xt[:, start:end] @ g[start:end]
+        start = end
+    return out
+
+
+class ExpertsLoraFunction(torch.autograd.Function):
+    """SiLU-gated routed experts with LoRA, saving what backward cannot cheaply recompute.
+
+    Autograd through the composed ops keeps, per (token, expert) row, the gathered input (hidden),
+    the gate/up output (2I), SiLU(gate) (I), the gated product (I) and the down output (hidden):
+    for GLM-4.7-Flash 80 KB per token per layer (bench/moe_saved_bytes.py). This keeps the gate/up
+    output only, plus the rank-r LoRA inputs: the input is gathered again from ``hidden_states`` (kept
+    by the shared experts anyway), the gated product is recomputed from gate/up (elementwise), and
+    the routing weights' gradient is read off the down projection's input gradient
+    (``<y_s, g> = <a_s, g W^T>``), so the down output is never kept. Equal to the composed path
+    (tests/models/test_expert_lora.py: fp32, against PEFT's forward, losses and every gradient)."""
+
+    @staticmethod
+    def forward(ctx, hidden, top_k_index, top_k_weights, w_gu, w_d, lora_a_gu, lora_b_gu, lora_a_d, lora_b_d,
+                s_gu: float, s_d: float):
+        tokens, k = top_k_index.shape
+        a_gu, b_gu, a_d, b_d = _layouts(w_gu, lora_a_gu, lora_b_gu, lora_a_d, lora_b_d)
+        perm, offs = _route(top_k_index, w_gu.shape[0])
+        rows = perm // k
+        x = hidden[rows]                                                               # (S, hidden)
+        h = grouped_mm(x, w_gu, offs)
+        xa = None
+        if a_gu is not None:
+            xa = grouped_mm(x, a_gu, offs)
+            h = h + s_gu * grouped_mm(xa, b_gu, offs)
+        del x
+        gate, up = h.chunk(2, dim=-1)
+        a = torch.nn.functional.silu(gate) * up
+        y = grouped_mm(a, w_d, offs)
+        aa = None
+        if a_d is not None:
+            aa = grouped_mm(a, a_d, offs)
+            y = y + s_d * grouped_mm(aa, b_d, offs)
+        weights = top_k_weights.reshape(-1)[perm]
+        del a_gu, b_gu, a_d, b_d  # rebuilt in backward (cheap copies), not kept through the step
+        ctx.save_for_backward(hidden, perm, offs, weights, h, xa, aa, w_gu, w_d, lora_a_gu, lora_b_gu, lora_a_d,
+                              lora_b_d)
+        ctx.k, ctx.s_gu, ctx.s_d = k, s_gu, s_d
+        return _combine(y, weights, perm, tokens, k).to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from glmtune.models.fused_lora import swiglu, swiglu_backward
+
+        hidden, perm, offs, weights, h, xa, aa, w_gu, w_d, lora_a_gu, lora_b_gu, lora_a_d, lora_b_d = \
+            ctx.saved_tensors
+        a_gu, b_gu, a_d, b_d = _layouts(w_gu, lora_a_gu, lora_b_gu, lora_a_d, lora_b_d)
+        k, s_gu, s_d = ctx.k, ctx.s_gu, ctx.s_d
+        need = ctx.needs_input_grad
+        rows = perm // k
+        g = grad_out[rows].to(h.dtype)                         # each row's output gradient (unweighted)
+        gate, up = h.chunk(2, dim=-1)
+        a = swiglu(gate, up)                                   # recomputed, not kept
+        ga = grouped_mm(g, w_d.transpose(1, 2), offs)          # d<g, y>/da, before the routing weight
+        grad_a_d = grad_b_d = None
+        if a_d is not None:
+            gb = grouped_mm(g, b_d.transpose(1, 2), offs)      # (S, r)
+            ga = ga + s_d * grouped_mm(gb, a_d.transpose(1, 2), offs)
+            if need[7]:
+                grad_a_d = grouped_wgrad(a, (gb * (s_d * weights).unsqueeze(-1)).to(a.dtype), offs)
+            if need[8]:
+                grad_b_d = grouped_wgrad((aa * (s_d * weights).unsqueeze(-1)).to(aa.dtype), g, offs)
+        grad_weights = None
+        if need[2]:
+            dw = (a.float() * ga.float()).sum(-1)             # <a_s, g W^T> = <y_s, g>
+            grad_weights = torch.empty_like(dw)
+            grad_weights[perm] = dw
+            grad_weights = grad_weights.view(-1, k)
+        del a
+        grad_gate, grad_up = swiglu_backward((ga * weights.unsqueeze(-1)).to(ga.dtype), gate, up)
+        del ga, g
+        grad_h = torch.cat([grad_gate, grad_up], dim=-1)
+        del grad_gate, grad_up
+        grad_a_gu = grad_b_gu = grad_hidden = None
+        gb = None
+        if a_gu is not None:
+            gb = grouped_mm(grad_h, b_gu.transpose(1, 2), offs)  # (S, r)
+            if need[6]:
+                grad_b_gu = grouped_wgrad((xa * s_gu).to(xa.dtype), grad_h, offs)
+            if need[5]:
+                grad_a_gu = grouped_wgrad(hidden[rows], (gb * s_gu).to(gb.dtype), offs)
+        if need[0]:
+            gx = grouped_mm(grad_h, w_gu.transpose(1, 2), offs)
+            if gb is not None:
+                gx = gx + s_gu * grouped_mm(gb, a_gu.transpose(1, 2), offs)
+            # back to (token, slot) order and summed over a token's K slots: no atomics
+            unsorted = torch.empty_like(gx)
+            unsorted[perm] = gx
+            grad_hidden = unsorted.view(-1, k, gx.shape[-1]).sum(1, dtype=torch.float32).to(hidden.dtype)
+        grad_a_gu, grad_b_gu = _peft_grads(grad_a_gu, grad_b_gu, lora_a_gu, lora_b_gu)
+        grad_a_d, grad_b_d = _peft_grads(grad_a_d, grad_b_d, lora_a_d, lora_b_d)
+        return grad_hidden, None, grad_weights, None, None, grad_a_gu, grad_b_gu, grad_a_d, grad_b_d, None, None
+
+
+def _layouts(w_gu, lora_a_gu, lora_b_gu, lora_a_d, lora_b_d):
+    """Both projections' factors in the grouped GEMMs' layout and the weight's dtype (None: no LoRA)."""
+    e, dtype = w_gu.shape[0], w_gu.dtype
+    gu = expert_factors(lora_a_gu, lora_b_gu, e, dtype) if lora_a_gu is not None else (None, None)
+    d = expert_factors(lora_a_d, lora_b_d, e, dtype) if lora_a_d is not None else (None, None)
+    return (*gu, *d)
 
 
 def _fused_experts_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
     wrappers, experts = _chain(self)
     if args or kwargs or not _supported(experts) or not all(_usable(w) for w in wrappers.values()):
         return self._glmtune_peft_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-    dtype = experts.gate_up_proj.dtype
-    loras = {name: _factors(w, dtype) for name, w in wrappers.items()}
+    loras = {name: _lora_weights(w) for name, w in wrappers.items()}
     return experts_lora_forward(experts, hidden_states, top_k_index, top_k_weights, loras)
 
 

@@ -185,6 +185,11 @@ class SpeedSection(ConfigSection):
                             "the frozen expert weights (glmtune.models.expert_lora) instead of PEFT's forward, which "
                             "adds B A into a full copy of every expert's weight per layer and call. Exact (tested "
                             "against PEFT). auto: on for lora/qlora on MoE models, single process or DDP.")
+    fused_norm: Union[bool, Literal["auto"]] = Field(
+        "auto", description="RMSNorms that keep their input for backward, not an fp32 copy of it "
+                            "(glmtune.models.rms_norm; same output, 4 bytes less per hidden value per norm). "
+                            "auto: on with CUDA where neither speed.compile nor liger's RMSNorm (speed.liger: "
+                            "all) runs, e.g. GLM-4.7-Flash (the mixture-of-experts models compile skips).")
     graph_tokens: int | None = Field(
         None, gt=0, description="Tokens per CUDA-graphed row (default: the larger of 2048 and data.cutoff_len "
                                 "rounded up to 128). Memory grows with it (GLM-4-9B: ~6 MB per token).")

@@ -43,6 +43,7 @@ class SpeedPlan:
     graphs: bool = False          # CUDA-graphed decoder blocks over fixed rows (glmtune.train.graphs)
     graph_tokens: int = 0         # tokens per graphed row
     expert_lora: bool = False     # MoE: routed experts' LoRA through grouped GEMMs (glmtune.models.expert_lora)
+    fused_norm: bool = False      # RMSNorms keeping their input, not an fp32 copy (glmtune.models.rms_norm)
     notes: tuple[str, ...] = ()   # why each `auto` lever that is off fell back
 
     @property
@@ -70,6 +71,7 @@ class AppliedSpeed:
     graphs: bool = False
     graph_tokens: int = 0
     expert_blocks: int = 0        # MoE expert blocks running the grouped expert LoRA
+    fused_norms: int = 0          # RMSNorm modules running glmtune.models.rms_norm
     notes: tuple[str, ...] = ()   # the plan's fallbacks, then those found while applying
 
     @property
@@ -95,6 +97,8 @@ class AppliedSpeed:
             on.append(f"CUDA graphs ({self.graph_tokens}-token rows)")
         if self.expert_blocks:
             on.append(f"grouped expert LoRA ({self.expert_blocks} MoE layers)")
+        if self.fused_norms:
+            on.append(f"fused RMSNorm ({self.fused_norms} norms)")
         return "speed: " + ", ".join(on)
 
 
@@ -249,6 +253,16 @@ def decide_expert_lora(cfg: TrainConfig, traits: MethodTraits, *, moe: bool,
     return True, None
 
 
+def decide_fused_norm(cfg: TrainConfig, *, cuda: bool, compile_on: bool, liger: str) -> bool:
+    """speed.fused_norm: exact in the forward (same ops), so auto is on wherever nothing else already
+    handles the norms' saved tensors: compile's partitioner chooses them itself, liger's RMSNorm keeps
+    its input as this does. On a CPU only when asked (tests)."""
+    choice = cfg.speed.fused_norm
+    if choice is False or liger == "all":
+        return False
+    return True if choice is True else cuda and not compile_on
+
+
 def moe_notes(traits: MethodTraits, *, moe: bool) -> tuple[str, ...]:
     """What does not apply to a mixture-of-experts model, said once in the speed notes."""
     if not moe or not traits.quantized:
@@ -345,11 +359,12 @@ def resolve_speed(cfg: TrainConfig, *, cuda: bool | None = None, native: bool | 
     graphs, n_graphs = decide_graphs(cfg, traits, cuda=cuda, varlen=varlen, processes=processes,
                                      distributed=distributed, moe=moe)
     expert_lora, n_experts = decide_expert_lora(cfg, traits, moe=moe, distributed=distributed)
+    fused_norm = decide_fused_norm(cfg, cuda=cuda, compile_on=compile_on, liger=liger)
     notes = tuple(n for n in (n_packing, n_attention, n_compile, n_liger, n_fused, n_graphs, n_experts) if n)
     return SpeedPlan(packing=packing, varlen=varlen, liger=liger, compile=compile_on,
                      adapter_fp32=cfg.speed.adapter_dtype == "fp32", native=native, fused_lora=fused_lora,
                      graphs=graphs, graph_tokens=graph_row_tokens(cfg), expert_lora=expert_lora,
-                     notes=notes + moe_notes(traits, moe=moe))
+                     fused_norm=fused_norm, notes=notes + moe_notes(traits, moe=moe))
 
 
 def faster_settings(cfg: TrainConfig, plan: SpeedPlan, *, cuda: bool) -> str | None:
@@ -415,6 +430,8 @@ class SpeedLevers:
             self._fuse_lora(model)
         if plan.expert_lora:
             self._fuse_experts(model)
+        if plan.fused_norm:
+            self._fuse_norms(model)
         if plan.compile:
             try:
                 kernels.compile_decoder_layers(model, dynamic=not plan.graphs)  # graphed rows have one shape
@@ -446,6 +463,14 @@ class SpeedLevers:
             return
         self._undo.append(lambda: unfuse_expert_lora(model))
         self.applied = replace(self.applied, expert_blocks=blocks)
+
+    def _fuse_norms(self, model) -> None:
+        from glmtune.models.rms_norm import fuse_rms_norms, unfuse_rms_norms
+
+        norms = fuse_rms_norms(model)
+        if norms:
+            self._undo.append(lambda: unfuse_rms_norms(model))
+            self.applied = replace(self.applied, fused_norms=norms)
 
     def graphed_decoder(self, model, lengths: list[int], token_mask=None):
         """Capture the decoder blocks as CUDA graphs for rows of plan.graph_tokens tokens; None when the

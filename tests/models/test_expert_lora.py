@@ -108,3 +108,45 @@ def test_grouped_mm_loop_fallback_equals_kernel():
     # odd widths (6 fp32 values = 24-byte rows) miss the kernel's 16-byte alignment: the loop runs
     x6, w6 = torch.randn(10, 6, generator=g), torch.randn(3, 6, 5, generator=g)
     torch.testing.assert_close(grouped_mm(x6, w6, offs), torch.cat([x6[:3] @ w6[0], x6[3:] @ w6[2]]))
+
+
+def test_experts_function_equals_loop_over_experts():
+    """ExpertsLoraFunction (keeps gate/up only, recomputes the rest) against a plain loop over experts
+    through autograd: output and the gradients of the input, the routing weights and all four LoRA
+    weights in PEFT's layout; one expert gets no token."""
+    from glmtune.models.expert_lora import ExpertsLoraFunction
+
+    g = torch.Generator().manual_seed(3)
+    tokens, k, hidden, inter, e, r = 7, 2, 8, 6, 4, 2
+    x = torch.randn(tokens, hidden, generator=g, requires_grad=True)
+    idx = torch.tensor([[0, 1], [1, 3], [3, 0], [0, 1], [3, 1], [1, 0], [0, 3]])  # expert 2: no tokens
+    wts = torch.rand(tokens, k, generator=g, requires_grad=True)
+    w_gu, w_d = torch.randn(e, 2 * inter, hidden, generator=g), torch.randn(e, hidden, inter, generator=g)
+    lora = [torch.randn(*shape, generator=g, requires_grad=True) for shape in
+            ((e * r, hidden), (2 * inter, r * e), (e * r, inter), (hidden, r * e))]
+    s_gu, s_d = 0.5, 2.0
+
+    def loop():
+        a_gu, b_gu, a_d, b_d = lora
+        out = torch.zeros(tokens, hidden)
+        for t in range(tokens):
+            for j in range(k):
+                ex = int(idx[t, j])
+                ag, bg = a_gu[ex * r:(ex + 1) * r], b_gu[:, ex::e]          # PEFT's layout
+                ad, bd = a_d[ex * r:(ex + 1) * r], b_d[:, ex::e]
+                h = x[t] @ w_gu[ex].t() + s_gu * (x[t] @ ag.t()) @ bg.t()
+                gate, up = h.chunk(2)
+                a = torch.nn.functional.silu(gate) * up
+                out[t] = out[t] + wts[t, j] * (a @ w_d[ex].t() + s_d * (a @ ad.t()) @ bd.t())
+        return out
+
+    probe = torch.randn(tokens, hidden, generator=g)
+    inputs = [x, wts, *lora]
+    ref = loop()
+    ref_grads = torch.autograd.grad((ref * probe).sum(), inputs)
+    out = ExpertsLoraFunction.apply(x, idx, wts, w_gu.transpose(1, 2), w_d.transpose(1, 2), *lora, s_gu, s_d)
+    grads = torch.autograd.grad((out * probe).sum(), inputs)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for name, got, want in zip(["x", "weights", "A_gu", "B_gu", "A_d", "B_d"], grads, ref_grads):
+        assert want.abs().max() > 0, name
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5, msg=name)

@@ -93,10 +93,12 @@ def test_moe_lora_trains_experts_and_exports(arch, moe_cfg, moe_dirs, tmp_path, 
                               atol=1e-4)
 
 
-def test_expert_lora_lever_is_exact_in_training(moe_cfg):
-    """The same run with the grouped expert LoRA and with PEFT's forward: same losses, same adapter;
+def test_expert_lora_lever_is_exact_in_training(moe_cfg, capsys):
+    """The same run with the grouped expert LoRA (and fused norms) and with PEFT's forward: same losses,
+    same adapter;
     and the router balance of padded batches."""
-    on = run_training(moe_cfg("glm4_moe", "on", **{"train.max_steps": 2}))
+    on = run_training(moe_cfg("glm4_moe", "on", **{"train.max_steps": 2, "speed.fused_norm": True}))
+    assert "fused RMSNorm (" in " ".join(capsys.readouterr().err.split())  # the norms' lever ran too
     off = run_training(moe_cfg("glm4_moe", "off", **{"train.max_steps": 2, "speed.expert_lora": False,
                                                      "speed.fused_lora": False}))
     for a, b in zip(on.metrics, off.metrics):

@@ -431,3 +431,15 @@ def test_faster_settings_names_what_the_config_blocks(make_cfg):
     assert faster_settings(preset_like, resolve_speed(preset_like, cuda=False, native=True), cuda=False) is None
     full = make_cfg(**bf16, **{"method.name": "full"})
     assert faster_settings(full, resolve_speed(full, **GPU), cuda=True) is None
+
+
+def test_decide_fused_norm(make_cfg):
+    from glmtune.train.speed import decide_fused_norm
+
+    cfg = make_cfg()
+    assert decide_fused_norm(cfg, cuda=True, compile_on=False, liger="none")          # e.g. a MoE model
+    assert not decide_fused_norm(cfg, cuda=True, compile_on=True, liger="flce")       # compile handles norms
+    assert not decide_fused_norm(cfg, cuda=True, compile_on=False, liger="all")       # liger's RMSNorm does
+    assert not decide_fused_norm(cfg, cuda=False, compile_on=False, liger="none")     # CPU: only when asked
+    assert decide_fused_norm(make_cfg(**{"speed.fused_norm": True}), cuda=False, compile_on=False, liger="none")
+    assert not decide_fused_norm(make_cfg(**{"speed.fused_norm": False}), cuda=True, compile_on=False, liger="none")
