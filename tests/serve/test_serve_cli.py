@@ -50,18 +50,28 @@ def test_serve_subprocess_matches_predictor(trained_glm4_dir, flags):
     assert ("in its own process (pid " in out) == bool(flags), out  # the start-up line says where the engine runs
 
 
-def test_adapter_name_must_be_plain(trained_glm4_dir, tmp_path):
+def test_adapter_name_must_be_plain(trained_glm4_dir, tmp_path, capsys):
     """`--adapter ../evil=DIR` was a KeyError traceback from torch once the model had loaded (a module
-    name holds no '.'); now one line naming the flag, before anything loads."""
+    name holds no '.'); now one line naming the flag, before anything loads. The program itself once
+    (exit status, stderr), the other names through the same entry point in this process."""
+    from glmtune.cli.main import main
+
     adapter = tmp_path / "run.v2"
     adapter.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}
-    for value, name in ((f"../evil={adapter}", "../evil"), (f"a/b={adapter}", "a/b"), (f"v1.2={adapter}", "v1.2"),
-                        (str(adapter), "run.v2"), (f"base={adapter}", None)):
-        proc = subprocess.run([sys.executable, "-m", "glmtune", "serve", "--model", str(trained_glm4_dir),
-                               "--adapter", value], env=env, capture_output=True, text=True, timeout=120)
-        err = proc.stderr.strip()
-        assert proc.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err[-2000:]
+    cases = ((f"../evil={adapter}", "../evil"), (f"a/b={adapter}", "a/b"), (f"v1.2={adapter}", "v1.2"),
+             (str(adapter), "run.v2"), (f"base={adapter}", None))
+    for i, (value, name) in enumerate(cases):
+        argv = ["serve", "--model", str(trained_glm4_dir), "--adapter", value]
+        if i == 0:
+            proc = subprocess.run([sys.executable, "-m", "glmtune", *argv], env=env, capture_output=True, text=True,
+                                  timeout=120)
+            code, err = proc.returncode, proc.stderr.strip()
+        else:
+            with pytest.raises(SystemExit) as exit_info:
+                main(argv)
+            code, err = exit_info.value.code, capsys.readouterr().err.strip()
+        assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err[-2000:]
         assert err.startswith("error: field '--adapter': ")
         assert (f"adapter name '{name}' is not a plain name" if name else "'base' is reserved") in err
 
