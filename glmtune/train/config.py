@@ -191,8 +191,7 @@ class SpeedSection(ConfigSection):
                             "auto: on with CUDA where neither speed.compile nor liger's RMSNorm (speed.liger: "
                             "all) runs, e.g. GLM-4.7-Flash (the mixture-of-experts models compile skips).")
     graph_tokens: int | None = Field(
-        None, gt=0, description="Tokens per CUDA-graphed row (default: the larger of 2048 (1536 on a mixture-of-experts model) "
-                                "and data.cutoff_len "
+        None, gt=0, description="Tokens per CUDA-graphed row (default: the larger of 2048 and data.cutoff_len "
                                 "rounded up to 128). Memory grows with it (GLM-4-9B: ~6 MB per token).")
 
 

@@ -311,14 +311,9 @@ def decide_graphs(cfg: TrainConfig, traits: MethodTraits, *, cuda: bool, varlen:
     return (False, f"speed.cuda_graphs auto -> off ({'; '.join(why)})") if why else (True, None)
 
 
-MOE_GRAPH_TOKENS = 1536  # GLM-4.7-Flash LoRA on the H200: 98 % of 2048-token rows' speed at 3 GiB less
-                         # (bench/RESULTS.md session 16): below the plain recipe's memory
-
-
-def graph_row_tokens(cfg: TrainConfig, *, moe: bool = False) -> int:
-    """Tokens per graphed row: speed.graph_tokens, else the larger of 2048 (1536 on a mixture-of-experts
-    model) and cutoff_len rounded up to 128."""
-    return cfg.speed.graph_tokens or max(MOE_GRAPH_TOKENS if moe else 2048, -(-cfg.data.cutoff_len // 128) * 128)
+def graph_row_tokens(cfg: TrainConfig) -> int:
+    """Tokens per graphed row: speed.graph_tokens, else the larger of 2048 and cutoff_len rounded up to 128."""
+    return cfg.speed.graph_tokens or max(2048, -(-cfg.data.cutoff_len // 128) * 128)
 
 
 def probe_kernels(cfg: TrainConfig, *, cuda: bool, native: bool, varlen_problem, liger_problem):
@@ -368,7 +363,7 @@ def resolve_speed(cfg: TrainConfig, *, cuda: bool | None = None, native: bool | 
     notes = tuple(n for n in (n_packing, n_attention, n_compile, n_liger, n_fused, n_graphs, n_experts) if n)
     return SpeedPlan(packing=packing, varlen=varlen, liger=liger, compile=compile_on,
                      adapter_fp32=cfg.speed.adapter_dtype == "fp32", native=native, fused_lora=fused_lora,
-                     graphs=graphs, graph_tokens=graph_row_tokens(cfg, moe=moe), expert_lora=expert_lora,
+                     graphs=graphs, graph_tokens=graph_row_tokens(cfg), expert_lora=expert_lora,
                      fused_norm=fused_norm, notes=notes + moe_notes(traits, moe=moe))
 
 

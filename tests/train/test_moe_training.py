@@ -160,7 +160,7 @@ def test_speed_plan_for_moe(moe_cfg):
     assert not plan.graphs  # fp32: no FlashAttention varlen, so no graphs
     bf16 = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "bf16"})})
     graphed = resolve_speed(bf16, cuda=True, varlen_problem=None, liger_problem=None)
-    assert graphed.graphs and graphed.graph_tokens == 1536 and graphed.expert_lora  # MoE rows: 1536 tokens
+    assert graphed.graphs and graphed.graph_tokens == 2048 and graphed.expert_lora
     sharded = resolve_speed(cfg, cuda=True, varlen_problem=None, liger_problem=None, processes=2,
                             distributed="FSDP")
     assert not sharded.expert_lora and any("speed.expert_lora auto -> off" in n for n in sharded.notes)

@@ -231,7 +231,7 @@ def test_run_training_moe_cuda_graphs_match_eager(make_cfg, gpu_moe, ckpt):
     common = {"speed.adapter_dtype": "model", "train.gradient_checkpointing": ckpt}
     graphed, log = _run(make_cfg, gpu_moe, f"moe-graphs-{ckpt}", **common, **{"speed.cuda_graphs": True})
     eager, elog = _run(make_cfg, gpu_moe, f"moe-eager-{ckpt}", **common, **{"speed.cuda_graphs": False})
-    assert "CUDA graphs (1536-token rows)" in log and "grouped expert LoRA (2 MoE layers)" in log, log
+    assert "CUDA graphs (2048-token rows)" in log and "grouped expert LoRA (2 MoE layers)" in log, log
     assert "fused RMSNorm (" in log, log
     assert "CUDA graphs (" not in elog
     a = [m["loss"] for m in graphed.metrics if "loss" in m]
