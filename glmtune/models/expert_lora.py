@@ -22,6 +22,13 @@ Grouped GEMMs: ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm``) whe
 its 16-byte stride alignment, else a loop over the experts that received tokens (CPU tests with odd
 shapes; never the CUDA path for bf16 models with hidden sizes and ranks that are multiples of 8).
 
+Autograd through those ops would keep five tensors per routed row (the gathered input, gate/up, SiLU(gate),
+the gated product, the down output: 80 KB per token per GLM-4.7-Flash layer), and the activations then
+decide how many tokens a CUDA-graphed row can hold. So SiLU-gated experts run one hand-written autograd
+Function, `ExpertsLoraFunction`, that keeps the gate/up output only and recomputes or re-gathers the rest
+in backward (the same GEMMs, tested equal to a loop over experts and to PEFT's forward); other gates run
+the ops above through autograd.
+
 Falls back to PEFT's forward, per call, for what it does not cover: merged or disabled adapters,
 several active adapters, biased or non-gated experts, expert-parallel sharding.
 """
@@ -31,7 +38,10 @@ import types
 
 import torch
 
-__all__ = ["grouped_mm", "experts_lora_forward", "fuse_expert_lora", "unfuse_expert_lora"]
+from glmtune.models.fused_lora import is_silu, swiglu, swiglu_backward
+
+__all__ = ["ExpertsLoraFunction", "expert_factors", "experts_lora_forward", "fuse_expert_lora", "grouped_mm",
+           "grouped_wgrad", "unfuse_expert_lora"]
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -133,7 +143,7 @@ def experts_lora_forward(experts, hidden_states, top_k_index, top_k_weights, lor
     w_gu, w_d = experts.gate_up_proj, experts.down_proj
     if not transposed:
         w_gu, w_d = w_gu.transpose(1, 2), w_d.transpose(1, 2)                 # (E, in, out) views
-    if _is_silu(getattr(experts, "act_fn", None)) and hidden_states.dtype == weight_dtype:
+    if is_silu(getattr(experts, "act_fn", None)) and hidden_states.dtype == weight_dtype:
         gu, d = loras.get("gate_up_proj"), loras.get("down_proj")
         return ExpertsLoraFunction.apply(
             hidden_states, top_k_index, top_k_weights, w_gu, w_d,
@@ -174,10 +184,6 @@ def _gate(experts, h):
     """The experts' gating on the concatenated [gate; up] rows (transformers' default: SwiGLU)."""
     gate, up = h.chunk(2, dim=-1)
     return experts.act_fn(gate) * up
-
-
-def _is_silu(act) -> bool:
-    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
 def grouped_wgrad(x: torch.Tensor, g: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -237,8 +243,6 @@ class ExpertsLoraFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from glmtune.models.fused_lora import swiglu, swiglu_backward
-
         hidden, perm, offs, weights, h, xa, aa, w_gu, w_d, lora_a_gu, lora_b_gu, lora_a_d, lora_b_d = \
             ctx.saved_tensors
         a_gu, b_gu, a_d, b_d = _layouts(w_gu, lora_a_gu, lora_b_gu, lora_a_d, lora_b_d)

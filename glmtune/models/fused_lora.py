@@ -24,7 +24,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LoraLinearFunction", "SwiGLULoraDownFunction", "fuse_lora", "unfuse_lora"]
+__all__ = ["LoraLinearFunction", "SwiGLULoraDownFunction", "fuse_lora", "is_silu", "unfuse_lora"]
 
 
 def _dense_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -184,10 +184,10 @@ def _is_silu_gated_mlp(module) -> bool:
     act = getattr(module, "act_fn", None) or getattr(module, "activation_fn", None)
     gated = hasattr(module, "gate_up_proj") or (hasattr(module, "gate_proj") and hasattr(module, "up_proj"))
     return gated and hasattr(module, "down_proj") and _is_lora_linear(module.down_proj) and \
-        _is_silu(act) and type(module).__name__.endswith("MLP")
+        is_silu(act) and type(module).__name__.endswith("MLP")
 
 
-def _is_silu(act) -> bool:
+def is_silu(act) -> bool:
     # transformers' SiLUActivation (newer releases) or torch's nn.SiLU (older ones)
     return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
